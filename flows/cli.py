@@ -1,0 +1,13 @@
+"""`perl-rlhf`: the command line. Thin: every command loads the config and calls perl_core or a flow."""
+from __future__ import annotations
+
+import typer
+
+from flows import cli_data
+
+app = typer.Typer(help="PERL: parameter-efficient RLHF (LoRA reward models and LoRA policy RL) as a pipeline.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(cli_data.app, name="data")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,280 @@
+"""One typed config tree for the whole pipeline.
+
+YAML presets in ``configs/`` are loaded with :func:`load_config`, then overridden with
+dotted ``key=value`` strings (``--set reward.lora.rank=4`` on the command line). Every
+section forbids unknown keys, so a typo fails loudly with the setting's full path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the setting."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- data
+class SplitConfig(Section):
+    train: float = Field(0.8, ge=0, le=1)
+    validation: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"data.splits: train + validation + test must sum to 1, got "
+                f"{self.train} + {self.validation} + {self.test} = {total:g}"
+            )
+        return self
+
+
+class SyntheticConfig(Section):
+    """The embedded coffee-ordering task with a gold oracle (perl_core.data.synthetic)."""
+
+    n_prompts: int = Field(3000, ge=10, description="customer requests to generate")
+    responses_per_prompt: int = Field(4, ge=2, description="candidate agent replies per request")
+    seed: int = 0
+
+
+class DataConfig(Section):
+    source: str = Field("synthetic", description="synthetic | taskmaster4 | hh-rlhf | hub | local")
+    name: Optional[str] = Field(None, description="dataset folder under data_dir; defaults to the source")
+    path: Optional[str] = Field(None, description="file/folder for local sources, or a hub dataset name")
+    format: Optional[Literal["pairwise", "pointwise", "sft"]] = Field(
+        None, description="for `local`/`hub`: which view the rows are"
+    )
+    column_map: dict[str, str] = Field(default_factory=dict, description="source column -> our field")
+    hub_split: Optional[str] = None
+    hub_config: Optional[str] = None
+    on_error: Literal["raise", "skip"] = "raise"
+    data_dir: str = "data"
+    splits: SplitConfig = SplitConfig()
+    seed: int = 0
+    max_tokens: int = Field(512, ge=8, description="rows longer than this (prompt+response) are filtered out")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+# ---------------------------------------------------------------- models
+class BackboneConfig(Section):
+    """`scratch:<preset>` builds a small Llama from a config; anything else is a hub name or a local path."""
+
+    name: str = "scratch:llama-tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    vocab_size: int = Field(2048, ge=64, description="BPE vocabulary for scratch backbones")
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="attention projections, as in PERL",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("lora.target_modules must name at least one module")
+        return v
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=1)
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class SFTConfig(Section):
+    enabled: bool = Field(True, description="false when the base model is already instruction-tuned")
+    backbone: BackboneConfig = BackboneConfig()
+    tuning: Literal["lora", "full"] = "full"
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig(learning_rate=3e-3, max_steps=400)
+    max_length: int = Field(128, ge=8)
+
+
+class RewardConfig(Section):
+    backbone: BackboneConfig = BackboneConfig()
+    tuning: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    objective: Literal["pairwise", "pointwise"] = "pairwise"
+    margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: -log sigmoid(r_c - r_r - margin)")
+    train: TrainConfig = TrainConfig()
+    max_length: int = Field(128, ge=8)
+    init_from_anchor: bool = Field(
+        True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
+    )
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PolicyConfig(Section):
+    """Policy RL (REINFORCE / RLOO) against the reward model, anchored by KL."""
+
+    tuning: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    algorithm: Literal["reinforce", "rloo"] = "rloo"
+    k: int = Field(4, ge=1, description="samples per prompt (rloo needs k >= 2)")
+    baseline: Literal["moving_average", "value_head"] = "moving_average"
+    baseline_decay: float = Field(0.9, ge=0, lt=1)
+    kl_coef: float = Field(0.05, ge=0, description="beta in r - beta * KL(policy || anchor)")
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0, description="nats per response; adaptive beta aims here")
+    kl_horizon: int = Field(100, ge=1)
+    normalize_rewards: bool = True
+    reward_clip: Optional[float] = Field(None, gt=0)
+    generation: GenerationConfig = GenerationConfig()
+    train: TrainConfig = TrainConfig(learning_rate=1e-3, batch_size=8, max_steps=100, eval_every=25)
+    max_prompt_length: int = Field(96, ge=8)
+
+    @model_validator(mode="after")
+    def _rloo_needs_k(self) -> "PolicyConfig":
+        if self.algorithm == "rloo" and self.k < 2:
+            raise ValueError(f"policy.k must be >= 2 for algorithm 'rloo' (leave-one-out needs a second sample), got {self.k}")
+        return self
+
+
+class EvaluationConfig(Section):
+    n_prompts: int = Field(200, ge=1, description="held-out prompts for policy evaluation")
+    bootstrap_samples: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    n_samples_table: int = Field(8, ge=0)
+
+
+class TrackingConfig(Section):
+    """Read by flows/ only. The tracking URI comes from MLFLOW_TRACKING_URI when set."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "perl"
+    reward_model_name: str = "perl-reward-model"
+    policy_name: str = "perl-policy"
+    promotion_metric: str = "policy.gold_score_mean"
+    promotion_mode: Literal["max", "min"] = "max"
+
+
+class PerlConfig(Section):
+    preset: str = "default"
+    artifacts_dir: str = "artifacts"
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    policy: PolicyConfig = PolicyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# ---------------------------------------------------------------- loading
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`reward.lora.rank=4` -> ("reward.lora.rank", 4); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key before '='")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see configs/default.yaml for the allowed keys)"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {known}")
+    return candidate
+
+
+def build_config(tree: dict, overrides: list[str] | None = None, origin: str = "config") -> PerlConfig:
+    tree = dict(tree or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return PerlConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(name_or_path: str | Path = "default", overrides: list[str] | None = None) -> PerlConfig:
+    """Load a preset (`default`, `taskmaster4`, ...) or a YAML path, then apply `key=value` overrides."""
+    path = resolve_preset(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    tree.setdefault("preset", path.stem)
+    return build_config(tree, overrides, origin=str(path))
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """Flat `section.key -> value` view (MLflow params, stage cache keys)."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
