@@ -1,0 +1,55 @@
+import pytest
+
+from perl_core.config import ConfigError, PerlConfig, build_config, flatten, load_config, parse_override
+
+
+def test_default_preset_loads_and_overrides_apply():
+    cfg = load_config("default", ["reward.lora.rank=4", "policy.kl_coef=0.2", "data.splits.train=0.7",
+                                  "data.splits.test=0.2"])
+    assert cfg.reward.lora.rank == 4
+    assert cfg.policy.kl_coef == 0.2
+    assert cfg.data.splits.train == 0.7 and cfg.data.splits.test == 0.2
+    assert cfg.preset == "default"
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_override("reward.lora.target_modules=[q_proj, v_proj]") == ("reward.lora.target_modules", ["q_proj", "v_proj"])
+    assert parse_override("policy.reward_clip=null") == ("policy.reward_clip", None)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("reward.lora.rank")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("reward.lora.rank=0", "reward.lora.rank"),
+    ("sft.train.learning_rate=0", "sft.train.learning_rate"),
+    ("reward.lora.rnak=4", "reward.lora.rnak: unknown setting"),
+    ("data.splits.train=0.5", "must sum to 1"),
+    ("policy.k=1", "policy.k must be >= 2"),
+    ("reward.tuning=half", "reward.tuning"),
+])
+def test_invalid_settings_name_the_setting(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert needle in str(err.value)
+
+
+def test_rank_error_says_what_is_allowed():
+    with pytest.raises(ConfigError) as err:
+        build_config({}, ["reward.lora.rank=0"])
+    assert "greater than or equal to 1" in str(err.value)
+
+
+def test_unknown_preset_lists_the_presets(tmp_path):
+    with pytest.raises(ConfigError, match="presets: .*default"):
+        load_config("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("reward: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(PerlConfig())
+    assert flat["reward.lora.rank"] == 8
+    assert flat["data.splits.train"] == 0.8
+    assert "reward.lora" not in flat

@@ -1,0 +1,112 @@
+"""The shared loop: exact resume, NaN guard, early stopping, schedule. A linear model keeps it fast."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from perl_core.callbacks import collect
+from perl_core.config import TrainConfig
+from perl_core.errors import NonFiniteError
+from perl_core.training import latest_checkpoint, make_scheduler, train_loop
+
+X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([1.0, -2.0, 3.0, 0.5])
+
+
+def batches(epoch):
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch))
+    return [(X[order[i:i + 8]], Y[order[i:i + 8]]) for i in range(0, 64, 8)]
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x).squeeze(-1) - y) ** 2).mean(), {"batch_size": len(x)}
+
+
+def fresh(seed=1):
+    torch.manual_seed(seed)
+    return nn.Linear(4, 1)
+
+
+CFG = TrainConfig(learning_rate=0.05, max_steps=20, checkpoint_every=5, eval_every=5, grad_accum=2)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_a_stop_reaches_the_same_weights(tmp_path):
+    straight = fresh()
+    train_loop(straight, batches, mse, CFG, checkpoint_dir=tmp_path / "a")
+
+    interrupted = fresh()
+
+    def stop_at_12(metrics, step):
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_loop(interrupted, batches, mse, CFG, checkpoint_dir=tmp_path / "b", callback=stop_at_12)
+    assert latest_checkpoint(tmp_path / "b").name == "step-000010"
+    resumed = fresh(seed=99)  # different init: everything must come from the checkpoint
+    result = train_loop(resumed, batches, mse, CFG, checkpoint_dir=tmp_path / "b", resume=True)
+    assert result.step == 20
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+
+
+def test_checkpoints_hold_no_pickles(tmp_path):
+    train_loop(fresh(), batches, mse, CFG.model_copy(update={"max_steps": 5}), checkpoint_dir=tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.safetensors", "rng.safetensors", "state.json",
+                                                     "trainable.safetensors"]
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def poisoned(model, batch):
+        loss, m = mse(model, batch)
+        return (loss * float("nan") if poisoned.calls > 13 else loss), m
+
+    def counting(model, batch):
+        poisoned.calls += 1
+        return poisoned(model, batch)
+
+    poisoned.calls = 0
+    with pytest.raises(NonFiniteError, match=r"training loss became nan at step 7; .*step-000005"):
+        train_loop(fresh(), batches, counting, CFG, checkpoint_dir=tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-000005"
+
+
+def test_early_stopping_restores_the_best_weights():
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.4])
+    snapshots = {}
+
+    def evaluate(model):
+        snapshots[len(snapshots)] = model.weight.detach().clone()
+        return {"acc": next(scores)}
+
+    model = fresh()
+    cfg = CFG.model_copy(update={"early_stopping_patience": 2, "max_steps": 50})
+    history = []
+    result = train_loop(model, batches, mse, cfg, eval_fn=evaluate, eval_metric="acc", callback=collect(history))
+    assert result.stopped_early and result.step == 20 and result.best_step == 10
+    assert torch.equal(model.weight, snapshots[1])
+    assert [s for s, m in history if "eval/acc" in m] == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize("schedule, at_end", [("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)])
+def test_warmup_then_decay(schedule, at_end):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(max_steps=100, warmup_ratio=0.1, schedule=schedule))
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 11)
+    assert lrs[10] == pytest.approx(1.0)
+    assert sched.get_last_lr()[0] == pytest.approx(at_end)
+    if schedule == "cosine":
+        assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
