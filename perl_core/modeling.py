@@ -14,6 +14,7 @@ response tokenised separately so the response boundary is exact (:func:`encode_p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -38,6 +39,21 @@ SCRATCH_PRESETS: dict[str, dict] = {
     "llama-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                         intermediate_size=1376, max_position_embeddings=1024),
 }
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and weight-loading bars (expected when a head is new)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def pick_device() -> torch.device:
@@ -127,7 +143,8 @@ def build_scratch_backbone(preset: str, texts: list[str], out_dir: Path, vocab_s
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
     (out_dir / "perl_backbone.json").write_text(json.dumps({"preset": preset, "vocab_size": vocab_size, "seed": seed}))
     return out_dir
 
@@ -162,7 +179,8 @@ def resolve_backbone(cfg: BackboneConfig, artifacts_dir: str | Path, corpus: Opt
 def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype))
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype))
 
 
 def load_sequence_scorer(name_or_path: str, pad_token_id: Optional[int], dtype: str = "float32"):
@@ -170,9 +188,10 @@ def load_sequence_scorer(name_or_path: str, pad_token_id: Optional[int], dtype: 
     score is read at the last non-pad token; for encoders (BERT, MiniLM) from the pooled [CLS]."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=1, dtype=torch_dtype(dtype), ignore_mismatched_sizes=True
-    )
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=torch_dtype(dtype), ignore_mismatched_sizes=True
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
