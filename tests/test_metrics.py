@@ -1,0 +1,123 @@
+"""Metric functions against values computed by hand (and ROC-AUC against brute-force pair counting)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from perl_core import metrics as M
+
+
+def brute_force_auc(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y == 1]
+    neg = [s for s, y in zip(scores, labels) if y == 0]
+    credit = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
+    return credit / (len(pos) * len(neg))
+
+
+def test_roc_auc_known_ranking():
+    # positives at 0.35 and 0.8; negatives at 0.1 and 0.4: 3 of 4 pairs ordered right
+    assert M.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert M.roc_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert M.roc_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+
+
+def test_roc_auc_ties_count_half():
+    # positive 1 ties the negative (0.5), positive 2 beats it (1): 1.5 / 2
+    assert M.roc_auc([1.0, 1.0, 2.0], [0, 1, 1]) == pytest.approx(0.75)
+    assert M.roc_auc([5.0] * 6, [0, 1, 0, 1, 1, 0]) == pytest.approx(0.5)
+
+
+def test_roc_auc_matches_brute_force_with_many_ties():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, size=60).astype(float)  # heavy ties
+    labels = rng.integers(0, 2, size=60)
+    assert M.roc_auc(scores, labels) == pytest.approx(brute_force_auc(scores, labels), abs=1e-12)
+
+
+def test_roc_auc_accepts_torch_and_rejects_one_class():
+    assert M.roc_auc(torch.tensor([0.2, 0.9]), torch.tensor([0, 1])) == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        M.roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match=r"labels\[1\] is 2"):
+        M.roc_auc([0.1, 0.2], [0, 2])
+    with pytest.raises(ValueError, match=r"scores\[0\] is nan"):
+        M.roc_auc([float("nan"), 0.2], [0, 1])
+
+
+def test_accuracy_and_balanced_accuracy_by_hand():
+    labels = [1, 1, 1, 1, 0, 0]
+    preds = [1, 1, 1, 0, 0, 1]
+    assert M.accuracy(preds, labels) == pytest.approx(4 / 6)
+    # TPR 3/4, TNR 1/2
+    assert M.balanced_accuracy(preds, labels) == pytest.approx((0.75 + 0.5) / 2)
+    # thresholded probabilities give the same predictions
+    probs = [0.9, 0.6, 0.5, 0.4, 0.1, 0.7]
+    assert M.balanced_accuracy(probs, labels, threshold=0.5) == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="same length"):
+        M.accuracy([1, 0], [1])
+
+
+def test_expected_calibration_error_constructed():
+    # bin [0.1, 0.2): mean prob 0.1, positive rate 0.5 -> |0.4| * 2/4
+    # bin [0.9, 1.0]: mean prob 0.9, positive rate 1.0 -> |0.1| * 2/4
+    probs = [0.1, 0.1, 0.9, 0.9]
+    labels = [0, 1, 1, 1]
+    assert M.expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.25)
+    # perfectly calibrated: half of the 0.5s are positive, all the 1.0s are
+    assert M.expected_calibration_error([0.5, 0.5, 1.0], [0, 1, 1], n_bins=5) == pytest.approx(0.0)
+    bins = M.reliability_bins(probs, labels, n_bins=10)
+    assert [b["count"] for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        M.expected_calibration_error([1.2], [1])
+
+
+def test_pairwise_accuracy_ties_policy():
+    chosen = [2.0, 1.0, 0.5, 3.0]
+    rejected = [1.0, 1.0, 0.9, 0.0]
+    assert M.pairwise_accuracy(chosen, rejected) == pytest.approx(2.5 / 4)
+    assert M.pairwise_accuracy(chosen, rejected, ties="wrong") == pytest.approx(2 / 4)
+    with pytest.raises(ValueError, match="ties"):
+        M.pairwise_accuracy(chosen, rejected, ties="drop")
+
+
+def test_win_rate_counts_ties_apart():
+    out = M.win_rate([1.0, 2.0, 3.0, 3.0], [0.0, 2.0, 4.0, 3.0])
+    assert out == {"win": 0.25, "tie": 0.5, "loss": 0.25}
+    # with a tolerance, near-equal scores tie
+    assert M.win_rate([1.0, 1.05], [1.0, 1.0], tol=0.1) == {"win": 0.0, "tie": 1.0, "loss": 0.0}
+
+
+def test_bootstrap_interval_covers_the_mean_and_has_the_normal_width():
+    rng = np.random.default_rng(0)
+    values = rng.normal(2.0, 1.0, size=400)
+    mean, low, high = M.bootstrap_ci(values, n=2000, confidence=0.95, seed=1)
+    assert mean == pytest.approx(values.mean())
+    assert low < mean < high
+    # the percentile interval of a mean is close to +-1.96 standard errors
+    se = values.std(ddof=1) / np.sqrt(values.size)
+    assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    assert M.bootstrap_ci(values, n=500, seed=7) == M.bootstrap_ci(values, n=500, seed=7)
+
+
+def test_bootstrap_of_a_constant_is_a_point():
+    assert M.bootstrap_ci([3.0] * 10, n=200) == (3.0, 3.0, 3.0)
+
+
+def test_paired_bootstrap_uses_per_item_differences():
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 10, size=200)  # large per-prompt variation shared by both sides
+    anchor = difficulty
+    policy = difficulty + 0.5
+    diff, low, high = M.paired_bootstrap_ci(policy, anchor, n=500)
+    assert diff == pytest.approx(0.5)
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)  # the shared part cancels
+    _, ulow, uhigh = M.bootstrap_ci(policy - anchor.mean(), n=500)
+    assert uhigh - ulow > 1.0  # an unpaired view would be far wider
+
+
+def test_distinct_n_by_hand():
+    assert M.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert M.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert M.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    assert M.distinct_n(["one"], 2) == 0.0
