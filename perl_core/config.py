@@ -45,6 +45,10 @@ class SyntheticConfig(Section):
 
     n_prompts: int = Field(3000, ge=10, description="customer requests to generate")
     responses_per_prompt: int = Field(4, ge=2, description="candidate agent replies per request")
+    pairs_per_prompt: int = Field(2, ge=1, description="pairwise view: at most this many pairs per request")
+    min_gap: float = Field(0.2, gt=0, lt=1, description="pairwise view: gold(chosen) - gold(rejected) at least this")
+    label_threshold: float = Field(0.6, gt=0, lt=1, description="pointwise view: label 1 when gold >= this")
+    sft_quality: float = Field(0.6, gt=0, le=1, description="sft view: each part of a reply is right with this probability")
     seed: int = 0
 
 
@@ -63,6 +67,9 @@ class DataConfig(Section):
     splits: SplitConfig = SplitConfig()
     seed: int = 0
     max_tokens: int = Field(512, ge=8, description="rows longer than this (prompt+response) are filtered out")
+    tokenizer: Optional[str] = Field(
+        None, description="tokenizer (path or hub name) that counts tokens for max_tokens; none = a word/punctuation proxy"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
