@@ -136,6 +136,10 @@ class RewardConfig(Section):
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
     )
+    truncation: Literal["error", "left"] = Field(
+        "error", description="too-long examples: error, or drop the oldest prompt tokens (never the response)"
+    )
+    class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
 
 
 class GenerationConfig(Section):
