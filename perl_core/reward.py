@@ -1,0 +1,360 @@
+"""Reward model: a scalar head on any backbone, trained pairwise (Bradley-Terry) or pointwise (BCE).
+
+    pairwise   L = -log sigma(r(x, y_chosen) - r(x, y_rejected) - margin)
+    pointwise  L = BCE(sigma(r(x, y)), label),  label = 1 for thumbs up, 0 for thumbs down
+
+PERL trains it with LoRA on the attention projections while the score head trains fully
+(peft `modules_to_save`): a causal LM reads the score at its last non-pad token (`score`
+head), an encoder at its pooled [CLS] (`classifier` head). Chosen and rejected go through ONE
+batched forward pass; batches are right-padded and length-bucketed, and padding never changes
+a score (causal attention never looks right; encoders mask the pads).
+
+The artifact folder is a PEFT adapter whose saved modules include the head (`tuning: lora`)
+or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `manifest.json`.
+:class:`RewardScorer` loads either, merges the adapter, and scores (prompt, response) pairs.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perl_core import metrics as M
+from perl_core.artifacts import StageResult, read_manifest, write_manifest
+from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.config import ConfigError, PerlConfig
+from perl_core.errors import DataError, UserError
+from perl_core.modeling import (attach_lora, encode_pair, load_sequence_scorer, load_tokenizer, parameter_counts,
+                                pick_device, quiet_transformers, resolve_backbone)
+from perl_core.training import set_seed, train_loop
+
+HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
+
+
+# ---------------------------------------------------------------- losses
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of -log sigma(r_chosen - r_rejected - margin) (logsigmoid keeps large gaps finite)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def pointwise_bce_loss(scores: torch.Tensor, labels: torch.Tensor,
+                       weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy of sigma(score) against labels in {0, 1}; `weights` per example (class balance)."""
+    labels = labels.to(scores.dtype)
+    if scores.numel() == 0:
+        raise UserError("pointwise_bce_loss got an empty batch")
+    bad = ((labels != 0) & (labels != 1)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise UserError(f"label[{i}] is {float(labels[i]):g}; pointwise labels must be 0 (thumbs down) or 1 (thumbs up)")
+    per_example = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
+    if weights is None:
+        return per_example.mean()
+    return (per_example * weights).sum() / weights.sum()
+
+
+# ---------------------------------------------------------------- model pieces
+def head_name(model: nn.Module) -> str:
+    """The scalar head's module name (`score` for causal LMs, `classifier` for encoders)."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise UserError(f"{type(model).__name__} has no reward head named one of {HEAD_NAMES}")
+
+
+def max_positions(model: nn.Module) -> Optional[int]:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int, encoder: bool,
+                   truncation: str = "error") -> list[int]:
+    """Token ids the reward model reads for (prompt, response).
+
+    Causal LMs: `encode_pair` (bos + prompt + response + eos), so the reward model reads exactly
+    what the policy writes. Encoders read their score at position 0, so they take the
+    tokenizer's own pair template ([CLS] prompt [SEP] response [SEP]). With
+    `truncation="left"` the oldest prompt tokens are dropped to fit; the response never is.
+    """
+    if not response:
+        raise ValueError("the response is empty")
+    if encoder:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        specials = len(tokenizer.build_inputs_with_special_tokens([], []))
+        overflow = len(p) + len(r) + specials - max_length
+        if overflow > 0 and truncation == "left" and overflow <= len(p):
+            p = p[overflow:]
+        ids = tokenizer.build_inputs_with_special_tokens(p, r)
+    else:
+        try:
+            ids, _ = encode_pair(tokenizer, prompt, response, max_length)
+        except ValueError:
+            if truncation != "left":
+                raise
+            full, start = encode_pair(tokenizer, prompt, response, 10**9)
+            overflow = len(full) - max_length
+            keep = 1 if full[0] == tokenizer.bos_token_id else 0  # keep bos, drop the oldest prompt tokens
+            if overflow > start - keep:
+                raise
+            ids = full[:keep] + full[keep + overflow:]
+    if len(ids) > max_length:
+        raise ValueError(f"sequence of {len(ids)} tokens is longer than max_length={max_length}")
+    return ids
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence; returns (input_ids, attention_mask)."""
+    if not sequences:
+        raise UserError("cannot score an empty batch")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """One forward pass over right-padded `sequences`; one float32 score each."""
+    device = next(model.parameters()).device
+    ids, mask = pad_batch(sequences, pad_id, device)
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Batches of indices with similar lengths (less padding).
+
+    Shuffled, then sorted within windows of 50 batches, cut, and the batches shuffled: the
+    order depends only on `seed`, which the training loop's exact resume relies on.
+    """
+    order = list(range(len(lengths)))
+    if not shuffle:
+        order.sort(key=lambda i: lengths[i])
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------- data
+def _split_file(cfg: PerlConfig, view: str, split: str) -> str:
+    return str(Path(cfg.data.data_dir) / (cfg.data.name or cfg.data.source) / view / f"{split}.jsonl")
+
+
+def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, split: str) -> list[tuple]:
+    """Pairwise rows -> (chosen_ids, rejected_ids); pointwise rows -> (ids, label). Errors name file/row/field."""
+    rcfg = cfg.reward
+    view = rcfg.objective
+    file = _split_file(cfg, view, split)
+    fields = ("chosen", "rejected") if view == "pairwise" else ("response",)
+    out = []
+    for i, row in enumerate(rows):
+        for key in ("prompt",) + fields + (("label",) if view == "pointwise" else ()):
+            if key not in row:
+                raise DataError(f"missing {key!r}; {view} rows need prompt, {', '.join(fields)}"
+                                + (", label" if view == "pointwise" else ""), file=file, row=i + 1, field=key)
+        encoded = []
+        for key in fields:
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise DataError("empty response: every reward example needs a non-empty reply", file=file, row=i + 1, field=key)
+            try:
+                encoded.append(encode_example(tokenizer, row["prompt"], row[key], rcfg.max_length, encoder, rcfg.truncation))
+            except ValueError as err:
+                raise DataError(f"{err}; raise reward.max_length (the model allows {rcfg.max_length}), set "
+                                "reward.truncation=left, or filter long rows with data.max_tokens",
+                                file=file, row=i + 1, field=key) from None
+        if view == "pointwise":
+            label = row["label"]
+            if label not in (0, 1):
+                raise DataError(f"label is {label!r}; expected 0 (thumbs down) or 1 (thumbs up)", file=file, row=i + 1, field="label")
+            encoded.append(int(label))
+        out.append(tuple(encoded))
+    if not out:
+        raise DataError(f"the {split} split is empty", file=file)
+    return out
+
+
+# ---------------------------------------------------------------- building and evaluating
+def build_reward_model(base: str, cfg: PerlConfig, tokenizer) -> tuple[nn.Module, str]:
+    """The sequence scorer on `base`, wrapped with LoRA (head in modules_to_save) when tuning=lora."""
+    rcfg = cfg.reward
+    set_seed(rcfg.train.seed)  # the fresh head's init is part of the run's seed
+    with quiet_transformers():
+        model = load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype)
+    limit = max_positions(model)
+    if limit is not None and rcfg.max_length > limit:
+        raise ConfigError(f"reward.max_length={rcfg.max_length} is longer than {base} allows ({limit} positions)")
+    head = head_name(model)
+    if rcfg.tuning == "lora":
+        model = attach_lora(model, rcfg.lora, "SEQ_CLS", modules_to_save=[head])
+    if rcfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if rcfg.tuning == "lora":
+            model.enable_input_require_grads()
+    return model.to(pick_device()), head
+
+
+def reward_metrics(scores: torch.Tensor, examples: list[tuple], objective: str, margin: float = 0.0) -> dict[str, float]:
+    """Pairwise: accuracy, loss, reward mean/std. Pointwise: ROC-AUC, balanced accuracy, accuracy, ECE, loss."""
+    scores = scores.detach().float().cpu()
+    out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0}
+    if objective == "pairwise":
+        n = len(examples)
+        rc, rr = scores[:n], scores[n:]
+        out.update(pairwise_accuracy=M.pairwise_accuracy(rc, rr), loss=float(bradley_terry_loss(rc, rr, margin)))
+        return out
+    labels = torch.tensor([e[1] for e in examples], dtype=torch.float32)
+    probs = torch.sigmoid(scores)
+    out.update(loss=float(pointwise_bce_loss(scores, labels)), accuracy=M.accuracy(probs, labels, threshold=0.5),
+               balanced_accuracy=M.balanced_accuracy(probs, labels, threshold=0.5),
+               ece=M.expected_calibration_error(probs, labels))
+    out["roc_auc"] = M.roc_auc(scores, labels) if 0 < labels.sum() < len(labels) else float("nan")
+    return out
+
+
+@torch.no_grad()
+def score_examples(model: nn.Module, examples: list[tuple], objective: str, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Scores of every sequence: pairwise -> [chosen..., rejected...]; pointwise -> one per example."""
+    seqs = [e[0] for e in examples] + ([e[1] for e in examples] if objective == "pairwise" else [])
+    scores = torch.empty(len(seqs))
+    for batch in length_buckets([len(s) for s in seqs], batch_size, seed=0, shuffle=False):
+        scores[batch] = score_sequences(model, [seqs[i] for i in batch], pad_id).cpu()
+    return scores
+
+
+# ---------------------------------------------------------------- training
+def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
+                       resume: bool = False, base_model: Optional[str] = None) -> StageResult:
+    """Train the reward model described by `cfg.reward` on `cfg.data` and save it to `out_dir`.
+
+    `base_model` (the anchor folder) replaces the backbone when `reward.init_from_anchor`:
+    PERL initialises the reward model from the SFT model.
+    """
+    from perl_core import data as data_api
+
+    rcfg, out = cfg.reward, Path(out_dir)
+    objective = rcfg.objective
+    train_rows = data_api.load_rows(cfg.data, objective, "train")
+    val_rows = data_api.load_rows(cfg.data, objective, "validation")
+    if base_model is not None and rcfg.init_from_anchor:
+        base = str(base_model)
+    else:
+        corpus = data_api.corpus(cfg.data) if rcfg.backbone.name.startswith("scratch:") else None
+        base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
+    tokenizer = load_tokenizer(base)
+    model, head = build_reward_model(base, cfg, tokenizer)
+    encoder = head == "classifier"
+    train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
+    val = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    pad_id = tokenizer.pad_token_id
+    bs = rcfg.train.batch_size
+
+    lengths = [max(len(s) for s in e if isinstance(s, list)) for e in train]
+    n_pos = sum(e[1] for e in train) if objective == "pointwise" else 0
+    # class balance: each class carries half the loss (thumbs-down are rare in real feedback)
+    class_weight = {1: len(train) / (2 * max(n_pos, 1)), 0: len(train) / (2 * max(len(train) - n_pos, 1))}
+
+    def batches(epoch: int):
+        return [[train[i] for i in idx] for idx in length_buckets(lengths, bs, seed=rcfg.train.seed * 1000 + epoch)]
+
+    def loss_fn(m: nn.Module, batch: list[tuple]):
+        if objective == "pairwise":
+            scores = score_sequences(m, [e[0] for e in batch] + [e[1] for e in batch], pad_id)
+            rc, rr = scores[:len(batch)], scores[len(batch):]
+            loss = bradley_terry_loss(rc, rr, rcfg.margin)
+            return loss, {"batch_size": len(batch), "pairwise_accuracy": float((rc > rr).float().mean()),
+                          "reward_margin": float((rc - rr).detach().mean())}
+        scores = score_sequences(m, [e[0] for e in batch], pad_id)
+        labels = torch.tensor([e[1] for e in batch], device=scores.device)
+        weights = (torch.tensor([class_weight[e[1]] for e in batch], device=scores.device)
+                   if rcfg.class_balance else None)
+        return pointwise_bce_loss(scores, labels, weights), {"batch_size": len(batch)}
+
+    eval_metric = "pairwise_accuracy" if objective == "pairwise" else "roc_auc"
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        return reward_metrics(score_examples(m, val, objective, pad_id, bs * 2), val, objective, rcfg.margin)
+
+    result = train_loop(model, batches, loss_fn, rcfg.train, eval_fn=eval_fn, eval_metric=eval_metric,
+                        callback=callback, checkpoint_dir=out / "checkpoints", resume=resume, desc="reward model")
+    final = eval_fn(model)
+    counts = parameter_counts(model)
+    metrics = {f"validation/{k}": v for k, v in final.items()}
+    metrics.update(trainable_params=counts["trainable"], total_params=counts["total"], steps=result.step,
+                   train_seconds=result.seconds)
+    if result.best_step is not None:
+        metrics["best_step"] = result.best_step
+    save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
+    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out})
+
+
+def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *, base: str, head: str,
+                      metrics: dict) -> None:
+    rcfg = cfg.reward
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)  # PEFT: adapter + head (modules_to_save); full: HF model
+    tokenizer.save_pretrained(out)
+    base_ref = str(Path(base).resolve()) if Path(base).exists() else base
+    try:
+        from perl_core.data.versioning import data_version
+        version = data_version()
+    except Exception as err:  # no DVC-tracked data here (tests, ad-hoc runs): record why
+        version = {"unavailable": str(err)[:200]}
+    write_manifest(out, kind="reward_model", base_model=base_ref, tuning=rcfg.tuning,
+                   config=rcfg.model_dump(mode="json"), data_version=version, metrics=metrics,
+                   head=head, objective=rcfg.objective, max_length=rcfg.max_length, truncation=rcfg.truncation,
+                   data={"source": cfg.data.source, "name": cfg.data.name or cfg.data.source},
+                   adapter_name="default" if rcfg.tuning == "lora" else None)
+
+
+# ---------------------------------------------------------------- inference
+class RewardScorer:
+    """Load a reward-model folder (LoRA adapter or full model) and score (prompt, response) pairs."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, encoder: bool, truncation: str = "error"):
+        self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
+        self.encoder, self.truncation = encoder, truncation
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[torch.device] = None) -> "RewardScorer":
+        path = Path(path)
+        manifest = read_manifest(path, expect_kind="reward_model")
+        tokenizer = load_tokenizer(str(path))
+        with quiet_transformers():
+            if (path / "adapter_config.json").exists():
+                from peft import PeftModel
+
+                base = load_sequence_scorer(manifest["base_model"], tokenizer.pad_token_id)
+                model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+            else:
+                model = load_sequence_scorer(str(path), tokenizer.pad_token_id)
+        model.to(device or pick_device())
+        return cls(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
+                   manifest.get("truncation", "error"))
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """One float32 reward per (prompt, response), in input order, on the CPU."""
+        if len(prompts) != len(responses):
+            raise UserError(f"score got {len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            raise UserError("score got an empty batch: pass at least one (prompt, response)")
+        seqs = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            try:
+                seqs.append(encode_example(self.tokenizer, p, r, self.max_length, self.encoder, self.truncation))
+            except ValueError as err:
+                raise UserError(f"example {i}: {err} (this reward model reads at most {self.max_length} tokens)") from None
+        examples = [(s,) for s in seqs]
+        return score_examples(self.model, examples, "pointwise", self.tokenizer.pad_token_id, batch_size)

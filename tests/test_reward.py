@@ -1,0 +1,225 @@
+"""Reward model on `scratch:llama-micro`: losses by hand, one batched forward, padding, LoRA freezing,
+save/load, exact resume, clear errors. The data API is replaced by hand-made rows (no data stage)."""
+import math
+
+import pytest
+import torch
+
+from perl_core import data as data_api
+from perl_core.config import ConfigError, build_config
+from perl_core.errors import DataError, UserError
+from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
+                              length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
+from perl_core.modeling import load_tokenizer, resolve_backbone
+
+DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
+SIZES = ["small", "medium", "large"]
+
+
+def pairwise_rows(n, offset=0):
+    rows = []
+    for i in range(offset, offset + n):
+        drink, size = DRINKS[i % len(DRINKS)], SIZES[(i // len(DRINKS)) % 3]
+        rows.append({"prompt": f"Customer: a {size} {drink} please" + " thanks" * (i % 4) + "\nAgent:",
+                     "chosen": f" Sure, one {size} {drink} coming up.",
+                     "rejected": " No." if i % 2 else f" We do not sell {drink}, sorry, we are closed today."})
+    return rows
+
+
+def pointwise_rows(n):
+    out = []
+    for i, r in enumerate(pairwise_rows(n)):
+        out.append({"prompt": r["prompt"], "response": r["chosen"] if i % 2 else r["rejected"], "label": i % 2})
+    return out
+
+
+@pytest.fixture
+def rows(monkeypatch):
+    """Serve hand-made rows through the data API: {view: {split: rows}}."""
+    store = {"pairwise": {"train": pairwise_rows(48), "validation": pairwise_rows(16, offset=100)},
+             "pointwise": {"train": pointwise_rows(48), "validation": pointwise_rows(16)}}
+    monkeypatch.setattr(data_api, "load_rows", lambda cfg, view, split: store[view][split], raising=False)
+    monkeypatch.setattr(data_api, "corpus", lambda cfg: [r["prompt"] + r["chosen"] + r["rejected"]
+                                                         for r in store["pairwise"]["train"]], raising=False)
+    return store
+
+
+def micro_cfg(tmp_path, *extra):
+    return build_config({}, ["reward.backbone.name=scratch:llama-micro", "reward.backbone.vocab_size=512",
+                             f"artifacts_dir={tmp_path / 'artifacts'}", "reward.train.max_steps=6",
+                             "reward.train.batch_size=8", "reward.train.eval_every=3",
+                             "reward.train.checkpoint_every=3", "reward.train.learning_rate=0.01",
+                             "reward.max_length=96", *extra])
+
+
+@pytest.fixture
+def backbone(tmp_path, rows):
+    cfg = micro_cfg(tmp_path)
+    return resolve_backbone(cfg.reward.backbone, cfg.artifacts_dir, data_api.corpus(cfg.data))
+
+
+# ---------------------------------------------------------------- losses
+def test_bradley_terry_matches_hand_values():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # -log sigma(1 - 0.5) = log(1 + e^-0.5) = 0.474077; -log sigma(-1 - 0.5) = log(1 + e^1.5) = 1.701413
+    assert bradley_terry_loss(rc, rr, margin=0.5).item() == pytest.approx((0.474077 + 1.701413) / 2, abs=1e-5)
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2, abs=1e-6)
+
+
+def test_pointwise_bce_matches_hand_values():
+    scores, labels = torch.tensor([0.0, 2.0]), torch.tensor([1, 0])
+    # -log sigma(0) = log 2; -log(1 - sigma(2)) = log(1 + e^2) = 2.126928
+    assert pointwise_bce_loss(scores, labels).item() == pytest.approx((math.log(2) + 2.126928) / 2, abs=1e-5)
+    weighted = pointwise_bce_loss(scores, labels, torch.tensor([3.0, 1.0]))
+    assert weighted.item() == pytest.approx((3 * math.log(2) + 2.126928) / 4, abs=1e-5)
+    with pytest.raises(UserError, match=r"label\[1\] is 2"):
+        pointwise_bce_loss(scores, torch.tensor([1, 2]))
+    with pytest.raises(UserError, match="empty batch"):
+        pointwise_bce_loss(torch.tensor([]), torch.tensor([]))
+
+
+def test_length_buckets_are_seeded_and_cover_every_example():
+    lengths = [i % 17 for i in range(200)]
+    a, b = length_buckets(lengths, 8, seed=3), length_buckets(lengths, 8, seed=3)
+    assert a == b and a != length_buckets(lengths, 8, seed=4)
+    assert sorted(i for batch in a for i in batch) == list(range(200))
+    spread = sum(max(lengths[i] for i in bt) - min(lengths[i] for i in bt) for bt in a) / len(a)
+    assert spread < 6  # random batches of 8 from 0..16 would spread ~13
+
+
+# ---------------------------------------------------------------- one forward, padding
+def test_batched_pairs_equal_separate_scoring_and_padding_is_invisible(tmp_path, backbone, rows):
+    cfg = micro_cfg(tmp_path)
+    tok = load_tokenizer(backbone)
+    model, head = build_reward_model(backbone, cfg, tok)
+    assert head == "score"
+    model.eval()
+    pairs = rows["pairwise"]["train"][:4]
+    chosen = [encode_example(tok, r["prompt"], r["chosen"], 96, False) for r in pairs]
+    rejected = [encode_example(tok, r["prompt"], r["rejected"], 96, False) for r in pairs]
+    assert len({len(s) for s in chosen + rejected}) > 1  # the batch really is padded
+    with torch.no_grad():
+        together = score_sequences(model, chosen + rejected, tok.pad_token_id)
+        alone = torch.stack([score_sequences(model, [s], tok.pad_token_id)[0] for s in chosen + rejected])
+        longest = max(chosen + rejected, key=len)
+        short = min(chosen + rejected, key=len)
+        padded_more = score_sequences(model, [short, longest + longest[1:]], tok.pad_token_id)[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_more, alone[(chosen + rejected).index(short)], atol=1e-5, rtol=1e-5)
+    assert together.std() > 0  # not a constant head
+
+
+# ---------------------------------------------------------------- training, LoRA, artifacts, resume
+def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
+    cfg = micro_cfg(tmp_path)
+    result = train_reward_model(cfg, tmp_path / "rm")
+    from safetensors.torch import load_file
+
+    base = load_file(f"{backbone}/model.safetensors")
+    from perl_core.reward import RewardScorer  # noqa: F401  (the saved adapter is checked below)
+    from peft import PeftModel
+    from perl_core.modeling import load_sequence_scorer
+
+    tok = load_tokenizer(backbone)
+    trained = PeftModel.from_pretrained(load_sequence_scorer(backbone, tok.pad_token_id), str(tmp_path / "rm"))
+    changed_base = []
+    for name, p in trained.named_parameters():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" in name or "modules_to_save" in name or "original_module" in name or key.startswith("score"):
+            continue
+        if not torch.equal(p, base[key]):
+            changed_base.append(name)
+    assert changed_base == []
+    adapter = load_file(str(tmp_path / "rm" / "adapter_model.safetensors"))
+    assert any("score" in k for k in adapter) and any("lora_B" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # adapters moved off zero
+    assert result.metrics["trainable_params"] < result.metrics["total_params"] / 5
+    assert 0.0 <= result.metrics["validation/pairwise_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_save_load_score_round_trip(tmp_path, backbone, rows, tuning):
+    cfg = micro_cfg(tmp_path, f"reward.tuning={tuning}", "reward.train.max_steps=3")
+    train_reward_model(cfg, tmp_path / "rm")
+    pairs = rows["pairwise"]["validation"][:5]
+    prompts, responses = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
+    a = RewardScorer.load(tmp_path / "rm").score(prompts, responses, batch_size=2)
+    b = RewardScorer.load(tmp_path / "rm").score(prompts, responses, batch_size=5)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # independent path: the un-merged adapter / the saved HF model scoring one example at a time
+    tok = load_tokenizer(str(tmp_path / "rm"))
+    if tuning == "lora":
+        from peft import PeftModel
+        from perl_core.modeling import load_sequence_scorer
+        model = PeftModel.from_pretrained(load_sequence_scorer(backbone, tok.pad_token_id), str(tmp_path / "rm"))
+    else:
+        from perl_core.modeling import load_sequence_scorer
+        model = load_sequence_scorer(str(tmp_path / "rm"), tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.stack([score_sequences(model, [encode_example(tok, p, r, 96, False)], tok.pad_token_id)[0]
+                           for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_a_stop_reaches_the_same_model(tmp_path, backbone, rows):
+    cfg = micro_cfg(tmp_path)
+    train_reward_model(cfg, tmp_path / "straight")
+
+    def stop_after_4(metrics, step):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_reward_model(cfg, tmp_path / "stopped", callback=stop_after_4)
+    assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
+    train_reward_model(cfg, tmp_path / "stopped", resume=True)
+    pairs = rows["pairwise"]["validation"]
+    prompts, responses = [r["prompt"] for r in pairs], [r["rejected"] for r in pairs]
+    a = RewardScorer.load(tmp_path / "straight").score(prompts, responses)
+    b = RewardScorer.load(tmp_path / "stopped").score(prompts, responses)
+    assert torch.equal(a, b)
+
+
+def test_pointwise_training_reports_auc_and_balanced_accuracy(tmp_path, backbone, rows):
+    cfg = micro_cfg(tmp_path, "reward.objective=pointwise", "reward.class_balance=true", "reward.train.max_steps=3")
+    metrics = train_reward_model(cfg, tmp_path / "rm").metrics
+    for key in ("roc_auc", "balanced_accuracy", "accuracy", "ece", "loss", "reward_mean", "reward_std"):
+        assert math.isfinite(metrics[f"validation/{key}"])
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_give_clear_errors(tmp_path, backbone, rows):
+    tok = load_tokenizer(backbone)
+    scorer = RewardScorer(build_reward_model(backbone, micro_cfg(tmp_path), tok)[0], tok, 96, False)
+    with pytest.raises(UserError, match="empty batch"):
+        scorer.score([], [])
+    with pytest.raises(UserError, match="example 1: the response is empty"):
+        scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])
+    with pytest.raises(UserError, match="example 0: sequence of .* reads at most 96 tokens"):
+        scorer.score(["very " * 200], [" yes"])
+
+    rows["pointwise"]["train"][3]["label"] = 2
+    with pytest.raises(DataError, match=r"pointwise/train.jsonl, row 4, field 'label': label is 2"):
+        train_reward_model(micro_cfg(tmp_path, "reward.objective=pointwise"), tmp_path / "a")
+
+    rows["pairwise"]["train"][1]["rejected"] = ""
+    with pytest.raises(DataError, match=r"row 2, field 'rejected': empty response"):
+        train_reward_model(micro_cfg(tmp_path), tmp_path / "b")
+    rows["pairwise"]["train"][1]["rejected"] = " fine"
+
+    rows["pairwise"]["train"][5]["prompt"] = "Customer: " + "very " * 200 + "\nAgent:"
+    with pytest.raises(DataError, match=r"row 6, field 'chosen': sequence of \d+ tokens is longer than max_length=96"):
+        train_reward_model(micro_cfg(tmp_path), tmp_path / "c")
+    # left truncation keeps the response whole and fits
+    r = rows["pairwise"]["train"][5]
+    ids = encode_example(tok, r["prompt"], r["chosen"], 96, False, truncation="left")
+    whole = encode_example(tok, r["prompt"], r["chosen"], 10_000, False)
+    assert len(ids) == 96 and ids[0] == tok.bos_token_id and ids[-20:] == whole[-20:]
+
+    with pytest.raises(ConfigError, match=r"reward.max_length=1024 is longer than .* allows \(512 positions\)"):
+        train_reward_model(micro_cfg(tmp_path, "reward.max_length=1024"), tmp_path / "d")
