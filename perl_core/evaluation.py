@@ -1,0 +1,375 @@
+"""Evaluation of the two trained stages, written as files (JSON, Markdown, PNG) into `out_dir`.
+
+* :func:`evaluate_reward_model` scores the test split: pairwise accuracy and the Bradley-Terry
+  loss on pairwise rows; ROC-AUC, (balanced) accuracy, ECE and the cross-entropy on pointwise
+  rows; reward mean/std; a reliability diagram and score histograms by label.
+* :func:`evaluate_policy` samples the anchor and the policy on held-out prompts with the same
+  seed and compares them: RM reward (bootstrap CIs, paired gain), win rate under the RM with
+  ties apart, KL(policy || anchor), the gold oracle where the data has one, response length,
+  distinct-n and a sample table. RM reward up while gold score down raises the reward-hacking flag.
+
+Both return a flat ``{name: float}`` dict that orchestration can log as metrics.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from perl_core import metrics as M
+from perl_core import reporting as R
+from perl_core.artifacts import read_manifest
+from perl_core.config import EvaluationConfig, PerlConfig
+from perl_core.errors import UserError
+from perl_core.modeling import encode_pair
+
+
+# ---------------------------------------------------------------- reward model
+def _fits(scorer, prompt: str, response: str) -> bool:
+    """Whether the scorer reads (prompt, response) as it is (with its own truncation setting)."""
+    from perl_core.reward import encode_example
+
+    try:
+        encode_example(scorer.tokenizer, prompt, response, scorer.max_length, scorer.encoder, scorer.truncation)
+        return True
+    except ValueError:
+        return False
+
+
+def pairwise_report(r_chosen, r_rejected, n_bins: int = 10) -> tuple[dict[str, float], list[dict]]:
+    """Metrics of chosen/rejected scores, and the reliability bins of the Bradley-Terry
+    probability sigmoid(r_c - r_r), each pair counted in both orders (label 1 as given, label 0
+    swapped) so the diagram is not trivially one-sided."""
+    c, r = np.asarray(r_chosen, dtype=np.float64), np.asarray(r_rejected, dtype=np.float64)
+    margin = c - r
+    p = 1.0 / (1.0 + np.exp(-margin))
+    probs = np.concatenate([p, 1.0 - p])
+    labels = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+    scores = np.concatenate([c, r])
+    metrics = {
+        "pairwise_accuracy": M.pairwise_accuracy(c, r),
+        "pairwise_loss": float(np.mean(np.logaddexp(0.0, -margin))),  # -log sigmoid(margin)
+        "pairwise_ece": M.expected_calibration_error(probs, labels, n_bins),
+        "pairwise_margin_mean": float(margin.mean()),
+        "pairwise_reward_mean": float(scores.mean()),
+        "pairwise_reward_std": float(scores.std()),
+        "n_pairs": float(c.size),
+    }
+    return metrics, M.reliability_bins(probs, labels, n_bins)
+
+
+def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float], list[dict]]:
+    """Metrics of thumbs up/down: the score is a logit, sigmoid(score) the probability of 1.
+    ROC-AUC needs no threshold; accuracy and balanced accuracy threshold the probability at 0.5
+    (for a pairwise-trained RM the score's offset is arbitrary, so read those with care)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    probs = 1.0 / (1.0 + np.exp(-s))
+    both = bool(y.min() == 0 and y.max() == 1)
+    metrics = {
+        "roc_auc": M.roc_auc(s, y) if both else float("nan"),
+        "balanced_accuracy": M.balanced_accuracy(probs, y, threshold=0.5),
+        "accuracy": M.accuracy(probs, y, threshold=0.5),
+        "ece": M.expected_calibration_error(probs, y, n_bins),
+        # binary cross-entropy from logits, stable for large |s|
+        "pointwise_loss": float(np.mean(np.logaddexp(0.0, s) - y * s)),
+        "pointwise_reward_mean": float(s.mean()),
+        "pointwise_reward_std": float(s.std()),
+        "positive_rate": float(y.mean()),
+        "n_pointwise": float(s.size),
+    }
+    return metrics, M.reliability_bins(probs, y, n_bins)
+
+
+def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, plots: dict) -> str:
+    lines = [f"# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
+    lines.append(R.markdown_table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
+    if any(skipped.values()):
+        lines += ["", "Rows longer than the model's max_length were left out: "
+                  + ", ".join(f"{view}: {n}" for view, n in skipped.items() if n) + "."]
+    lines.append("")
+    lines += [f"![{name}]({Path(p).name})" for name, p in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir: str | Path,
+                          split: str = "test", n_bins: int = 10) -> dict[str, float]:
+    """Score `split` of every preference view the dataset has (pairwise and/or pointwise) with the
+    reward model in `reward_model_dir`; write `reward_eval.{json,md}` and PNG plots into `out_dir`."""
+    from perl_core.data import load_rows
+    from perl_core.reward import RewardScorer
+
+    manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
+    objective = manifest.get("objective") or cfg.reward.objective
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer = RewardScorer.load(reward_model_dir)
+    tok, max_length = scorer.tokenizer, scorer.max_length
+
+    # the objective's own view must exist; the other one is a bonus when the dataset has it
+    views = [objective] + [v for v in ("pairwise", "pointwise") if v != objective]
+    metrics: dict[str, float] = {}
+    skipped: dict[str, int] = {}
+    plots: dict[str, Path] = {}
+    for view in views:
+        try:
+            rows = load_rows(cfg.data, view, split)
+        except UserError:
+            if view == objective:
+                raise
+            continue
+        if view == "pairwise":
+            kept = [r for r in rows if _fits(scorer, r["prompt"], r["chosen"])
+                    and _fits(scorer, r["prompt"], r["rejected"])]
+        else:
+            kept = [r for r in rows if _fits(scorer, r["prompt"], r["response"])]
+        skipped[view] = len(rows) - len(kept)
+        if not kept:
+            if view == objective:
+                raise UserError(f"{view} {split} split: none of its {len(rows)} rows fits max_length={max_length}")
+            continue
+        prompts = [r["prompt"] for r in kept]
+        if view == "pairwise":
+            scores = scorer.score(prompts + prompts, [r["chosen"] for r in kept] + [r["rejected"] for r in kept])
+            scores = scores.detach().float().cpu().numpy()
+            chosen, rejected = scores[: len(kept)], scores[len(kept):]
+            view_metrics, bins = pairwise_report(chosen, rejected, n_bins)
+            plots["pairwise reliability"] = R.reliability_plot(
+                bins, out / "reward_reliability_pairwise.png", "P(chosen > rejected) = sigmoid(r_c - r_r)")
+            plots["pairwise scores"] = R.histograms({"chosen": chosen, "rejected": rejected},
+                                                    out / "reward_scores_pairwise.png", "RM score by label", "score")
+        else:
+            labels = [int(r["label"]) for r in kept]
+            scores = scorer.score(prompts, [r["response"] for r in kept]).detach().float().cpu().numpy()
+            view_metrics, bins = pointwise_report(scores, labels, n_bins)
+            plots["pointwise reliability"] = R.reliability_plot(
+                bins, out / "reward_reliability_pointwise.png", "P(label = 1) = sigmoid(score)")
+            plots["pointwise scores"] = R.histograms(
+                {"label 1 (thumbs up)": scores[np.asarray(labels) == 1],
+                 "label 0 (thumbs down)": scores[np.asarray(labels) == 0]},
+                out / "reward_scores_pointwise.png", "RM score by label", "score")
+        metrics.update(view_metrics)
+
+    R.write_json(out / "reward_eval.json", {
+        "reward_model": str(reward_model_dir), "objective": objective, "split": split, "metrics": metrics,
+        "skipped_too_long": skipped, "plots": {k: p.name for k, p in plots.items()},
+    })
+    (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped, plots))
+    return metrics
+
+
+# ---------------------------------------------------------------- policy
+@torch.no_grad()
+def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, batch_size: int = 32):
+    """Sample like :meth:`PolicyGenerator.generate` (same seed -> same text) but keep the token-level
+    samples, their summed log-probs under the generator's model, and their lengths in tokens.
+
+    Returns ``(texts, samples_per_batch, logp_sums, lengths)``.
+    """
+    from perl_core.generation import decode_responses, sample_responses
+    from perl_core.modeling import encode_prompt
+    from perl_core.rl import token_logprobs
+
+    torch.manual_seed(seed)
+    texts, batches, logps, lengths = [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        ids = [encode_prompt(generator.tokenizer, p) for p in prompts[start:start + batch_size]]
+        samples = sample_responses(generator.model, generator.tokenizer, ids, max_new_tokens=gen_cfg.max_new_tokens,
+                                   temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
+        texts += decode_responses(generator.tokenizer, samples)
+        batches.append(samples)
+        logp, _ = token_logprobs(generator.model, samples)
+        logps.append(logp.sum(-1))
+        lengths.append(samples.response_mask.sum(-1).float())
+    return texts, batches, torch.cat(logps).numpy(), torch.cat(lengths).numpy()
+
+
+@torch.no_grad()
+def logprobs_of(generator, batches) -> np.ndarray:
+    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`."""
+    from perl_core.rl import token_logprobs
+
+    return torch.cat([token_logprobs(generator.model, s)[0].sum(-1) for s in batches]).numpy()
+
+
+def _with_ci(metrics: dict, name: str, values, ev: EvaluationConfig) -> None:
+    mean, low, high = M.bootstrap_ci(values, n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
+    metrics.update({f"{name}": mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
+
+
+def _with_paired_ci(metrics: dict, name: str, a, b, ev: EvaluationConfig) -> None:
+    mean, low, high = M.paired_bootstrap_ci(a, b, n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
+    metrics.update({f"{name}": mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
+
+
+def policy_report(prompts: Sequence[str], anchor_responses: Sequence[str], policy_responses: Sequence[str],
+                  anchor_rewards, policy_rewards, kl, lengths: tuple, ev: EvaluationConfig,
+                  anchor_gold=None, policy_gold=None) -> tuple[dict[str, float], list[dict]]:
+    """Everything :func:`evaluate_policy` reports, from already computed per-prompt arrays.
+
+    Unprefixed names describe the policy, ``anchor_*`` the anchor, ``*_gain`` the paired
+    difference policy - anchor. `lengths` is (anchor, policy) response lengths in tokens.
+    """
+    m: dict[str, float] = {"n_prompts": float(len(prompts))}
+    _with_ci(m, "reward_mean", policy_rewards, ev)
+    _with_ci(m, "anchor_reward_mean", anchor_rewards, ev)
+    _with_paired_ci(m, "reward_gain", policy_rewards, anchor_rewards, ev)
+    wr = M.win_rate(policy_rewards, anchor_rewards)
+    m.update(win_rate=wr["win"], tie_rate=wr["tie"], loss_rate=wr["loss"])
+    _with_ci(m, "kl_mean", kl, ev)
+    anchor_len, policy_len = lengths
+    m.update(response_length_mean=float(np.mean(policy_len)), anchor_response_length_mean=float(np.mean(anchor_len)))
+    for n in (1, 2):
+        m[f"distinct_{n}"] = M.distinct_n(policy_responses, n)
+        m[f"anchor_distinct_{n}"] = M.distinct_n(anchor_responses, n)
+    has_gold = policy_gold is not None and anchor_gold is not None
+    if has_gold:
+        _with_ci(m, "gold_score_mean", policy_gold, ev)
+        _with_ci(m, "anchor_gold_score_mean", anchor_gold, ev)
+        _with_paired_ci(m, "gold_gain", policy_gold, anchor_gold, ev)
+        gwr = M.win_rate(policy_gold, anchor_gold)
+        m.update(gold_win_rate=gwr["win"], gold_tie_rate=gwr["tie"], gold_loss_rate=gwr["loss"])
+        # the proxy says better while the oracle says worse: the policy exploits the RM
+        m["reward_hacking"] = float(m["reward_gain"] > 0 and m["gold_gain"] < 0)
+        m["reward_hacking_significant"] = float(m["reward_gain_ci_low"] > 0 and m["gold_gain_ci_high"] < 0)
+
+    samples = []
+    for i in range(min(ev.n_samples_table, len(prompts))):
+        row = {"prompt": prompts[i], "anchor_response": anchor_responses[i], "policy_response": policy_responses[i],
+               "anchor_reward": float(anchor_rewards[i]), "policy_reward": float(policy_rewards[i]), "kl": float(kl[i])}
+        if has_gold:
+            row.update(anchor_gold=float(anchor_gold[i]), policy_gold=float(policy_gold[i]))
+        samples.append(row)
+    return m, samples
+
+
+def _policy_markdown(paths: dict, m: dict, samples: list[dict], confidence: float) -> str:
+    pct = f"{confidence:.0%}"
+
+    def ci(name: str) -> str:
+        return f"{R.fmt(m[name])} [{R.fmt(m[name + '_ci_low'])}, {R.fmt(m[name + '_ci_high'])}]"
+
+    rows = [["RM reward (mean, " + pct + " CI)", ci("anchor_reward_mean"), ci("reward_mean"), ci("reward_gain")],
+            ["win / tie / loss under the RM", "", f"{m['win_rate']:.3f} / {m['tie_rate']:.3f} / {m['loss_rate']:.3f}", ""]]
+    if "gold_score_mean" in m:
+        rows += [["gold-oracle score", ci("anchor_gold_score_mean"), ci("gold_score_mean"), ci("gold_gain")],
+                 ["win / tie / loss under the gold oracle", "",
+                  f"{m['gold_win_rate']:.3f} / {m['gold_tie_rate']:.3f} / {m['gold_loss_rate']:.3f}", ""]]
+    rows += [["KL(policy ‖ anchor), nats per response", "0", ci("kl_mean"), ""],
+             ["response length (tokens)", R.fmt(m["anchor_response_length_mean"]), R.fmt(m["response_length_mean"]), ""],
+             ["distinct-1 / distinct-2", f"{m['anchor_distinct_1']:.3f} / {m['anchor_distinct_2']:.3f}",
+              f"{m['distinct_1']:.3f} / {m['distinct_2']:.3f}", ""]]
+    lines = ["# Policy evaluation", "",
+             f"Policy `{paths['policy']}` against anchor `{paths['anchor']}`, scored by reward model "
+             f"`{paths['reward_model']}`, on {int(m['n_prompts'])} held-out prompts (same sampling seed for both).", "",
+             R.markdown_table(["", "anchor", "policy", "gain (paired)"], rows), ""]
+    if "reward_hacking" in m:
+        if m["reward_hacking"]:
+            lines.append("**Reward-hacking flag: RM reward rose while the gold-oracle score fell"
+                         + (" (both intervals exclude 0).**" if m["reward_hacking_significant"] else ".**"))
+        else:
+            lines.append("Reward-hacking flag: not raised (the RM and the gold oracle do not disagree in direction).")
+        lines.append("")
+    if samples:
+        headers = ["prompt", "anchor response", "policy response", "RM anchor", "RM policy"]
+        if "policy_gold" in samples[0]:
+            headers += ["gold anchor", "gold policy"]
+        table = [[s["prompt"][-160:], s["anchor_response"], s["policy_response"], s["anchor_reward"], s["policy_reward"]]
+                 + ([s["anchor_gold"], s["policy_gold"]] if "policy_gold" in s else []) for s in samples]
+        lines += ["## Samples", "", R.markdown_table(headers, table), ""]
+    lines += ["![RM reward](policy_rewards.png)", ""]
+    if "gold_score_mean" in m:
+        lines += ["![gold score](policy_gold.png)", ""]
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def rm_scores(scorer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Reward-model scores of generated text, which unlike training data may be empty (EOS sampled
+    first) or longer than the RM reads: an empty response is scored as `prompt + eos` (what the
+    one-backbone RL loop scores too), an over-long one loses its oldest prompt tokens, never
+    response tokens."""
+    from perl_core.reward import encode_example, score_sequences
+
+    tok, max_length = scorer.tokenizer, scorer.max_length
+    seqs = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if r or scorer.encoder:
+            seqs.append(encode_example(tok, p, r or " ", max_length, scorer.encoder, truncation="left"))
+            continue
+        ids, _ = encode_pair(tok, p, "", 10 ** 9)
+        keep = 1 if ids[0] == tok.bos_token_id else 0
+        seqs.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - max_length + keep:])
+    out = np.empty(len(seqs))
+    for start in range(0, len(seqs), batch_size):
+        out[start:start + batch_size] = score_sequences(scorer.model, seqs[start:start + batch_size],
+                                                        tok.pad_token_id).cpu().numpy()
+    return out
+
+
+def gold_oracle(cfg: PerlConfig) -> Optional[Callable[[str, str], float]]:
+    """The dataset's gold scorer when it has one (the embedded synthetic task), else None."""
+    if cfg.data.source != "synthetic":
+        return None
+    from perl_core.data.synthetic import gold_score
+
+    return gold_score
+
+
+def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
+                    out_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Compare the policy with its anchor on up to `evaluation.n_prompts` held-out prompts.
+
+    Both sample with `evaluation.seed` and `policy.generation`. KL(policy || anchor) is the
+    Monte-Carlo estimate on the policy's own samples, sum over response tokens of
+    log pi(y_t) - log pi_anchor(y_t) (nats per response; at temperature 1 it is unbiased).
+    Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
+    """
+    from perl_core.data import load_prompts
+    from perl_core.reward import RewardScorer
+
+    ev, gen = cfg.evaluation, cfg.policy.generation
+    read_manifest(policy_dir, expect_kind="policy")
+    read_manifest(anchor_dir, expect_kind="anchor")
+    prompts = list(load_prompts(cfg.data, split))[: ev.n_prompts]
+    if not prompts:
+        raise UserError(f"the {split} split has no prompts to evaluate the policy on")
+
+    from perl_core.generation import PolicyGenerator
+
+    # one model in memory at a time: the policy first, since KL is measured on its samples
+    policy = PolicyGenerator.load(policy_dir)
+    policy_responses, policy_samples, policy_logp, policy_len = sample_with_logprobs(policy, prompts, ev.seed, gen)
+    del policy
+    anchor = PolicyGenerator.load(anchor_dir)
+    anchor_responses, _, _, anchor_len = sample_with_logprobs(anchor, prompts, ev.seed, gen)
+    kl = policy_logp - logprobs_of(anchor, policy_samples)
+    del anchor
+
+    scorer = RewardScorer.load(reward_model_dir)
+    policy_rewards = rm_scores(scorer, prompts, policy_responses)
+    anchor_rewards = rm_scores(scorer, prompts, anchor_responses)
+    del scorer
+    oracle = gold_oracle(cfg)
+    anchor_gold = policy_gold = None
+    if oracle is not None:
+        anchor_gold = np.array([oracle(p, r) for p, r in zip(prompts, anchor_responses)])
+        policy_gold = np.array([oracle(p, r) for p, r in zip(prompts, policy_responses)])
+
+    m, samples = policy_report(prompts, anchor_responses, policy_responses, anchor_rewards, policy_rewards, kl,
+                               (anchor_len, policy_len), ev, anchor_gold, policy_gold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    R.histograms({"anchor": anchor_rewards, "policy": policy_rewards}, out / "policy_rewards.png",
+                 "RM reward on held-out prompts", "reward")
+    if oracle is not None:
+        R.histograms({"anchor": anchor_gold, "policy": policy_gold}, out / "policy_gold.png",
+                     "gold-oracle score on held-out prompts", "gold score")
+    paths = {"policy": str(policy_dir), "anchor": str(anchor_dir), "reward_model": str(reward_model_dir)}
+    R.write_json(out / "policy_eval.json", {**paths, "split": split, "generation": gen.model_dump(),
+                                            "evaluation": ev.model_dump(), "metrics": m, "samples": samples})
+    (out / "policy_eval.md").write_text(_policy_markdown(paths, m, samples, ev.confidence))
+    return {k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))}
