@@ -1,0 +1,136 @@
+"""Sampling from the anchor or the policy: batched, left-padded, KV cache on, one `generate` call per batch.
+
+The RL loop and evaluation both sample through :func:`sample_responses`, so the response a
+policy is trained on and the response it is evaluated on are produced the same way.
+:class:`PolicyGenerator` loads an anchor or policy folder and turns prompts into text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from perl_core.artifacts import read_manifest
+from perl_core.errors import UserError
+from perl_core.modeling import encode_prompt, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class Samples:
+    """`sequences` = left-padded prompt (width `prompt_width`) followed by the sampled response tokens."""
+
+    sequences: torch.Tensor        # [N, P + T]
+    attention_mask: torch.Tensor   # [N, P + T]; 0 on left padding and after the first EOS
+    response_mask: torch.Tensor    # [N, T]; 1 on response tokens up to and including the first EOS
+    prompt_width: int
+    finished: torch.Tensor         # [N] bool: the response ended with EOS (not cut by max_new_tokens)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_width:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as `generate` computes them (so log-probs match sampling)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                     temperature: float = 1.0, top_p: float = 1.0) -> Samples:
+    """Sample one response per row of `prompt_ids` (repeat rows for k samples). `temperature=0` is greedy."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise UserError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = left_pad(prompt_ids, pad)
+    device = next(model.parameters()).device
+    greedy = temperature == 0
+    gen_cfg = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=0,  # transformers otherwise applies top_k=50 silently
+        max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+    model.train(was_training)
+    out = out.cpu()
+    width = ids.shape[1]
+    response = out[:, width:]
+    if response.shape[1] == 0:
+        raise UserError("generate returned no new tokens")
+    is_eos = response == eos
+    # keep tokens up to and including the first EOS; everything after it is padding
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    finished = is_eos.any(-1)
+    sequences = torch.cat([ids, response.masked_fill(after_eos, pad)], dim=1)
+    attention_mask = torch.cat([mask, response_mask], dim=1)
+    return Samples(sequences, attention_mask, response_mask, width, finished)
+
+
+def decode_responses(tokenizer, samples: Samples) -> list[str]:
+    texts = []
+    for row, m in zip(samples.responses, samples.response_mask):
+        ids = [int(t) for t, keep in zip(row, m) if keep and int(t) != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+class PolicyGenerator:
+    """Text in, text out for an anchor folder or a policy folder (LoRA adapters are merged for speed)."""
+
+    def __init__(self, model, tokenizer, manifest: dict, path: Path):
+        self.model, self.tokenizer, self.manifest, self.path = model, tokenizer, manifest, path
+        gen = (manifest.get("config") or {}).get("generation") or {}
+        self.defaults = {"max_new_tokens": gen.get("max_new_tokens", 32), "temperature": gen.get("temperature", 1.0),
+                         "top_p": gen.get("top_p", 1.0)}
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "float32") -> "PolicyGenerator":
+        path = Path(path)
+        manifest = read_manifest(path)
+        kind = manifest.get("kind")
+        if kind not in ("anchor", "policy"):
+            raise UserError(f"{path}: expected an anchor or policy artifact, found kind={kind!r}")
+        tokenizer = load_tokenizer(str(path), padding_side="left")
+        if kind == "policy" and manifest.get("tuning") == "lora":
+            from peft import PeftModel
+
+            anchor = Path(manifest["anchor"])
+            if not (anchor / "config.json").exists():
+                raise UserError(f"{path}/manifest.json: the policy adapter's anchor {anchor} is missing; "
+                                "copy the anchor folder there or retrain the policy")
+            model = PeftModel.from_pretrained(load_causal_lm(str(anchor), dtype), str(path)).merge_and_unload()
+        else:
+            model = load_causal_lm(str(path), dtype)
+        model.eval()
+        return cls(model, tokenizer, manifest, path)
+
+    def generate(self, prompts: list[str], seed: int = 0, max_new_tokens: Optional[int] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None, batch_size: int = 32) -> list[str]:
+        """Responses to `prompts`, seeded (same seed, same text). `temperature=0` decodes greedily."""
+        opts = dict(self.defaults)
+        opts.update({k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p).items()
+                     if v is not None})
+        torch.manual_seed(seed)
+        texts: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = [encode_prompt(self.tokenizer, p) for p in prompts[start:start + batch_size]]
+            texts += decode_responses(self.tokenizer, sample_responses(self.model, self.tokenizer, chunk, **opts))
+        return texts

@@ -1,0 +1,174 @@
+"""The three roles of policy RL (policy, anchor, reward model) and where their weights live.
+
+* LoRA policy, reward model = a LoRA adapter on the anchor (PERL's default): ONE backbone.
+  The anchor's weights carry the trainable policy adapter, the frozen reward adapter (+ its
+  score head, a plain linear layer on the last non-pad hidden state), and with adapters
+  disabled they ARE the anchor.
+* LoRA policy, any other reward model (e.g. an encoder): the backbone carries the policy
+  adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
+* `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from perl_core.artifacts import read_manifest
+from perl_core.config import ConfigError, PolicyConfig
+from perl_core.generation import Samples, position_ids
+from perl_core.modeling import attach_lora, load_causal_lm, load_tokenizer, parameter_counts
+from perl_core.rl import token_logprobs
+from perl_core.training import set_seed
+
+# PEFT saves an adapter named "default" at the top of the folder and any other name in a
+# subfolder; the policy is the artifact, so it gets the default slot.
+POLICY_ADAPTER = "default"
+REWARD_ADAPTER = "reward"
+
+
+def with_final_eos(samples: Samples, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RM was trained on `prompt + response + eos`; responses cut by max_new_tokens get their EOS here."""
+    n = samples.sequences.shape[0]
+    ids = torch.cat([samples.sequences, torch.full((n, 1), pad_id, dtype=torch.long)], dim=1)
+    mask = torch.cat([samples.attention_mask, torch.zeros((n, 1), dtype=torch.long)], dim=1)
+    cut = ~samples.finished
+    ids[cut, -1] = eos_id
+    mask[cut, -1] = 1
+    return ids, mask
+
+
+def check_reward_tokenizer(rm_tokenizer, texts: list[str], reward_model_dir: Path) -> None:
+    """Reject a reward model that cannot read the policy's text (unknown tokens) before any work starts."""
+    unk = rm_tokenizer.unk_token_id
+    for text in texts:
+        ids = rm_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids or (unk is not None and unk in ids):
+            bad = [c for c in dict.fromkeys(text) if unk in rm_tokenizer(c, add_special_tokens=False)["input_ids"]]
+            raise ConfigError(
+                f"reward model {reward_model_dir}: its tokenizer cannot read the policy's text "
+                f"(unknown tokens for {bad[:10] or 'the text'} in {text[:60]!r}); train the reward model on "
+                "this data or use a reward model whose tokenizer covers it")
+
+
+class Roles:
+    """Policy (trainable), anchor log-probs and reward-model scores, however the weights are laid out."""
+
+    one_backbone = False
+
+    def __init__(self, policy: nn.Module, tokenizer, anchor: Optional[nn.Module], scorer, tuning: str):
+        self.policy, self.tokenizer, self.anchor, self.scorer, self.tuning = policy, tokenizer, anchor, scorer, tuning
+        self.hidden_size = policy.config.hidden_size
+
+    def anchor_logprobs(self, samples: Samples) -> torch.Tensor:
+        if self.anchor is not None:
+            return token_logprobs(self.anchor, samples)[0]
+        with self.policy.disable_adapter():
+            return token_logprobs(self.policy, samples)[0]
+
+    def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.scorer.score(prompts, responses)
+
+    def save_policy(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.tuning == "lora":
+            self.policy.save_pretrained(out_dir, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        else:
+            self.policy.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = parameter_counts(self.policy)
+        return {"trainable_params": counts["trainable"], "policy_params": counts["total"]}
+
+
+class OneBackbone(Roles):
+    """PERL's layout: policy adapter (trainable), reward adapter + head (frozen), anchor = adapters off."""
+
+    one_backbone = True
+
+    def __init__(self, policy: nn.Module, tokenizer, reward_head: nn.Linear):
+        super().__init__(policy, tokenizer, anchor=None, scorer=None, tuning="lora")
+        self.reward_head = reward_head
+
+    @torch.no_grad()
+    def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        ids, mask = with_final_eos(samples, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.policy.set_adapter(REWARD_ADAPTER, inference_mode=True)
+        try:
+            # the RM is a sequence classifier: its head reads the final (normed) hidden state
+            body = self.policy.get_base_model().base_model
+            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        finally:
+            self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position (left padding)
+        return self.reward_head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)
+
+
+def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int) -> nn.Linear:
+    """Put the RM's LoRA weights on `model` as the frozen adapter "reward" and return its score head."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import set_peft_model_state_dict
+
+    adapter_cfg = json.loads((reward_model_dir / "adapter_config.json").read_text())
+    peft_cfg = PeftLoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], lora_dropout=0.0,
+                              target_modules=adapter_cfg["target_modules"], task_type="CAUSAL_LM",
+                              bias=adapter_cfg.get("bias", "none"), inference_mode=True)
+    model.add_adapter(REWARD_ADAPTER, peft_cfg)
+    state = load_file(str(reward_model_dir / "adapter_model.safetensors"))
+    head_state = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if f".{head}." in k and "lora_" not in k}
+    lora_state = {k: v for k, v in state.items() if "lora_" in k}
+    if "weight" not in head_state or not lora_state:
+        raise ConfigError(f"reward model {reward_model_dir}: adapter_model.safetensors must hold LoRA weights and the "
+                          f"score head {head!r}; found keys like {sorted(state)[:4]}")
+    loaded = set_peft_model_state_dict(model, lora_state, adapter_name=REWARD_ADAPTER)
+    missing = [k for k in loaded.unexpected_keys if "lora_" in k]
+    if missing:
+        raise ConfigError(f"reward model {reward_model_dir}: LoRA weights {missing[:3]} do not fit the anchor; "
+                          "was it trained on a different base?")
+    weight = head_state["weight"]
+    reward_head = nn.Linear(hidden_size, weight.shape[0], bias="bias" in head_state)
+    reward_head.load_state_dict(head_state)
+    reward_head.requires_grad_(False)
+    model.set_adapter(POLICY_ADAPTER)
+    return reward_head
+
+
+def shares_backbone(rm_manifest: dict, anchor_dir: Path) -> bool:
+    base = rm_manifest.get("base_model")
+    return (rm_manifest.get("tuning") == "lora" and base is not None and Path(base).exists()
+            and Path(base).resolve() == anchor_dir.resolve())
+
+
+def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sample_texts: list[str] = (),
+                dtype: str = "float32") -> Roles:
+    anchor_dir, reward_model_dir = Path(anchor_dir), Path(reward_model_dir)
+    set_seed(cfg.train.seed)  # the fresh adapter's initialisation is part of the run's seed
+    rm_manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
+    tokenizer = load_tokenizer(str(anchor_dir), padding_side="left")
+    if cfg.tuning == "lora" and shares_backbone(rm_manifest, anchor_dir):
+        rm_tokenizer = load_tokenizer(str(reward_model_dir))
+        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"reward model {reward_model_dir} adapts the anchor but its tokenizer differs from "
+                              f"{anchor_dir}'s; retrain the reward model from this anchor")
+        policy = attach_lora(load_causal_lm(str(anchor_dir), dtype), cfg.lora, task_type="CAUSAL_LM",
+                             adapter_name=POLICY_ADAPTER)
+        head = load_reward_adapter(policy, reward_model_dir, rm_manifest.get("head", "score"),
+                                   policy.config.hidden_size)
+        return OneBackbone(policy, tokenizer, head)
+
+    from perl_core.reward import RewardScorer
+
+    scorer = RewardScorer.load(reward_model_dir)
+    check_reward_tokenizer(scorer.tokenizer, list(sample_texts), reward_model_dir)
+    if cfg.tuning == "lora":
+        policy = attach_lora(load_causal_lm(str(anchor_dir), dtype), cfg.lora, task_type="CAUSAL_LM",
+                             adapter_name=POLICY_ADAPTER)
+        return Roles(policy, tokenizer, anchor=None, scorer=scorer, tuning="lora")
+    policy = load_causal_lm(str(anchor_dir), dtype)
+    anchor = load_causal_lm(str(anchor_dir), dtype).requires_grad_(False).eval()
+    return Roles(policy, tokenizer, anchor=anchor, scorer=scorer, tuning="full")

@@ -1,0 +1,270 @@
+"""Policy RL against the reward model, anchored by KL: REINFORCE with a baseline, and RLOO.
+
+One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahmadian et al. 2024):
+
+    y_1..y_k ~ pi(. | x)                        for each of B prompts x   (one batched `generate`)
+    r_i      = RM(x, y_i)                       normalised by running moments, optionally clipped
+    KL_i     = sum_t log pi(y_it | .) - log pi_anchor(y_it | .)       (per-token log-ratios)
+    R_i      = r_i - beta * KL_i                the KL-regularised reward
+    A_i      = R_i - mean_{j != i} R_j          rloo: leave-one-out over the k samples
+             = R_i - b                          reinforce: b a moving average or a learned value
+    loss     = - mean_i  A_i * sum_t log pi(y_it | .)
+    beta    <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * B*k / kl_horizon)    (adaptive_kl)
+
+Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline). The roles
+(policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
+ONE backbone (adapter on, adapters off, reward adapter + head).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perl_core.artifacts import StageResult, read_manifest, write_manifest
+from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.config import ConfigError, PerlConfig, PolicyConfig
+from perl_core.errors import UserError
+from perl_core.generation import Samples, position_ids, sample_responses
+from perl_core.modeling import encode_prompt
+from perl_core.training import (latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, require_finite,
+                                save_checkpoint, set_seed)
+
+
+# ---------------------------------------------------------------- the math
+def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False):
+    """log pi(y_t | x, y_<t) and the policy entropy at every response position, [N, T] each.
+
+    The forward uses the same left padding and position ids as `generate`, so these are the
+    log-probabilities of exactly the tokens that were sampled (before temperature/top-p).
+    """
+    p = samples.prompt_width
+    out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
+                position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden)
+    logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    mask = samples.response_mask.float()
+    if with_hidden:
+        return logp * mask, entropy * mask, out.hidden_states[-1][:, p - 1]
+    return logp * mask, entropy * mask
+
+
+def kl_penalised_reward(reward: torch.Tensor, policy_logp: torch.Tensor, anchor_logp: torch.Tensor,
+                        kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """R = r - beta * KL, with KL the summed per-token log-ratio of the sampled response (masked inputs)."""
+    kl = (policy_logp - anchor_logp).sum(-1)
+    return reward - kl_coef * kl, kl
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = R_i - (sum_j R_j - R_i) / (k - 1) within each prompt's group of k consecutive samples."""
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view(-1)
+
+
+def adapt_kl_coef(kl_coef: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: beta grows when KL is above target, shrinks below."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_samples / horizon)
+
+
+@dataclass
+class RunningMoments:
+    """Mean/variance of RM rewards over the whole run (Chan et al.'s parallel update), for normalisation."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False))
+        total = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / math.sqrt(self.var + 1e-8)
+
+
+# ---------------------------------------------------------------- checks before any work
+def check_policy_config(cfg: PolicyConfig) -> None:
+    if cfg.algorithm == "rloo" and cfg.k < 2:
+        raise ConfigError(f"policy.k must be >= 2 for algorithm 'rloo' (leave-one-out needs a second sample), got {cfg.k}")
+    if cfg.generation.max_new_tokens < 1:
+        raise ConfigError(f"policy.generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
+    if cfg.train.grad_accum != 1:
+        raise ConfigError("policy.train.grad_accum must be 1: an RL step is already policy.train.batch_size prompts "
+                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum})")
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class RLResult:
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    kl_coef: float = 0.0
+
+
+def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The prompt indices of `step`: a fresh seeded permutation every epoch, so a resumed run sees the same ones."""
+    per_epoch = max(1, n_prompts // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(n_prompts))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return order[i * batch_size:(i + 1) * batch_size] if n_prompts >= batch_size else order
+
+
+def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
+            checkpoint_dir: Optional[Path] = None, resume: bool = False,
+            gold_score: Optional[Callable[[str, str], float]] = None) -> RLResult:
+    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring)."""
+    from perl_core.generation import decode_responses
+
+    check_policy_config(cfg)
+    encoded = [(p, encode_prompt(tokenizer, p)) for p in prompts]
+    encoded = [(p, ids) for p, ids in encoded if len(ids) <= cfg.max_prompt_length]
+    if not encoded:
+        raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
+    tc, k = cfg.train, cfg.k
+    set_seed(tc.seed)
+    value_head = nn.Linear(roles.hidden_size, 1) if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
+    trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
+    optimizer, scheduler = make_optimizer(trainable, tc), None
+    scheduler = make_scheduler(optimizer, tc)
+    kl_coef, baseline, moments, step = cfg.kl_coef, None, RunningMoments(), 0
+    if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
+        meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
+        step, extra = meta["step"], meta["extra"]
+        kl_coef, baseline = extra["kl_coef"], extra["baseline"]
+        moments = RunningMoments(**extra["moments"])
+    result = RLResult(step=step)
+    started = time.perf_counter()
+    roles.policy.train()
+    while step < tc.max_steps:
+        t0 = time.perf_counter()
+        chosen = [encoded[i] for i in prompt_batches(len(encoded), tc.batch_size, tc.seed, step)]
+        batch_prompts = [p for p, _ in chosen for _ in range(k)]  # k consecutive samples per prompt
+
+        # 1. sample k responses per prompt from the current policy
+        samples = sample_responses(roles.policy, tokenizer, [ids for _, ids in chosen for _ in range(k)],
+                                   max_new_tokens=cfg.generation.max_new_tokens,
+                                   temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+        responses = decode_responses(tokenizer, samples)
+        t1 = time.perf_counter()
+
+        # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
+        with torch.no_grad():
+            rm_reward = roles.reward(samples, batch_prompts, responses).float().cpu()
+            anchor_logp = roles.anchor_logprobs(samples)
+        require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
+        t2 = time.perf_counter()
+
+        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss
+        if value_head is not None:
+            policy_logp, entropy, hidden = token_logprobs(roles.policy, samples, with_hidden=True)
+        else:
+            policy_logp, entropy = token_logprobs(roles.policy, samples)
+        moments.update(rm_reward)
+        reward = moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward
+        if cfg.reward_clip is not None:
+            reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
+        value_loss = torch.zeros(())
+        if cfg.algorithm == "rloo":
+            advantage = rloo_advantages(total, k)
+        elif value_head is not None:
+            value = value_head(hidden.detach().float()).squeeze(-1)
+            value_loss = F.mse_loss(value, total)
+            advantage = total - value.detach()
+        else:
+            advantage = total - (baseline if baseline is not None else float(total.mean()))
+            baseline = float(total.mean()) if baseline is None else \
+                cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * float(total.mean())
+        policy_loss = -(advantage.detach() * policy_logp.sum(-1)).mean()
+        loss = policy_loss + value_loss
+        require_finite(loss, "policy loss", step + 1, checkpoint_dir)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trainable.parameters() if p.requires_grad],
+                                                   tc.max_grad_norm)
+        require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        t3 = time.perf_counter()
+
+        n_tokens = float(samples.response_mask.sum())
+        mean_kl = float(kl.mean())
+        metrics = {
+            "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
+            "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
+            "entropy": float(entropy.detach().sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
+            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": float(policy_loss),
+            "advantage_std": float(advantage.std()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
+            "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
+        }
+        if value_head is not None:
+            metrics["value_loss"] = float(value_loss)
+        if gold_score is not None:
+            metrics["gold_score"] = sum(gold_score(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
+        if cfg.adaptive_kl:
+            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses), cfg.kl_horizon)
+        callback({f"rl/{name}": v for name, v in metrics.items()}, step)
+        result.history.append(metrics)
+        if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
+                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments)})
+    roles.policy.eval()
+    result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
+    return result
+
+
+# ---------------------------------------------------------------- the stage
+def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
+    """Means over the last `last` steps (RL metrics are noisy step to step)."""
+    tail = history[-last:]
+    return {f"final_{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+
+
+def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
+                 callback: MetricsCallback = null_callback, resume: bool = False) -> StageResult:
+    """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
+    from perl_core.data import load_prompts
+    from perl_core.policy_models import build_roles
+
+    check_policy_config(cfg.policy)
+    out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
+    anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
+    rm_manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
+    prompts = load_prompts(cfg.data, "train")
+    roles = build_roles(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
+    gold = None
+    if cfg.data.source == "synthetic":
+        from perl_core.data.synthetic import gold_score as gold
+    result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold)
+    roles.save_policy(out_dir)
+    from perl_core.sft import _data_version
+
+    metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
+                                          "final_kl_coef": result.kl_coef, **roles.parameter_counts()}
+    write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning=cfg.policy.tuning,
+                   config=cfg.policy.model_dump(mode="json"), data_version=_data_version(), metrics=metrics,
+                   anchor=str(anchor_dir.resolve()), reward_model=str(reward_model_dir.resolve()),
+                   backbone=anchor_manifest.get("base_model"), reward_model_base=rm_manifest.get("base_model"),
+                   one_backbone=roles.one_backbone)
+    return StageResult(out_dir, metrics, {"policy": out_dir})

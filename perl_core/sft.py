@@ -1,0 +1,128 @@
+"""The anchor policy: supervised fine-tuning on `sft` rows, loss on response tokens only.
+
+    loss = - (1 / #response tokens) * sum_{t in response} log pi(y_t | prompt, y_<t)
+
+Prompt tokens and padding carry no loss (the model learns to answer, not to ask). `full`
+tuning is the default for scratch backbones, which start random; `lora` trains an adapter
+and saves MERGED weights, so the anchor is always a plain Hugging Face causal-LM folder that
+the reward model and the policy can both start from.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from perl_core.artifacts import StageResult, write_manifest
+from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.config import PerlConfig
+from perl_core.errors import UserError
+from perl_core.modeling import (attach_lora, encode_pair, load_causal_lm, load_tokenizer, parameter_counts,
+                                resolve_backbone)
+from perl_core.training import train_loop
+
+
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tuple[list[int], int]], int]:
+    """(ids, response_start) per row; rows longer than `max_length` are dropped and counted."""
+    encoded, dropped = [], 0
+    for row in rows:
+        try:
+            encoded.append(encode_pair(tokenizer, row["prompt"], row["response"], max_length))
+        except ValueError:
+            dropped += 1
+    return encoded, dropped
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids and a mask over the tokens that carry loss (response tokens incl. EOS)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids)
+    for i, (ids, start) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        loss_mask[i, start:len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    device = next(model.parameters()).device
+    ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    targets, target_mask = ids[:, 1:], mask[:, 1:].float()  # token t is predicted from position t-1
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    n_tokens = target_mask.sum().clamp(min=1)
+    loss = (nll.view_as(target_mask) * target_mask).sum() / n_tokens
+    return loss, {"batch_size": ids.shape[0], "response_tokens": float(n_tokens)}
+
+
+def batch_stream(examples: list, batch_size: int, pad_id: int, seed: int):
+    """`batches(epoch)` for `train_loop`: the order depends only on (seed, epoch), so resume is exact."""
+    def batches(epoch: int):
+        order = list(range(len(examples)))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list, batch_size: int, pad_id: int) -> dict[str, float]:
+    total, tokens = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        loss, m = response_loss(model, collate(examples[i:i + batch_size], pad_id))
+        total += float(loss) * m["response_tokens"]
+        tokens += m["response_tokens"]
+    nll = total / max(tokens, 1.0)
+    return {"loss": nll, "perplexity": math.exp(min(nll, 50.0))}
+
+
+def _data_version() -> dict:
+    from perl_core.data.versioning import data_version
+
+    return data_version()
+
+
+def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
+                 resume: bool = False) -> StageResult:
+    """SFT the backbone on `sft` rows into `out_dir` (HF causal LM + tokenizer + manifest kind `anchor`)."""
+    from perl_core.data import corpus, load_rows
+
+    out_dir = Path(out_dir)
+    sft = cfg.sft
+    base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base, sft.backbone.dtype)
+    metrics: dict[str, float] = {}
+    if sft.enabled:
+        train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)
+        val, val_dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "validation"), sft.max_length)
+        if not train:
+            raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "
+                            f"({dropped} dropped); raise sft.max_length")
+        if sft.tuning == "lora":
+            model = attach_lora(model, sft.lora, task_type="CAUSAL_LM")
+        counts = parameter_counts(model)
+        batches = batch_stream(train, sft.train.batch_size, tokenizer.pad_token_id, sft.train.seed)
+        eval_fn = (lambda m: validation_loss(m, val, sft.train.batch_size, tokenizer.pad_token_id)) if val else None
+        result = train_loop(model, batches, response_loss, sft.train, eval_fn=eval_fn,
+                            eval_metric="loss" if val else None, eval_mode="min", callback=callback,
+                            checkpoint_dir=out_dir / "checkpoints", resume=resume, desc="sft")
+        if sft.tuning == "lora":
+            model = model.merge_and_unload()  # the anchor is a plain causal LM: RM and policy start from it
+        metrics = {f"val_{k}": v for k, v in result.last_eval.items()}
+        metrics.update(steps=result.step, seconds=result.seconds, train_rows=len(train), dropped_rows=dropped + val_dropped,
+                       trainable_params=counts["trainable"], total_params=counts["total"])
+        if result.best_metric is not None:
+            metrics["best_val_loss"] = result.best_metric
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir, kind="anchor", base_model=base, tuning=sft.tuning if sft.enabled else "none",
+                   config=sft.model_dump(mode="json") | {"generation": cfg.policy.generation.model_dump()},
+                   data_version=_data_version(), metrics=metrics)
+    return StageResult(out_dir, metrics, {"anchor": out_dir})

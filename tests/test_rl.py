@@ -1,0 +1,246 @@
+"""Policy RL on scratch:llama-micro: log-probs, KL, the one-backbone layout, RLOO, resume, guards."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from perl_core.artifacts import write_manifest
+from perl_core.callbacks import collect
+from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
+from perl_core.errors import NonFiniteError
+from perl_core.generation import PolicyGenerator, sample_responses
+from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
+from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
+from perl_core.rl import kl_penalised_reward, rl_loop, rloo_advantages, token_logprobs
+from perl_core.training import latest_checkpoint
+
+PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
+           for d in ("latte", "mocha") for m in ("oat", "soy")]
+CORPUS = PROMPTS + [p + " Sure, one coffee coming up." for p in PROMPTS]
+
+
+def policy_cfg(**over) -> PolicyConfig:
+    tree = {"policy": {"algorithm": "rloo", "k": 2, "lora": {"rank": 4},
+                       "generation": {"max_new_tokens": 6},
+                       "train": {"batch_size": 3, "max_steps": 3, "checkpoint_every": 2, "learning_rate": 0.02,
+                                 "warmup_ratio": 0.0}}}
+    for key, value in over.items():
+        tree["policy"][key] = value
+    return build_config(tree).policy
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A random llama-micro anchor and a stand-in LoRA reward model on it, in the reward helper's format."""
+    from perl_core.reward import save_reward_model
+
+    root = tmp_path_factory.mktemp("rl")
+    anchor = build_scratch_backbone("llama-micro", CORPUS, root / "anchor", vocab_size=300)
+    write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
+    from perl_core.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(anchor))
+    rm = attach_lora(load_sequence_scorer(str(anchor), tok.pad_token_id), PerlConfig().reward.lora, "SEQ_CLS",
+                     modules_to_save=["score"])
+    torch.manual_seed(3)
+    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in RM adapter real weights
+        for name, p in rm.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
+    return anchor, root / "rm"
+
+
+def roles_for(dirs, cfg=None):
+    anchor, rm = dirs
+    return build_roles(cfg or policy_cfg(), anchor, rm, sample_texts=PROMPTS)
+
+
+def samples_for(roles, n=4, seed=0):
+    torch.manual_seed(seed)
+    ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS[:n]]
+    return sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6)
+
+
+def test_sequence_logprobs_match_a_manual_unpadded_forward(dirs):
+    roles = roles_for(dirs)
+    samples = samples_for(roles)
+    logp, _ = token_logprobs(roles.policy, samples)
+    base = load_causal_lm(str(dirs[0]))
+    for i in range(len(samples.sequences)):
+        keep = samples.attention_mask[i].bool()
+        ids = samples.sequences[i][keep]  # the row without padding, positions 0..L-1
+        n_prompt = int(samples.attention_mask[i, :samples.prompt_width].sum())
+        with torch.no_grad():
+            manual = torch.log_softmax(base(ids[None]).logits[0].float(), -1)
+        expected = [float(manual[t - 1, ids[t]]) for t in range(n_prompt, len(ids))]
+        got = logp[i][samples.response_mask[i].bool()].tolist()
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_kl_is_zero_when_policy_is_anchor(dirs):
+    roles = roles_for(dirs)  # a fresh LoRA adapter (B = 0) is the anchor exactly
+    samples = samples_for(roles)
+    with torch.no_grad():
+        policy_logp, _ = token_logprobs(roles.policy, samples)
+        anchor_logp = roles.anchor_logprobs(samples)
+    total, kl = kl_penalised_reward(torch.ones(len(kl_rows := samples.sequences)), policy_logp, anchor_logp, 0.5)
+    assert torch.equal(kl, torch.zeros(len(kl_rows)))
+    assert torch.equal(total, torch.ones(len(kl_rows)))
+
+
+def test_rloo_baseline_on_a_hand_example():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 4.0, 4.0])
+    # prompt 1: baseline of sample 1 is (2+3+6)/3 = 11/3 -> 1 - 11/3 = -8/3; of sample 4: (1+2+3)/3 = 2 -> 4
+    expected = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, -8 / 3, -8 / 3, 8 / 3, 8 / 3])
+    assert torch.allclose(rloo_advantages(rewards, 4), expected)
+
+
+def samples_from_text(tokenizer, prompts, responses):
+    """Samples for known text: left-padded prompts, then responses (+ EOS) right-padded."""
+    from perl_core.generation import Samples, left_pad
+
+    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    width = max(map(len, resp))
+    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
+    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
+    for i, r in enumerate(resp):
+        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
+    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
+                   torch.ones(len(resp), dtype=torch.bool))
+
+
+def test_one_backbone_reward_equals_the_reward_models_own_scorer(dirs):
+    from perl_core.reward import RewardScorer
+
+    roles = roles_for(dirs)
+    assert isinstance(roles, OneBackbone)
+    responses = [" Sure", " one large oat latte", " coffee coming up please", " no", " a mocha", " Sure, soy"]
+    samples = samples_from_text(roles.tokenizer, PROMPTS[:6], responses)
+    got = roles.reward(samples, PROMPTS[:6], responses)
+    # independent path: the reward helper's loader (a separate merged model, right padding)
+    expected = RewardScorer.load(dirs[1]).score(PROMPTS[:6], responses)
+    assert expected.std() > 0.1  # the stand-in RM tells these apart
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_rl_trains_only_the_policy_adapter_and_the_disabled_backbone_is_the_anchor(dirs):
+    roles = roles_for(dirs)
+    before = {n: p.detach().clone() for n, p in roles.policy.named_parameters()}
+    head_before = roles.reward_head.weight.detach().clone()
+    rows = []
+    rl_loop(roles, roles.tokenizer, PROMPTS, policy_cfg(), callback=collect(rows))
+    changed = {n for n, p in roles.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n and ".default." in n for n in changed)
+    assert torch.equal(roles.reward_head.weight, head_before)
+    # with adapters off, the trained backbone is bit-for-bit the untouched anchor
+    samples = samples_for(roles)
+    untouched = load_causal_lm(str(dirs[0]))
+    with torch.no_grad(), roles.policy.disable_adapter():
+        got = roles.policy(input_ids=samples.sequences, attention_mask=samples.attention_mask).logits
+    with torch.no_grad():
+        expected = untouched(input_ids=samples.sequences, attention_mask=samples.attention_mask).logits
+    assert torch.equal(got, expected)
+    metrics = rows[-1][1]
+    for key in ("reward", "kl", "kl_coef", "entropy", "response_length", "policy_loss", "generate_seconds",
+                "score_seconds", "update_seconds", "tokens_per_second"):
+        assert math.isfinite(metrics[f"rl/{key}"]), key
+    assert metrics["rl/kl"] != 0.0  # the policy moved away from the anchor
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "reinforce"])
+def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, algorithm):
+    over = {"algorithm": algorithm, "baseline": "value_head"} if algorithm == "reinforce" else {}
+    cfg = policy_cfg(adaptive_kl=True, **over)
+    straight = []
+    roles = roles_for(dirs, cfg)
+    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(straight), checkpoint_dir=tmp_path / "a")
+
+    def stop_at_3(metrics, step):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        roles = roles_for(dirs, cfg)
+        rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=stop_at_3, checkpoint_dir=tmp_path / "b")
+    assert latest_checkpoint(tmp_path / "b").name == "step-000002"
+    resumed = []
+    torch.manual_seed(1234)  # a different seed: everything must come from the checkpoint
+    roles = roles_for(dirs, cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 7})}))
+    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(resumed), checkpoint_dir=tmp_path / "b",
+            resume=True)
+    assert [s for s, _ in resumed] == [3]
+    for key in ("rl/policy_loss", "rl/reward", "rl/kl", "rl/kl_coef"):
+        assert resumed[0][1][key] == straight[2][1][key], key
+
+
+def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(dirs, tmp_path):
+    roles = roles_for(dirs)
+    real = roles.reward
+    calls = []
+
+    def flaky(samples, prompts, responses):
+        calls.append(1)
+        r = real(samples, prompts, responses)
+        return r if len(calls) < 3 else r * float("nan")
+
+    roles.reward = flaky
+    with pytest.raises(NonFiniteError, match=r"reward-model reward became nan at step 3.*step-000002"):
+        rl_loop(roles, roles.tokenizer, PROMPTS, policy_cfg(), checkpoint_dir=tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_bad_configs_are_rejected_with_their_setting():
+    with pytest.raises(ConfigError, match=r"policy.k must be >= 2 for algorithm 'rloo'"):
+        build_config({"policy": {"algorithm": "rloo", "k": 1}})
+    with pytest.raises(ConfigError, match=r"policy.generation.max_new_tokens"):
+        build_config({"policy": {"generation": {"max_new_tokens": 0}}})
+    with pytest.raises(ConfigError, match=r"policy.train.grad_accum must be 1"):
+        rl_loop(None, None, PROMPTS, policy_cfg(train={"grad_accum": 2}))
+
+
+def test_a_reward_model_that_cannot_read_the_policy_text_is_rejected(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    ascii_only = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    check_reward_tokenizer(ascii_only, ["coffee"], tmp_path)
+    with pytest.raises(ConfigError, match=r"tokenizer cannot read the policy's text.*'é'"):
+        check_reward_tokenizer(ascii_only, ["café"], tmp_path)
+
+
+def test_cut_responses_get_their_eos_for_scoring(dirs):
+    roles = roles_for(dirs)
+    samples = samples_for(roles)
+    ids, mask = with_final_eos(samples, eos_id=2, pad_id=0)
+    for i, done in enumerate(samples.finished):
+        assert (ids[i, -1] == 2) == (not done) and (mask[i, -1] == 1) == (not done)
+
+
+def test_policy_artifact_round_trips_through_policy_generator(dirs, tmp_path):
+    roles = roles_for(dirs)
+    rl_loop(roles, roles.tokenizer, PROMPTS, policy_cfg(train={"max_steps": 1}))
+    roles.save_policy(tmp_path)
+    write_manifest(tmp_path, kind="policy", base_model=str(dirs[0]), tuning="lora",
+                   config=policy_cfg().model_dump(), anchor=str(dirs[0]))
+    assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "reward").exists()
+    gen = PolicyGenerator.load(tmp_path)
+    a = gen.generate(PROMPTS[:3], seed=1)
+    assert a == gen.generate(PROMPTS[:3], seed=1) and len(a) == 3
+    # greedy decoding of the merged artifact equals greedy decoding of the in-memory policy
+    torch.manual_seed(0)
+    ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS[:3]]
+    from perl_core.generation import decode_responses
+
+    live = decode_responses(roles.tokenizer, sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6,
+                                                              temperature=0))
+    assert gen.generate(PROMPTS[:3], temperature=0, max_new_tokens=6) == live
