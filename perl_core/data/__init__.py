@@ -1,0 +1,70 @@
+"""Preference data: formats, sources, preparation, DVC versioning.
+
+On disk: ``data/<name>/<view>/{train,validation,test}.jsonl`` plus ``card.json``/``card.md``.
+Views: ``pairwise`` {prompt, chosen, rejected}, ``pointwise`` {prompt, response, label},
+``sft`` {prompt, response}. The prompt ends exactly where the response begins.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from perl_core.config import DataConfig
+from perl_core.data.prepare import dataset_dir, prepare_dataset
+from perl_core.data.schema import SPLITS, VIEWS
+from perl_core.errors import DataError
+
+__all__ = ["load_rows", "load_prompts", "corpus", "prepare_dataset", "VIEWS", "SPLITS"]
+
+
+def _import_hint(data_cfg: DataConfig) -> str:
+    if data_cfg.source == "synthetic":
+        return "run `perl-rlhf data import synthetic` (or `make run`) first"
+    path = f" --path {data_cfg.path}" if data_cfg.path else ""
+    return f"run `perl-rlhf data import {data_cfg.source}{path}` first"
+
+
+def load_rows(data_cfg: DataConfig, view: str, split: str) -> list[dict]:
+    """Rows of one view and split, as written by `prepare_dataset`."""
+    if view not in VIEWS:
+        raise DataError(f"unknown view {view!r}; expected one of {sorted(VIEWS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    root = dataset_dir(data_cfg)
+    path = root / view / f"{split}.jsonl"
+    if not path.exists():
+        if root.is_dir() and not (root / view).is_dir():
+            have = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise DataError(f"dataset {root} has no {view} view (it has: {', '.join(have) or 'none'})")
+        raise DataError(f"{path} not found: {_import_hint(data_cfg)}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_prompts(data_cfg: DataConfig, split: str) -> list[str]:
+    """Unique prompts of a split across every view present (sft first), in file order (RL, evaluation)."""
+    root = dataset_dir(data_cfg)
+    views = [v for v in ("sft", "pairwise", "pointwise") if (root / v / f"{split}.jsonl").exists()]
+    if not views:
+        load_rows(data_cfg, "sft", split)  # raises the "run import first" error
+    seen: dict[str, None] = {}
+    for view in views:
+        for row in load_rows(data_cfg, view, split):
+            seen.setdefault(row["prompt"], None)
+    return list(seen)
+
+
+def corpus(data_cfg: DataConfig) -> list[str]:
+    """Unique train-split texts (prompts and responses, separately, as `encode_pair` tokenises them)
+    for training a scratch backbone's tokenizer."""
+    root = dataset_dir(data_cfg)
+    views = [v for v in sorted(VIEWS) if (root / v / "train.jsonl").exists()]
+    if not views:
+        load_rows(data_cfg, "sft", "train")
+    seen: dict[str, None] = {}
+    for view in views:
+        for row in load_rows(data_cfg, view, "train"):
+            for key in ("prompt", "response", "chosen", "rejected"):
+                if key in row:
+                    seen.setdefault(row[key], None)
+    return list(seen)

@@ -1,0 +1,136 @@
+"""The three row formats and their validation.
+
+A source adapter yields `Record`s (a raw row with where it came from) or `Reject`s (a row it
+could not even read, e.g. an invalid JSON line). `validate` turns a record into a clean row or
+raises a `DataError` that names the file, the row number and the field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Union
+
+from perl_core.errors import DataError
+
+VIEWS: dict[str, tuple[str, ...]] = {
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "pointwise": ("prompt", "response", "label"),
+    "sft": ("prompt", "response"),
+}
+TEXT_FIELDS = {"prompt", "chosen", "rejected", "response"}
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Record:
+    view: str
+    row: dict[str, Any]
+    file: str
+    index: int  # 1-based row number within `file`
+
+
+@dataclass
+class Reject:
+    file: str
+    index: Optional[int]
+    reason: str
+    field: Optional[str] = None
+    view: Optional[str] = None
+    raw: Any = None
+
+    @classmethod
+    def from_error(cls, err: DataError, view: Optional[str] = None, raw: Any = None) -> "Reject":
+        return cls(file=err.file or "", index=err.row, reason=err.reason, field=err.field, view=view, raw=raw)
+
+    def as_error(self) -> DataError:
+        return DataError(self.reason, file=self.file or None, row=self.index, field=self.field)
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "row": self.index, "field": self.field, "view": self.view,
+                "reason": self.reason, "raw": self.raw if isinstance(self.raw, (str, dict, type(None))) else str(self.raw)}
+
+
+Item = Union[Record, Reject]
+
+
+def _label(value: Any) -> int:
+    """Thumbs up/down as 0/1. CSV gives strings, JSON may give bools or floats (Taskmaster: 1.0)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"label must be 0 or 1 (thumbs down/up), got the text {value!r}") from None
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) and value in (0, 1):
+        return int(value)
+    raise ValueError(f"label must be 0 or 1 (thumbs down/up), got {value!r}")
+
+
+def validate(record: Record) -> dict[str, Any]:
+    """A clean row of `record.view`, or a `DataError` naming file, row and field."""
+    view, raw = record.view, record.row
+    where = dict(file=record.file, row=record.index)
+    if view not in VIEWS:
+        raise DataError(f"unknown view {view!r}; expected one of {sorted(VIEWS)}", **where)
+    if not isinstance(raw, dict):
+        raise DataError(f"expected an object with fields {list(VIEWS[view])}, got {type(raw).__name__}", **where)
+    clean: dict[str, Any] = {}
+    for name in VIEWS[view]:
+        if name not in raw or raw[name] is None:
+            present = ", ".join(sorted(map(str, raw))) or "none"
+            raise DataError(f"missing field (a {view} row needs {', '.join(VIEWS[view])}; this row has {present};"
+                            f" map other column names with data.column_map)", field=name, **where)
+        value = raw[name]
+        if name == "label":
+            try:
+                clean[name] = _label(value)
+            except ValueError as err:
+                raise DataError(str(err), field=name, **where) from None
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"expected text, got {type(value).__name__} {value!r:.60}", field=name, **where)
+        if not value.strip():
+            raise DataError("empty text", field=name, **where)
+        clean[name] = value
+    if view == "pairwise" and clean["chosen"] == clean["rejected"]:
+        raise DataError("chosen and rejected are the same text (a preference needs two different replies)",
+                        field="rejected", **where)
+    for key, value in raw.items():  # extra scalar columns (id, source, gold, ...) ride along
+        if key in clean or (isinstance(value, float) and not math.isfinite(value)):
+            continue
+        if isinstance(value, (str, int, float, bool)):
+            clean[key] = value
+    return clean
+
+
+def check_view(view: str, setting: str = "data.format") -> str:
+    if view not in VIEWS:
+        raise DataError(f"{setting} must be one of {sorted(VIEWS)}, got {view!r}")
+    return view
+
+
+@dataclass
+class Collected:
+    """Rows that passed validation, per view, and the rejects (with `on_error: skip`)."""
+
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+    rejects: list[Reject] = field(default_factory=list)
+    read: dict[str, int] = field(default_factory=dict)
+
+
+def collect(items: Iterator[Item], on_error: str) -> Collected:
+    """Validate every item; the first bad one raises unless `on_error == "skip"`."""
+    out = Collected()
+    for item in items:
+        if isinstance(item, Record):
+            out.read[item.view] = out.read.get(item.view, 0) + 1
+            try:
+                out.rows.setdefault(item.view, []).append(validate(item))
+                continue
+            except DataError as err:
+                item = Reject.from_error(err, view=item.view, raw=item.row)
+        if on_error != "skip":
+            raise item.as_error()
+        out.rejects.append(item)
+    return out
