@@ -71,7 +71,14 @@ class Roles:
             return token_logprobs(self.policy, samples)[0]
 
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return self.scorer.score(prompts, responses)
+        # a separate reward model reads text; it refuses empty responses, which score as the batch's worst
+        keep = [i for i, r in enumerate(responses) if r.strip()]
+        scores = torch.zeros(len(responses))
+        if keep:
+            scores[keep] = self.scorer.score([prompts[i] for i in keep], [responses[i] for i in keep]).float().cpu()
+            floor = scores[keep].min()
+            scores[[i for i in range(len(responses)) if i not in set(keep)]] = floor
+        return scores
 
     def save_policy(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +172,11 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
 
     scorer = RewardScorer.load(reward_model_dir)
     check_reward_tokenizer(scorer.tokenizer, list(sample_texts), reward_model_dir)
+    longest = cfg.max_prompt_length + cfg.generation.max_new_tokens + 1
+    if scorer.encoder is False and longest > scorer.max_length:
+        raise ConfigError(f"reward model {reward_model_dir} reads at most {scorer.max_length} tokens, but "
+                          f"policy.max_prompt_length + policy.generation.max_new_tokens + EOS = {longest}; "
+                          "lower policy.max_prompt_length or retrain the reward model with a larger max_length")
     if cfg.tuning == "lora":
         policy = attach_lora(load_causal_lm(str(anchor_dir), dtype), cfg.lora, task_type="CAUSAL_LM",
                              adapter_name=POLICY_ADAPTER)
