@@ -4,10 +4,12 @@ from __future__ import annotations
 import typer
 
 from flows import cli_data
+from flows import cli_reward
 
 app = typer.Typer(help="PERL: parameter-efficient RLHF (LoRA reward models and LoRA policy RL) as a pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(cli_data.app, name="data")
+app.add_typer(cli_reward.app, name="reward")
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,78 @@
+"""`perl-rlhf reward ...`: train a reward model, score (prompt, response) pairs with one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+
+app = typer.Typer(help="Reward models: LoRA or full, pairwise (Bradley-Terry) or pointwise (thumbs up/down).",
+                  no_args_is_help=True)
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in sorted(metrics.items()):
+        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+
+
+@app.command("train")
+@friendly_errors
+def train(
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder (default: <artifacts_dir>/reward_model)"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="anchor folder to initialise from (with reward.init_from_anchor)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
+) -> None:
+    """Train a reward model on the configured data (no tracking; `perl-rlhf run` logs to MLflow)."""
+    from perl_core.reward import train_reward_model
+
+    cfg = cli_config(config, overrides)
+    out_dir = out or Path(cfg.artifacts_dir) / "reward_model"
+    result = train_reward_model(cfg, out_dir, resume=resume, base_model=base_model)
+    console.print(f"reward model saved to {result.out_dir}")
+    _print_metrics(result.metrics)
+
+
+@app.command("score")
+@friendly_errors
+def score(
+    model: Path = typer.Option(..., "--model", "-m", help="reward-model folder (has manifest.json)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="one prompt (with --response)"),
+    response: Optional[str] = typer.Option(None, "--response", help="one response to score"),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="file of {prompt, response} rows; prints one JSON row each with `reward`"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Score one (prompt, response) or every row of a JSONL file."""
+    from perl_core.errors import DataError, UserError
+    from perl_core.reward import RewardScorer
+
+    if jsonl is None and (prompt is None or response is None):
+        raise UserError("give --prompt and --response, or --jsonl FILE")
+    if jsonl is not None:
+        if not jsonl.exists():
+            raise UserError(f"--jsonl {jsonl} does not exist")
+        rows = []
+        for i, line in enumerate(jsonl.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"not valid JSON ({err.msg})", file=str(jsonl), row=i) from None
+            for key in ("prompt", "response"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(f"needs a string {key!r}", file=str(jsonl), row=i, field=key)
+            rows.append(row)
+    else:
+        rows = [{"prompt": prompt, "response": response}]
+    scorer = RewardScorer.load(model)
+    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
+    if jsonl is None:
+        typer.echo(f"{float(rewards[0]):.6f}")
+        return
+    for row, reward in zip(rows, rewards.tolist()):
+        typer.echo(json.dumps({**row, "reward": reward}))
