@@ -5,11 +5,14 @@ import typer
 
 from flows import cli_data
 from flows import cli_reward
+from flows import cli_sft, cli_policy
 
 app = typer.Typer(help="PERL: parameter-efficient RLHF (LoRA reward models and LoRA policy RL) as a pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(cli_data.app, name="data")
 app.add_typer(cli_reward.app, name="reward")
+app.add_typer(cli_sft.app, name="sft")
+app.add_typer(cli_policy.app, name="policy")
 
 if __name__ == "__main__":
     app()

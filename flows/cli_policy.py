@@ -1,0 +1,79 @@
+"""`perl-rlhf policy ...`: RL the anchor against a reward model; generate with a policy or anchor."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+
+app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
+                  no_args_is_help=True)
+
+
+def _log_line(metrics: dict, step: int) -> None:
+    keys = ("rl/reward", "rl/gold_score", "rl/kl", "rl/kl_coef", "rl/response_length", "rl/step_seconds")
+    shown = "  ".join(f"{k[3:]} {metrics[k]:.3f}" for k in keys if k in metrics)
+    console.print(f"step {step:4d}  {shown}", highlight=False)
+
+
+@app.command("train")
+@friendly_errors
+def train(
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    anchor: Optional[Path] = typer.Option(None, "--anchor", help="anchor folder (default: <artifacts_dir>/anchor)"),
+    reward_model: Optional[Path] = typer.Option(None, "--reward-model",
+                                                help="reward-model folder (default: <artifacts_dir>/reward_model)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="policy folder (default: <artifacts_dir>/policy)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
+    every: int = typer.Option(10, "--log-every", help="print metrics every N steps"),
+) -> None:
+    """Train the policy adapter (no tracking; `perl-rlhf run` logs to MLflow)."""
+    from perl_core.rl import train_policy
+
+    cfg = cli_config(config, overrides)
+    root = Path(cfg.artifacts_dir)
+
+    def show(metrics: dict, step: int) -> None:
+        if step % every == 0 or step == 1:
+            _log_line(metrics, step)
+
+    result = train_policy(cfg, out or root / "policy", anchor or root / "anchor", reward_model or root / "reward_model",
+                          callback=show, resume=resume)
+    console.print(f"policy saved to {result.out_dir}")
+    for key, value in sorted(result.metrics.items()):
+        console.print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+
+
+@app.command("generate")
+@friendly_errors
+def generate(
+    model: Path = typer.Option(..., "--model", "-m", help="policy or anchor folder (has manifest.json)"),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="a text file, one prompt per line (\\n escaped)"),
+    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 decodes greedily"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+) -> None:
+    """Print one JSON line {prompt, response} per prompt."""
+    from perl_core.errors import UserError
+    from perl_core.generation import PolicyGenerator
+
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        if not prompts_file.exists():
+            raise UserError(f"--prompts {prompts_file} does not exist")
+        prompts += [line.replace("\\n", "\n") for line in prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts file")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    generator = PolicyGenerator.load(model)
+    responses = generator.generate(prompts, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p)
+    for p, r in zip(prompts, responses):
+        typer.echo(json.dumps({"prompt": p, "response": r}))

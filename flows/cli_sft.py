@@ -1,0 +1,30 @@
+"""`perl-rlhf sft ...`: train the anchor policy (supervised fine-tuning on the `sft` view)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+
+app = typer.Typer(help="The anchor policy: SFT on the data's `sft` view (full or LoRA, saved merged).",
+                  no_args_is_help=True)
+
+
+@app.command("train")
+@friendly_errors
+def train(
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="anchor folder (default: <artifacts_dir>/anchor)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
+) -> None:
+    """Train the anchor (no tracking; `perl-rlhf run` logs to MLflow)."""
+    from perl_core.sft import train_anchor
+
+    cfg = cli_config(config, overrides)
+    result = train_anchor(cfg, out or Path(cfg.artifacts_dir) / "anchor", resume=resume)
+    console.print(f"anchor saved to {result.out_dir}")
+    for key, value in sorted(result.metrics.items()):
+        console.print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
