@@ -63,6 +63,7 @@ class DataConfig(Section):
     hub_split: Optional[str] = None
     hub_config: Optional[str] = None
     on_error: Literal["raise", "skip"] = "raise"
+    dedupe: bool = Field(True, description="drop exact duplicate rows (counted in the data card)")
     data_dir: str = "data"
     splits: SplitConfig = SplitConfig()
     seed: int = 0
