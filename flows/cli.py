@@ -6,6 +6,7 @@ import typer
 from flows import cli_data
 from flows import cli_reward
 from flows import cli_sft, cli_policy
+from flows import cli_eval, cli_report
 
 app = typer.Typer(help="PERL: parameter-efficient RLHF (LoRA reward models and LoRA policy RL) as a pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -13,6 +14,8 @@ app.add_typer(cli_data.app, name="data")
 app.add_typer(cli_reward.app, name="reward")
 app.add_typer(cli_sft.app, name="sft")
 app.add_typer(cli_policy.app, name="policy")
+app.add_typer(cli_eval.app, name="eval")
+app.add_typer(cli_report.app, name="report")
 
 if __name__ == "__main__":
     app()

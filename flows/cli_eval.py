@@ -1,0 +1,53 @@
+"""`perl-rlhf eval ...`: evaluate a reward model on the test split, or a policy against its anchor."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+
+app = typer.Typer(help="Evaluate trained models; writes JSON, Markdown and PNG into --out.", no_args_is_help=True)
+
+
+def _print(metrics: dict, out: Path, report: str) -> None:
+    for key, value in metrics.items():
+        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    console.print(f"report: {out / report}")
+
+
+@app.command("reward")
+@friendly_errors
+def reward(
+    model: Path = typer.Option(..., "--model", "-m", help="reward-model folder (has manifest.json)"),
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder (default: <artifacts_dir>/eval/reward_model)"),
+    split: str = typer.Option("test", "--split", help="which split to score"),
+) -> None:
+    """Reward-model metrics on the test split, a reliability diagram and score histograms by label."""
+    from perl_core.evaluation import evaluate_reward_model
+
+    cfg = cli_config(config, overrides)
+    out_dir = out or Path(cfg.artifacts_dir) / "eval" / "reward_model"
+    _print(evaluate_reward_model(cfg, model, out_dir, split=split), out_dir, "reward_eval.md")
+
+
+@app.command("policy")
+@friendly_errors
+def policy(
+    policy_dir: Path = typer.Option(..., "--policy", help="policy folder (has manifest.json)"),
+    anchor: Path = typer.Option(..., "--anchor", help="anchor (SFT) folder"),
+    reward_model: Path = typer.Option(..., "--reward-model", help="reward-model folder that scores both"),
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder (default: <artifacts_dir>/eval/policy)"),
+    split: str = typer.Option("test", "--split", help="which split's prompts to sample"),
+) -> None:
+    """Policy against its anchor on held-out prompts: RM reward with CIs, win rate, KL, gold oracle, samples."""
+    from perl_core.evaluation import evaluate_policy
+
+    cfg = cli_config(config, overrides)
+    out_dir = out or Path(cfg.artifacts_dir) / "eval" / "policy"
+    _print(evaluate_policy(cfg, policy_dir, anchor, reward_model, out_dir, split=split), out_dir, "policy_eval.md")

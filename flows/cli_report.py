@@ -1,0 +1,30 @@
+"""`perl-rlhf report efficiency`: PERL against full tuning, a LoRA rank sweep and TRL, in one report."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from flows.cli_common import ConfigOpt, SetOpt, console, friendly_errors
+
+app = typer.Typer(help="Reports measured on this machine.", no_args_is_help=True)
+
+
+@app.command("efficiency")
+@friendly_errors
+def efficiency(
+    quick: bool = typer.Option(False, "--quick", help="tiny backbone, a few steps, two ranks: checks the report's shape (CI)"),
+    out: Path = typer.Option(Path("reports/efficiency"), "--out", "-o", help="report folder"),
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+    ranks: Optional[List[int]] = typer.Option(None, "--rank", help="LoRA ranks to sweep (repeatable; default 1 2 4 8 16 32)"),
+    trl: bool = typer.Option(True, "--trl/--no-trl", help="measure TRL side by side (needs the bench extra)"),
+) -> None:
+    """Run the reward and policy benchmarks, the rank sweep and the TRL comparison; write one Markdown + JSON report."""
+    from perl_core.efficiency_report import efficiency_report
+
+    report = efficiency_report(out, quick=quick, preset=config, overrides=list(overrides or []), ranks=ranks,
+                               with_trl=trl, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    console.print((out / "efficiency_report.md").read_text(), markup=False, highlight=False)
+    console.print(f"report: {out / 'efficiency_report.md'} ({report['seconds'] / 60:.1f} min)")
