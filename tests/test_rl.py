@@ -244,3 +244,21 @@ def test_policy_artifact_round_trips_through_policy_generator(dirs, tmp_path):
     live = decode_responses(roles.tokenizer, sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6,
                                                               temperature=0))
     assert gen.generate(PROMPTS[:3], temperature=0, max_new_tokens=6) == live
+
+
+def test_policy_efficiency_quick_reports_both_layouts(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("policy_efficiency",
+                                                  Path(__file__).parent.parent / "benchmarks" / "policy_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--quick", "--out", str(tmp_path / "report.json"), "--work-dir", str(tmp_path / "work")])
+    full, lora = report["settings"]["full"], report["settings"]["lora"]
+    assert lora["layout"] == "one backbone" and full["layout"].startswith("separate")
+    # parameter counts are exact, not timings: one backbone holds one copy of the weights, full holds three
+    assert lora["trainable_params"] < full["trainable_params"] / 10
+    assert lora["resident_params"] < 0.5 * full["resident_params"]
+    for setting in (full, lora):
+        assert setting["median_step_seconds"] > 0 and setting["memory"]["peak_rss_mb"] > 0
+    assert set(report["summary"]) >= {"memory_ratio", "step_time_ratio", "generate_time_ratio", "update_time_ratio"}
