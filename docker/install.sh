@@ -1,0 +1,40 @@
+#!/bin/sh
+# The one install recipe for the image. docker/Dockerfile runs it at build time and
+# tests/test_docker_stack.py runs it into a fresh virtualenv, so the two cannot drift apart.
+#
+# usage (from the project root): sh docker/install.sh VENV_DIR LOCK_FILE
+#   TORCH_INDEX_URL   wheel index for torch: the Dockerfile passes the PyTorch CPU index (or a CUDA
+#                     variant's); the versions there read 2.13.0+cpu, which the pin torch==2.13.0 in
+#                     constraints.txt accepts.
+#   TORCH_FIND_LINKS  or a folder holding the torch wheel (the dev machines' /opt/wheels).
+#   PERL_EXTRAS       extras of the package (default postgres,s3: an MLflow server on PostgreSQL/S3)
+# uv (pinned in constraints.txt) does the installing: the same resolution as pip, in a tenth of
+# the time, which keeps the test that replays this script within its budget.
+set -eu
+venv=$1
+lock=$2
+extras=${PERL_EXTRAS:-postgres,s3}
+
+uv venv --python "$(command -v python3)" "$venv"
+py="$venv/bin/python"
+
+# torch first and alone, from its own index; --no-deps: its dependencies come in the next step
+# from the ordinary index, under the same constraints as everything else.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    uv pip install --python "$py" --no-deps -c constraints.txt --index-url "$TORCH_INDEX_URL" torch
+elif [ -n "${TORCH_FIND_LINKS:-}" ]; then
+    uv pip install --python "$py" --no-deps -c constraints.txt --no-index --find-links "$TORCH_FIND_LINKS" torch
+else
+    echo "install.sh: set TORCH_INDEX_URL or TORCH_FIND_LINKS: a bare 'torch' from PyPI pulls GBs of CUDA" >&2
+    exit 2
+fi
+
+# Installed in place (editable): presets in configs/ are found beside the package
+# (perl_core/config.py: PRESET_DIR), so the source tree stays where it was installed from.
+uv pip install --python "$py" -c constraints.txt -e ".[$extras]"
+uv pip check --python "$py"
+
+# The resolved package set, logged by every pipeline run inside the image (PERL_IMAGE_LOCK).
+mkdir -p "$(dirname "$lock")"
+uv pip freeze --python "$py" > "$lock"
+echo "install.sh: $(grep -c . "$lock") packages recorded in $lock"
