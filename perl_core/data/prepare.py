@@ -122,7 +122,8 @@ def dataset_dir(data_cfg: DataConfig) -> Path:
 
 def fingerprint(data_cfg: DataConfig, description: dict) -> str:
     """What the prepared files depend on (the source and the preparation settings), hashed."""
-    settings = data_cfg.model_dump(mode="json", exclude={"data_dir", "on_error"})
+    settings = data_cfg.model_dump(mode="json", include={"seed", "splits", "max_tokens", "tokenizer", "dedupe",
+                                                         "format", "column_map", "hub_split", "hub_config"})
     return hashlib.sha256(json.dumps({"settings": settings, "source": description}, sort_keys=True).encode()).hexdigest()
 
 
@@ -180,7 +181,7 @@ def build(out: Path, d: DataConfig, collected: Collected, description: dict, fp:
         seen, unique, too_long = set(), [], 0
         for row in (normalise_row(view, r) for r in rows):
             key = tuple(row[f] for f in VIEWS[view])
-            if key in seen:
+            if key in seen and d.dedupe:
                 continue
             seen.add(key)
             if row_tokens(view, row, count) > d.max_tokens:
@@ -227,6 +228,7 @@ def build(out: Path, d: DataConfig, collected: Collected, description: dict, fp:
         "source": description,
         "fingerprint": fp,
         "settings": {"seed": d.seed, "splits": fractions, "group_by": GROUP_BY, "max_tokens": d.max_tokens,
+                     "dedupe": d.dedupe,
                      "token_counter": label, "on_error": d.on_error,
                      "normalisation": "unicode NFC, CRLF -> LF, runs of spaces -> one, invisible characters removed"},
         "views": views,

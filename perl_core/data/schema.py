@@ -130,6 +130,8 @@ def collect(items: Iterator[Item], on_error: str) -> Collected:
                 continue
             except DataError as err:
                 item = Reject.from_error(err, view=item.view, raw=item.row)
+        elif item.view and item.index is not None:  # a row the reader could not parse still counts as read
+            out.read[item.view] = out.read.get(item.view, 0) + 1
         if on_error != "skip":
             raise item.as_error()
         out.rejects.append(item)

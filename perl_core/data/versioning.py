@@ -113,13 +113,17 @@ def default_remote_url() -> Path:
 
 def ensure_remote(repo_root: Path) -> str:
     """The remote to push to: the user's default if one is set, else the local `perl-local` folder."""
-    proc = _dvc(repo_root, "remote", "default", check=False)
-    name = proc.stdout.strip()
-    if proc.returncode == 0 and name:
+    from dvc.config import Config  # read in-process: cheaper than two `dvc remote` start-ups
+
+    conf = Config(dvc_dir=str(Path(repo_root) / ".dvc"))
+    name = conf["core"].get("remote")
+    if name:
         return name
     url = default_remote_url()
     url.mkdir(parents=True, exist_ok=True)
-    _dvc(repo_root, "remote", "add", "--local", "--force", LOCAL_REMOTE, str(url))
+    if conf["remote"].get(LOCAL_REMOTE, {}).get("url") != str(url):
+        with conf.edit("local") as local:
+            local["remote"][LOCAL_REMOTE] = {"url": str(url)}
     return LOCAL_REMOTE
 
 
