@@ -60,3 +60,106 @@ def test_policy_report_flags_reward_hacking_and_counts_ties():
     m3, _ = E.policy_report(prompts, ["a"] * 6, ["b"] * 6, anchor_r, policy_r, np.zeros(6),
                             (np.ones(6), np.ones(6)), ev)
     assert "gold_score_mean" not in m3 and "reward_hacking" not in m3
+
+
+# ---------------------------------------------------------------- the whole stage on tiny real artifacts
+from perl_core import data as data_api  # noqa: E402
+from perl_core.config import BackboneConfig, LoraConfig, build_config  # noqa: E402
+
+ORDERS = [f"Customer: a {s} {d}, please.\nAgent:" for s in ("small", "large") for d in ("latte", "mocha", "tea")]
+GOOD = " One {}, coming up. Anything else?"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A llama-micro anchor, a LoRA reward model on it and two LoRA policies: one whose adapter is
+    zero (the anchor itself) and one with a large random adapter."""
+    import torch
+
+    from perl_core.artifacts import write_manifest
+    from perl_core.efficiency_rl import prepare_artifacts
+    from perl_core.modeling import attach_lora, load_causal_lm, load_tokenizer, resolve_backbone
+
+    root = tmp_path_factory.mktemp("eval")
+    texts = [o + GOOD.format(o.split("a ")[1].split(",")[0]) for o in ORDERS] * 4
+    backbone = resolve_backbone(BackboneConfig(name="scratch:llama-micro", vocab_size=300), root, corpus=texts)
+    anchor, rm = prepare_artifacts(backbone, root, lora_rank=2)
+    policies = {}
+    for name, scale in (("same", 0.0), ("moved", 2.0)):
+        model = attach_lora(load_causal_lm(str(anchor)), LoraConfig(rank=2), "CAUSAL_LM")
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, scale) if scale else p.zero_()
+        out = root / f"policy-{name}"
+        model.save_pretrained(out)
+        load_tokenizer(str(anchor)).save_pretrained(out)
+        write_manifest(out, kind="policy", base_model=str(anchor), tuning="lora", config={}, anchor=str(anchor))
+        policies[name] = out
+    return {"anchor": anchor, "reward_model": rm, **policies}
+
+
+@pytest.fixture
+def rows(monkeypatch):
+    pairwise = [{"prompt": o, "chosen": GOOD.format(o.split("a ")[1].split(",")[0]), "rejected": " No."} for o in ORDERS]
+    pointwise = [{"prompt": r["prompt"], "response": r[k], "label": int(k == "chosen")}
+                 for r in pairwise for k in ("chosen", "rejected")]
+    store = {"pairwise": pairwise, "pointwise": pointwise}
+    monkeypatch.setattr(data_api, "load_rows", lambda cfg, view, split: store[view])
+    monkeypatch.setattr(data_api, "load_prompts", lambda cfg, split: ORDERS)
+    return store
+
+
+def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows):
+    from perl_core import metrics as M
+    from perl_core.reward import RewardScorer
+
+    cfg = build_config({})
+    m = E.evaluate_reward_model(cfg, artifacts["reward_model"], tmp_path)
+    scorer = RewardScorer.load(artifacts["reward_model"])
+    pw = rows["pairwise"]
+    chosen = scorer.score([r["prompt"] for r in pw], [r["chosen"] for r in pw])
+    rejected = scorer.score([r["prompt"] for r in pw], [r["rejected"] for r in pw])
+    assert m["pairwise_accuracy"] == pytest.approx(M.pairwise_accuracy(chosen, rejected))
+    pt = rows["pointwise"]
+    scores = scorer.score([r["prompt"] for r in pt], [r["response"] for r in pt])
+    assert m["roc_auc"] == pytest.approx(M.roc_auc(scores, [r["label"] for r in pt]))
+    assert m["n_pairs"] == len(pw) and m["n_pointwise"] == len(pt)
+    saved = json.loads((tmp_path / "reward_eval.json").read_text())
+    assert saved["metrics"]["pairwise_accuracy"] == pytest.approx(m["pairwise_accuracy"])
+    for png in ("reward_reliability_pairwise.png", "reward_scores_pairwise.png", "reward_reliability_pointwise.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "| roc_auc |" in (tmp_path / "reward_eval.md").read_text()
+
+
+def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artifacts, rows):
+    from perl_core.generation import PolicyGenerator
+    from perl_core.reward import RewardScorer
+
+    cfg = build_config({}, ["evaluation.bootstrap_samples=200", "evaluation.n_samples_table=6",
+                            "policy.generation.max_new_tokens=6"])
+    same = E.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "same")
+    # a zero adapter is the anchor: identical samples under the same seed, KL exactly 0, every prompt a tie
+    assert same["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert same["tie_rate"] == 1.0 and same["reward_gain"] == 0.0 and same["gold_gain"] == 0.0
+    assert same["reward_hacking"] == 0.0
+
+    moved = E.evaluate_policy(cfg, artifacts["moved"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "moved")
+    saved = json.loads((tmp_path / "moved" / "policy_eval.json").read_text())
+    samples = saved["samples"]
+    # the sample table holds exactly what PolicyGenerator.generate produces with the evaluation seed ...
+    policy_text = PolicyGenerator.load(artifacts["moved"]).generate(ORDERS, seed=0, max_new_tokens=6)
+    anchor_text = PolicyGenerator.load(artifacts["anchor"]).generate(ORDERS, seed=0, max_new_tokens=6)
+    assert [s["policy_response"] for s in samples] == policy_text
+    assert [s["anchor_response"] for s in samples] == anchor_text
+    assert policy_text != anchor_text
+    # ... scored by the reward model directly (non-empty responses take the scorer's own path)
+    scorer = RewardScorer.load(artifacts["reward_model"])
+    for s in samples:
+        if s["policy_response"]:
+            assert s["policy_reward"] == pytest.approx(float(scorer.score([s["prompt"]], [s["policy_response"]])[0]), abs=1e-5)
+    assert moved["kl_mean"] > 0  # a large random adapter moves the policy away from the anchor
+    assert moved["win_rate"] + moved["tie_rate"] + moved["loss_rate"] == pytest.approx(1.0)
+    md = (tmp_path / "moved" / "policy_eval.md").read_text()
+    assert "## Samples" in md and "KL(policy ‖ anchor)" in md and "Reward-hacking flag" in md
