@@ -7,7 +7,6 @@ Views: ``pairwise`` {prompt, chosen, rejected}, ``pointwise`` {prompt, response,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from perl_core.config import DataConfig
 from perl_core.data.prepare import dataset_dir, prepare_dataset

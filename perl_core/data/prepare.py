@@ -14,13 +14,13 @@ import re
 import shutil
 import unicodedata
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from perl_core.artifacts import StageResult
 from perl_core.config import DataConfig, PerlConfig
 from perl_core.data import card as cards
 from perl_core.data import versioning
-from perl_core.data.schema import SPLITS, VIEWS, Collected, Item, collect
+from perl_core.data.schema import SPLITS, VIEWS, Collected, collect
 from perl_core.errors import DataError, UserError
 
 # source name -> module in perl_core.data with `read(DataConfig) -> Iterator[Item]` and `describe(DataConfig) -> dict`
@@ -145,8 +145,11 @@ def prepare_dataset(cfg: PerlConfig, force: bool = False, on_step: Optional[Step
     repo = versioning.tracking_repo(d.data_dir)
     description = module.describe(d)
     fp = fingerprint(d, description)
+
+    def in_sync() -> bool:
+        return up_to_date(out, fp) and (repo is None or versioning.data_version(repo)["matches_working_copy"])
+
     if d.source == "synthetic" and not force:
-        in_sync = lambda: up_to_date(out, fp) and (repo is None or versioning.data_version(repo)["matches_working_copy"])  # noqa: E731
         if in_sync():
             step(f"{out} is up to date")
             return _result(out, cards.read_card(out), repo, skipped=True)
@@ -259,9 +262,3 @@ def _result(out: Path, card: dict, repo: Optional[Path], skipped: bool = False) 
         artifacts["data_dvc"] = repo / versioning.DVC_FILE
     return StageResult(out_dir=out, metrics=metrics, artifacts=artifacts)
 
-
-def read_jsonl_rows(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
