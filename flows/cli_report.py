@@ -20,11 +20,17 @@ def efficiency(
     overrides: Optional[List[str]] = SetOpt,
     ranks: Optional[List[int]] = typer.Option(None, "--rank", help="LoRA ranks to sweep (repeatable; default 1 2 4 8 16 32)"),
     trl: bool = typer.Option(True, "--trl/--no-trl", help="measure TRL side by side (needs the bench extra)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="benchmark backbone (default: the benchmarks' scratch:llama-small)"),
+    reward_steps: Optional[int] = typer.Option(None, "--reward-steps", help="reward-model steps per setting (rank sweep and TRL too)"),
+    reward_batch_size: Optional[int] = typer.Option(None, "--reward-batch-size", help="preference pairs per step"),
+    policy_steps: Optional[int] = typer.Option(None, "--policy-steps", help="RL steps per setting (TRL RLOO too)"),
 ) -> None:
     """Run the reward and policy benchmarks, the rank sweep and the TRL comparison; write one Markdown + JSON report."""
     from perl_core.efficiency_report import efficiency_report
 
     report = efficiency_report(out, quick=quick, preset=config, overrides=list(overrides or []), ranks=ranks,
-                               with_trl=trl, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+                               with_trl=trl, backbone=backbone, reward_steps=reward_steps,
+                               reward_batch_size=reward_batch_size, policy_steps=policy_steps,
+                               log=lambda msg: console.print(f"[dim]{msg}[/]"))
     console.print((out / "efficiency_report.md").read_text(), markup=False, highlight=False)
     console.print(f"report: {out / 'efficiency_report.md'} ({report['seconds'] / 60:.1f} min)")

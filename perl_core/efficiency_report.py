@@ -1,0 +1,378 @@
+"""The efficiency report: PERL (LoRA) against full tuning, a LoRA rank sweep, and TRL side by side.
+
+One call, :func:`efficiency_report`, runs in order
+1. the reward-model benchmark (`benchmarks/reward_efficiency.py`: LoRA vs full),
+2. the policy-RL benchmark (`benchmarks/policy_efficiency.py`: PERL one backbone vs full),
+3. a LoRA rank sweep of the reward model, r in {1, 2, 4, 8, 16, 32} (the paper's rank ablation),
+   each rank trained exactly like the reward benchmark's LoRA setting,
+4. TRL's `RewardTrainer` and `RLOOTrainer` with LoRA against ours on the same settings
+   (`perl_core.efficiency_trl`; skipped, and said so, when the `bench` extra is not installed),
+every setting in a fresh Python process, and writes ONE report into `out_dir`:
+`efficiency_report.json`, `efficiency_report.md`, and PNG plots (quality against rank, peak
+memory and step time bars). Ratios are to full tuning of the same stage; they are the claim,
+absolute seconds and megabytes describe only the machine that ran it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from typing import Callable, Optional, Sequence
+
+from perl_core import reporting as R
+from perl_core.efficiency import peak_memory_mb, ratio, run_isolated
+from perl_core.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+RANKS = (1, 2, 4, 8, 16, 32)
+QUICK_RANKS = (1, 4)
+
+
+def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra: Sequence[str] = ()) -> dict:
+    """Run `benchmarks/<script>` (it spawns a fresh process per setting itself) and read its JSON."""
+    path = BENCHMARKS / script
+    if not path.exists():
+        raise UserError(f"{path} not found: the efficiency report runs the benchmarks of a source checkout")
+    cmd = [sys.executable, str(path), "--config", str(config_file), "--out", str(out), *extra]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def _rloo_overrides(args: dict) -> list[str]:
+    """The policy benchmark's PERL setting as config overrides (its workload builds the same PolicyConfig)."""
+    return ["policy.tuning=lora", "policy.algorithm=rloo", f"policy.k={args['k']}", f"policy.lora.rank={args['lora_rank']}",
+            f"policy.generation.max_new_tokens={args['max_new_tokens']}", f"policy.train.batch_size={args['batch_size']}",
+            f"policy.train.max_steps={args['steps']}", "policy.train.warmup_ratio=0.0",
+            "policy.train.learning_rate=0.001", "policy.train.seed=0"]
+
+
+def _reward_overrides(args: dict, backbone: str, tuning: str, rank: int, lr: float) -> list[str]:
+    """The overrides the reward benchmark gives one setting (so the rank sweep trains the same way)."""
+    steps = args["steps"]
+    return [f"reward.backbone.name={backbone}", f"reward.backbone.vocab_size={args['vocab_size']}",
+            f"reward.tuning={tuning}", f"reward.train.learning_rate={lr}", f"reward.train.max_steps={steps}",
+            f"reward.train.batch_size={args['batch_size']}", f"reward.train.eval_every={steps}",
+            f"reward.train.checkpoint_every={steps}", f"reward.max_length={args['max_length']}",
+            f"reward.lora.rank={rank}", f"reward.lora.alpha={2 * rank}", "reward.objective=pairwise",
+            "reward.truncation=left"]
+
+
+# ---------------------------------------------------------------- rows of the report
+def _row(stage: str, setting: str, r: dict, quality_metric: str, quality: Optional[float], step_key: str,
+         full: Optional[dict] = None, full_quality: Optional[float] = None, peak_key: Optional[str] = None) -> dict:
+    peak = float(r[peak_key]) if peak_key else peak_memory_mb(r)
+    row = {"stage": stage, "setting": setting, "trainable_params": int(r["trainable_params"]),
+           "peak_memory_mb": peak, "peak_rss_mb": float(r["memory"]["peak_rss_mb"]),
+           "step_seconds": float(r[step_key]), "quality_metric": quality_metric, "quality": quality}
+    if full is not None:
+        full_peak = float(full[peak_key]) if peak_key else peak_memory_mb(full)
+        row.update(params_ratio=ratio(row["trainable_params"], int(full["trainable_params"])),
+                   memory_ratio=ratio(peak, full_peak), step_time_ratio=ratio(row["step_seconds"], float(full[step_key])),
+                   quality_delta=(quality - full_quality) if quality is not None and full_quality is not None else None)
+    return row
+
+
+def reward_rows(bench: dict) -> list[dict]:
+    full, lora = bench["settings"]["full"], bench["settings"]["lora"]
+    metric = full["validation_metric"]
+    rank = bench["args"]["lora_rank"]
+    return [_row("reward", "full", full, metric, full["validation_value"], "median_step_seconds", full,
+                 full["validation_value"]),
+            _row("reward", f"LoRA r={rank}", lora, metric, lora["validation_value"], "median_step_seconds", full,
+                 full["validation_value"])]
+
+
+def policy_rows(bench: dict) -> list[dict]:
+    settings = bench["settings"]
+    full = settings["full"]
+    rows = []
+    for name, r in settings.items():
+        metric, value = _policy_quality(r)
+        _, full_value = _policy_quality(full)
+        label = "full" if name == "full" else f"PERL LoRA r={bench['args']['lora_rank']}"
+        rows.append(_row("policy", f"{label} ({r.get('layout', name)})", r, metric, value,
+                         "median_step_seconds", full, full_value))
+    return rows
+
+
+def _policy_quality(r: dict) -> tuple[str, Optional[float]]:
+    for key in ("validation_gold_score", "final_gold_score", "gold_score", "validation_rm_reward", "final_reward", "reward"):
+        if r.get(key) is not None:
+            return key, float(r[key])
+    return "—", None
+
+
+# ---------------------------------------------------------------- the parts
+def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks: Sequence[int],
+               log: Callable[[str], None]) -> list[dict]:
+    """Train the reward benchmark's LoRA setting at every rank, each in a fresh process."""
+    args = reward_bench["args"]
+    backbone = reward_bench["settings"]["lora"]["backbone"]
+    full = reward_bench["settings"]["full"]
+    rows = []
+    for rank in ranks:
+        log(f"rank sweep: r={rank}")
+        r = run_isolated("perl_core.efficiency:reward_workload", {
+            "preset": preset, "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])})
+        row = _row("reward", f"LoRA r={rank}", r, r["validation_metric"], r["validation_value"], "median_step_seconds",
+                   full, full["validation_value"])
+        row["rank"] = rank
+        rows.append(row)
+    return rows
+
+
+def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str, overrides: Sequence[str],
+                   log: Callable[[str], None]) -> dict:
+    """Ours and TRL's, measured back to back in fresh processes on identical settings."""
+    from perl_core.efficiency_trl import trl_available
+
+    if not trl_available():
+        return {"skipped": "trl is not installed (pip install -e '.[bench]')"}
+    import trl
+
+    args = reward_bench["args"]
+    backbone = reward_bench["settings"]["lora"]["backbone"]
+    reward_ov = list(overrides) + _reward_overrides(args, backbone, "lora", args["lora_rank"], args["lr_lora"])
+    out: dict = {"trl_version": trl.__version__, "reward": {"overrides": reward_ov}}
+    for side in ("perl", "trl"):
+        log(f"TRL comparison: reward model, {side}")
+        target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_reward_workload"
+        out["reward"][side] = run_isolated(target, {"preset": preset, "overrides": reward_ov})
+    work = Path(policy_bench["args"].get("work_dir") or "") if policy_bench else None
+    if work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists():
+        out["rloo"] = {"overrides": list(overrides) + _rloo_overrides(policy_bench["args"]),
+                       "anchor_dir": str(work / "anchor"), "reward_model_dir": str(work / "reward_model")}
+        for side in ("perl", "trl"):
+            log(f"TRL comparison: RLOO, {side}")
+            target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
+            out["rloo"][side] = run_isolated(target, {
+                "preset": preset, "overrides": out["rloo"]["overrides"],
+                "anchor_dir": out["rloo"]["anchor_dir"], "reward_model_dir": out["rloo"]["reward_model_dir"]})
+    else:
+        out["rloo"] = {"skipped": "the policy benchmark did not provide an anchor and reward model to share"}
+    return out
+
+
+def trl_rows(trl_result: dict) -> list[dict]:
+    rows = []
+    for stage, step_key, quality_key in (("reward", "median_step_seconds", "validation_value"),
+                                         ("rloo", "median_step_seconds", "validation_rm_reward")):
+        part = trl_result.get(stage) or {}
+        if "perl" not in part or "trl" not in part:
+            continue
+        ours, theirs = part["perl"], part["trl"]
+        rate = "examples_per_second" if stage == "reward" else "samples_per_second"
+        rows.append({
+            "stage": stage, "throughput_unit": rate.replace("_", " "),
+            "perl_throughput": ours[rate], "trl_throughput": theirs[rate],
+            "speedup": ratio(ours[rate], theirs[rate]),
+            "perl_step_seconds": ours[step_key], "trl_step_seconds": theirs[step_key],
+            "perl_peak_mb": ours["workload_peak_mb"], "trl_peak_mb": theirs["workload_peak_mb"],
+            "memory_ratio": ratio(ours["workload_peak_mb"], theirs["workload_peak_mb"]),
+            "quality_metric": ours.get("validation_metric", "validation_rm_reward"),
+            "perl_quality": ours[quality_key], "trl_quality": theirs[quality_key],
+            "perl_gold": ours.get("validation_gold_score"), "trl_gold": theirs.get("validation_gold_score"),
+            "perl_trainable_params": ours["trainable_params"], "trl_trainable_params": theirs["trainable_params"],
+            "meets_goal": bool(ratio(ours[rate], theirs[rate]) >= 1.25
+                               and ours["workload_peak_mb"] <= theirs["workload_peak_mb"]),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- the report
+def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "default",
+                      overrides: Sequence[str] = (), ranks: Optional[Sequence[int]] = None,
+                      with_trl: bool = True, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
+                      reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None,
+                      log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Run every benchmark (see the module docstring) and write the report into `out_dir`.
+
+    `quick` (CI): tiny backbone, a few steps, two ranks; the report has the same shape.
+    `backbone`, `reward_steps`, `reward_batch_size`, `policy_steps` are passed to the benchmarks
+    (their own defaults otherwise); the rank sweep and the TRL comparison follow the same settings.
+    """
+    from perl_core.config import load_config
+    from perl_core.data import prepare_dataset
+
+    config_arg, overrides_arg, ranks_arg = preset, list(overrides), ranks
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = tuple(ranks or (QUICK_RANKS if quick else RANKS))
+    started = time.perf_counter()
+    cfg = load_config(preset, list(overrides))
+    log("preparing the dataset (skipped when up to date)")
+    data = prepare_dataset(cfg)
+    # every benchmark reads this one resolved config, so all settings see the same data and paths
+    config_file = out / "config.yaml"
+    tree = cfg.model_dump(mode="json")
+    tree["artifacts_dir"] = str(Path(cfg.artifacts_dir).resolve())  # the benchmarks run from the repo root
+    tree["data"]["data_dir"] = str(Path(cfg.data.data_dir).resolve())
+    config_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    preset, overrides = str(config_file), []
+
+    log("reward benchmark: LoRA vs full")
+    shared = ["--backbone", backbone] if backbone else []
+    reward_extra = shared + (["--steps", str(reward_steps)] if reward_steps else []) \
+        + (["--batch-size", str(reward_batch_size)] if reward_batch_size else [])
+    policy_extra = shared + (["--steps", str(policy_steps)] if policy_steps else [])
+    load = {"start": os.getloadavg()}
+    reward_bench = _run_benchmark("reward_efficiency.py", out / "reward_efficiency.json", quick, config_file,
+                                  extra=reward_extra)
+    log("policy benchmark: PERL vs full")
+    policy_bench = _run_benchmark("policy_efficiency.py", out / "policy_efficiency.json", quick, config_file,
+                                  extra=policy_extra + ["--work-dir", str(out / "policy_work")])
+    sweep = rank_sweep(reward_bench, preset, overrides, ranks, log)
+    trl_result = trl_comparison(reward_bench, policy_bench, preset, overrides, log) if with_trl \
+        else {"skipped": "--no-trl"}
+
+    report = {
+        "command": " ".join(part for part in ["perl-rlhf report efficiency", "--quick" if quick else "", f"--out {out_dir}",
+                             f"--config {config_arg}" if config_arg != "default" else "",
+                             *(f"--set {o}" for o in overrides_arg), *(f"--rank {r}" for r in (ranks_arg or [])),
+                             "" if with_trl else "--no-trl", f"--backbone {backbone}" if backbone else "",
+                             f"--reward-steps {reward_steps}" if reward_steps else "",
+                             f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
+                             f"--policy-steps {policy_steps}" if policy_steps else ""] if part),
+        "quick": quick, "config": cfg.model_dump(mode="json"),
+        "data": {"source": cfg.data.source, "metrics": data.metrics},
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
+                    "load_average_1_5_15min": {**load, "end": os.getloadavg()}},
+        "rows": reward_rows(reward_bench) + policy_rows(policy_bench),
+        "rank_sweep": sweep,
+        "trl": trl_rows(trl_result),
+        "trl_raw": trl_result,
+        "benchmarks": {"reward": reward_bench, "policy": policy_bench},
+        "seconds": time.perf_counter() - started,
+    }
+    report["plots"] = {k: p.name for k, p in _plots(report, out).items()}
+    R.write_json(out / "efficiency_report.json", report)
+    (out / "efficiency_report.md").write_text(report_markdown(report))
+    return report
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _plots(report: dict, out: Path) -> dict[str, Path]:
+    plots = {}
+    sweep = report["rank_sweep"]
+    full = next((r for r in report["rows"] if r["stage"] == "reward" and r["setting"] == "full"), None)
+    if sweep:
+        metric = sweep[0]["quality_metric"]
+        plots["quality_vs_rank"] = R.line_plot(
+            {"LoRA reward model": ([r["rank"] for r in sweep], [r["quality"] for r in sweep])},
+            out / "quality_vs_rank.png", "Reward-model quality against LoRA rank", "LoRA rank r",
+            f"validation {metric}", logx=True, hline={"full tuning": full["quality"]} if full else None)
+    rows = report["rows"] + report["rank_sweep"]
+    label = lambda r: f"{r['stage']}: {r['setting']}"  # noqa: E731
+    plots["memory"] = R.bar_plot({label(r): r["peak_memory_mb"] for r in rows}, out / "memory_bars.png",
+                                 "Peak memory above the import baseline", "MB")
+    plots["step_time"] = R.bar_plot({label(r): r["step_seconds"] for r in rows}, out / "step_time_bars.png",
+                                    "Median step time", "seconds")
+    if report["trl"]:
+        plots["trl"] = R.bar_plot(
+            {f"{t['stage']}: {side}": t[f"{side}_throughput"] for t in report["trl"] for side in ("perl", "trl")},
+            out / "trl_throughput_bars.png", "Throughput, PERL vs TRL (higher is better)", "examples or samples / s")
+    return plots
+
+
+def _ratio_cell(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["# Efficiency report: PERL (LoRA) against full tuning, and against TRL", "",
+             f"Produced by `{report['command']}` in {report['seconds'] / 60:.1f} min on "
+             f"{report['machine']['platform']} ({report['machine']['cpu_count']} CPUs, "
+             f"{report['machine']['torch_threads']} torch threads; 1-min load average "
+             f"{report['machine']['load_average_1_5_15min']['start'][0]:.1f} at the start, "
+             f"{report['machine']['load_average_1_5_15min']['end'][0]:.1f} at the end). Ratios are the claim; absolute seconds and MB "
+             "describe this machine only. Each setting ran in a fresh Python process; peak memory is the peak "
+             "resident set size above the process's baseline after imports (on a GPU: peak CUDA allocation).", ""]
+    if report["quick"]:
+        lines += ["**Quick mode: a tiny backbone and a few steps. The numbers check the pipeline, not the claim.**", ""]
+    headers = ["stage", "setting", "trainable params", "× full", "peak MB", "× full", "step s", "× full",
+               "quality", "Δ vs full"]
+    table = []
+    for r in report["rows"] + report["rank_sweep"]:
+        table.append([r["stage"], r["setting"], r["trainable_params"], _ratio_cell(r.get("params_ratio")),
+                      f"{r['peak_memory_mb']:.0f}", _ratio_cell(r.get("memory_ratio")), f"{r['step_seconds']:.3f}",
+                      _ratio_cell(r.get("step_time_ratio")),
+                      f"{r['quality_metric']} = {R.fmt(r['quality'])}" if r["quality"] is not None else "not measured",
+                      "—" if r.get("quality_delta") is None else f"{r['quality_delta']:+.3f}"])
+    lines += ["## PERL against full tuning", "", R.markdown_table(headers, table), "",
+              "Reward rows: validation pairwise accuracy after the same number of steps. Policy rows measure cost "
+              "only: the policy benchmark runs RLOO against a stand-in anchor and reward model (the production "
+              "layout, untrained weights), so policy quality is compared in the TRL section and in "
+              "`perl-rlhf eval policy`, not here.", ""]
+    for name, bench in report["benchmarks"].items():
+        if bench.get("summary"):
+            s = bench["summary"]
+            targets = s.get("targets", {})
+            parts = [f"{k} = {R.fmt(v)}" + (f" (target {targets[k]})" if k in targets else "")
+                     for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            lines += [f"- {name} benchmark: " + "; ".join(parts)]
+    lines += ["", "![quality vs rank](quality_vs_rank.png) ![memory](memory_bars.png) ![step time](step_time_bars.png)", ""]
+
+    lines += ["## Side by side with Hugging Face TRL", ""]
+    raw = report["trl_raw"]
+    if raw.get("skipped"):
+        lines += [f"Not measured: {raw['skipped']}.", ""]
+    else:
+        lines += [f"TRL {raw['trl_version']}, measured in the same run, each side in a fresh process, same backbone, "
+                  "data, batch, sequence lengths, LoRA settings, learning rate, schedule and step count. Goal: at "
+                  "least 1.25× TRL's throughput at equal quality and no more memory.", ""]
+        headers = ["stage", "throughput PERL", "throughput TRL", "PERL / TRL", "peak MB PERL", "peak MB TRL",
+                   "PERL / TRL", "quality PERL", "quality TRL", "goal met"]
+        table = [[t["stage"], f"{t['perl_throughput']:.2f}", f"{t['trl_throughput']:.2f}", _ratio_cell(t["speedup"]),
+                  f"{t['perl_peak_mb']:.0f}", f"{t['trl_peak_mb']:.0f}", _ratio_cell(t["memory_ratio"]),
+                  f"{t['quality_metric']} = {R.fmt(t['perl_quality'])}" + (
+                      f", gold = {R.fmt(t['perl_gold'])}" if t.get("perl_gold") is not None else ""),
+                  R.fmt(t["trl_quality"]) + (f", gold = {R.fmt(t['trl_gold'])}" if t.get("trl_gold") is not None else ""),
+                  "yes" if t["meets_goal"] else "no"] for t in report["trl"]]
+        lines += [R.markdown_table(headers, table), "",
+                  "Throughput: reward = preference pairs per second; rloo = sampled responses per second "
+                  "(prompts × k per RL step, generate + score + update). Peak MB: above a baseline taken after "
+                  "importing torch, transformers, peft, trl, datasets and accelerate on both sides.", ""]
+        if raw.get("rloo", {}).get("skipped"):
+            lines += [f"RLOO not measured: {raw['rloo']['skipped']}.", ""]
+        lines += TRL_CONFIGURATION
+    return "\n".join(lines) + "\n"
+
+
+TRL_CONFIGURATION = [
+    "How each side was configured:",
+    "",
+    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, chosen and rejected in one "
+    "forward pass, length-bucketed batches, LoRA on q/k/v/o with the score head trained). TRL: `trl.RewardTrainer` "
+    "with `peft.LoraConfig(task_type='SEQ_CLS', modules_to_save=['score'])`, same rank/alpha/dropout/targets, "
+    "`gradient_checkpointing=False`, `bf16=False`, `disable_dropout=True` (TRL's defaults are True/True/True), "
+    "AdamW, same learning rate, warm-up and linear decay, max_grad_norm. TRL joins prompt + response + eos as one "
+    "string without bos; ours joins token ids with bos. Quality: pairwise accuracy on the same validation pairs, "
+    "scored by the same function after training.",
+    "- **RLOO.** PERL: `perl_core.rl.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
+    "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights). TRL 1.16: "
+    "`trl.RLOOTrainer(model=<anchor>, reward_funcs=<callable>, peft_config=LoraConfig(task_type='CAUSAL_LM'))`; this "
+    "version takes reward *functions*, so the callable scores with our trained reward model (`RewardScorer`, "
+    "adapters merged, a second copy of the weights); `num_generations=k`, `per_device_train_batch_size=prompts×k`, "
+    "`max_completion_length`, temperature, top_p, `top_k=0`, `beta=kl_coef`, `num_iterations=1`. Quality: mean RM "
+    "reward (and gold-oracle score) of samples on the same validation prompts with the same seed.",
+    "",
+]

@@ -1,0 +1,46 @@
+"""`perl-rlhf report efficiency --quick`: the report's SHAPE (files, keys, rows), never its numbers."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from perl_core.efficiency_trl import trl_available
+
+
+@pytest.mark.slow
+def test_quick_efficiency_report_is_well_formed(tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, [
+        "report", "efficiency", "--quick", "--out", str(out),
+        "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}",
+        "--set", "data.synthetic.n_prompts=120"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for name in ("efficiency_report.json", "efficiency_report.md", "quality_vs_rank.png", "memory_bars.png",
+                 "step_time_bars.png", "reward_efficiency.json", "policy_efficiency.json"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "efficiency_report.json").read_text())
+    assert report["quick"] is True
+    settings = [(r["stage"], r["setting"].split(" (")[0]) for r in report["rows"]]
+    assert settings == [("reward", "full"), ("reward", "LoRA r=8"), ("policy", "full"), ("policy", "PERL LoRA r=8")]
+    assert [r["rank"] for r in report["rank_sweep"]] == [1, 4]
+    for row in report["rows"] + report["rank_sweep"]:
+        for key in ("trainable_params", "peak_memory_mb", "step_seconds", "params_ratio", "memory_ratio",
+                    "step_time_ratio"):
+            assert isinstance(row[key], (int, float)), (row["setting"], key)
+    # full tuning is its own reference; LoRA trains a sliver of the parameters at every rank
+    assert report["rows"][0]["params_ratio"] == 1.0
+    assert all(r["params_ratio"] < 0.2 for r in report["rank_sweep"])
+    # rank 4 has exactly 4x the adapter parameters of rank 1 (plus the same head)
+    r1, r4 = report["rank_sweep"]
+    head = r1["trainable_params"] - (r4["trainable_params"] - r1["trainable_params"]) / 3
+    assert r4["trainable_params"] - head == pytest.approx(4 * (r1["trainable_params"] - head))
+    md = (out / "efficiency_report.md").read_text()
+    assert "Quick mode" in md and "| reward | LoRA r=4 |" in md
+    if trl_available():
+        assert [t["stage"] for t in report["trl"]] == ["reward", "rloo"]
+        for t in report["trl"]:
+            assert t["perl_throughput"] > 0 and t["trl_throughput"] > 0 and isinstance(t["meets_goal"], bool)
+        assert "Side by side with Hugging Face TRL" in md and "RLOOTrainer" in md
+    else:
+        assert "Not measured: trl is not installed" in md
