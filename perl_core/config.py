@@ -141,6 +141,9 @@ class RewardConfig(Section):
         "error", description="too-long examples: error, or drop the oldest prompt tokens (never the response)"
     )
     class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
+    eval_examples: Optional[int] = Field(
+        None, ge=2, description="validation examples scored at each eval (early stopping); none = the whole split"
+    )
 
 
 class GenerationConfig(Section):

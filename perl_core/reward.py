@@ -84,11 +84,14 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, encod
     if encoder:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
-        specials = len(tokenizer.build_inputs_with_special_tokens([], []))
-        overflow = len(p) + len(r) + specials - max_length
+        cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if cls is None or sep is None:
+            raise ValueError("the encoder's tokenizer has no [CLS]/[SEP] (or bos/eos) token to frame the pair")
+        overflow = len(p) + len(r) + 3 - max_length
         if overflow > 0 and truncation == "left" and overflow <= len(p):
             p = p[overflow:]
-        ids = tokenizer.build_inputs_with_special_tokens(p, r)
+        ids = [cls] + p + [sep] + r + [sep]
     else:
         try:
             ids, _ = encode_pair(tokenizer, prompt, response, max_length)
@@ -257,6 +260,8 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     encoder = head == "classifier"
     train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
     val = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    if rcfg.eval_examples is not None and len(val) > rcfg.eval_examples:
+        val = [val[i] for i in sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))]
     pad_id = tokenizer.pad_token_id
     bs = rcfg.train.batch_size
 
