@@ -1,0 +1,167 @@
+"""Prefect tasks: each wraps one perl_core function and knows nothing else.
+
+Caching: a task's cache key is the stage key the flow computes (data version + the stage's
+config sections + the code version + the keys of the stages it reads), results are persisted
+as JSON (never pickled) under PREFECT_HOME, and a stage whose output folder has gone is
+recomputed (the flow passes `refresh_cache`). Every output folder is named by its key, so a
+cached result always points at the folder it describes.
+
+Retries: only transient failures (network, I/O timeouts) retry, with exponential backoff; a
+`UserError`/`ConfigError`/`ValidationError` (bad input) fails at once.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.config import PerlConfig
+
+# The library functions behind the tasks; tests swap entries for tiny fakes.
+IMPLEMENTATIONS: dict[str, str | Callable] = {
+    "prepare_data": "perl_core.data:prepare_dataset",
+    "data_version": "perl_core.data.versioning:data_version",
+    "train_anchor": "perl_core.sft:train_anchor",
+    "train_reward_model": "perl_core.reward:train_reward_model",
+    "train_policy": "perl_core.rl:train_policy",
+    "evaluate_reward_model": "perl_core.evaluation:evaluate_reward_model",
+    "evaluate_policy": "perl_core.evaluation:evaluate_policy",
+}
+
+
+def library(name: str) -> Callable:
+    impl = IMPLEMENTATIONS[name]
+    if callable(impl):
+        return impl
+    module, attr = impl.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---------------------------------------------------------------- retries and caching
+def _transient_types() -> tuple[type, ...]:
+    import requests
+
+    return (ConnectionError, TimeoutError, httpx.TransportError,
+            requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+
+def transient_only(task, task_run, state) -> bool:
+    """`retry_condition_fn`: retry network/timeouts; bad input, bugs and NaNs fail at once."""
+    try:
+        state.result()
+    except _transient_types():
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    return f"perl-{context.task.name}-{parameters['key']}"
+
+
+RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+               retry_condition_fn=transient_only)
+CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json", **RETRIES)
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _as_dict(result, key: str, run_id: str, **extra: Any) -> dict:
+    return {"key": key, "out_dir": str(result.out_dir), "metrics": _numbers(result.metrics),
+            "artifacts": {k: str(v) for k, v in (result.artifacts or {}).items()}, "produced_by_run": run_id, **extra}
+
+
+def with_progress(callback: MetricsCallback, stage: str, total_steps: int) -> MetricsCallback:
+    """Feed the perl_core callback to MLflow (`callback`) and to a Prefect progress artifact."""
+    artifact_id = create_progress_artifact(progress=0.0, key=f"{stage.replace('_', '-')}-progress",
+                                           description=f"{stage}: optimizer steps done (%)")
+    shown = [0.0]
+
+    def _cb(metrics: dict[str, float], step: int) -> None:
+        callback(metrics, step)
+        pct = min(100.0, 100.0 * step / max(1, total_steps))
+        if artifact_id is not None and (pct - shown[0] >= 5.0 or (pct >= 100.0 > shown[0])):
+            update_progress_artifact(artifact_id, pct)
+            shown[0] = pct
+
+    return _cb
+
+
+# ---------------------------------------------------------------- the stages
+@task(name="prepare_data", **CACHED)
+def prepare_data(cfg: PerlConfig, key: str, run_id: str = "") -> dict:
+    result = library("prepare_data")(cfg)
+    version = library("data_version")(".")
+    return _as_dict(result, key, run_id, data_version=version)
+
+
+@task(name="train_anchor", **CACHED)
+def train_anchor(cfg: PerlConfig, key: str, out_dir: str, run_id: str = "",
+                 callback: MetricsCallback = null_callback) -> dict:
+    cb = with_progress(callback, "anchor", cfg.sft.train.max_steps)
+    result = library("train_anchor")(cfg, out_dir, callback=cb, resume=True)
+    return _as_dict(result, key, run_id)
+
+
+@task(name="train_reward_model", **CACHED)
+def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str | None = None, run_id: str = "",
+                       callback: MetricsCallback = null_callback) -> dict:
+    cb = with_progress(callback, "reward_model", cfg.reward.train.max_steps)
+    result = library("train_reward_model")(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
+    return _as_dict(result, key, run_id)
+
+
+@task(name="train_policy", **CACHED)
+def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, reward_model_dir: str, run_id: str = "",
+                 callback: MetricsCallback = null_callback) -> dict:
+    cb = with_progress(callback, "policy", cfg.policy.train.max_steps)
+    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True)
+    return _as_dict(result, key, run_id)
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(cfg: PerlConfig, key: str, out_dir: str, policy_dir: str, anchor_dir: str, reward_model_dir: str,
+             run_id: str = "") -> dict:
+    """Reward-model metrics (`reward.*`) and policy vs anchor (`policy.*`); reports and plots in `out_dir`."""
+    out = Path(out_dir)
+    reward = library("evaluate_reward_model")(cfg, reward_model_dir, out / "reward_model")
+    policy = library("evaluate_policy")(cfg, policy_dir, anchor_dir, reward_model_dir, out / "policy")
+    metrics = {**{f"reward.{k}": v for k, v in _numbers(reward).items()},
+               **{f"policy.{k}": v for k, v in _numbers(policy).items()}}
+    reports = {p.relative_to(out).as_posix(): str(p) for p in sorted(out.rglob("*")) if p.suffix in (".md", ".json", ".png")}
+    (out / "DONE").write_text(key)
+    return {"key": key, "out_dir": str(out), "metrics": metrics, "artifacts": reports, "produced_by_run": run_id}
+
+
+@task(name="register", **RETRIES)
+def register(cfg: PerlConfig, reward_model: dict, policy: dict, evaluation: dict, data_version: dict) -> dict:
+    """Register both models (alias `candidate`) and run the promotion gate. Idempotent on the stage keys."""
+    from flows import registry
+
+    tr = cfg.tracking
+    common = {"perl.data_version": str(data_version.get("md5")), "perl.data_git_rev": str(data_version.get("git_rev"))}
+    rm_version, rm_new = registry.register_model("reward_model", tr.reward_model_name, reward_model["out_dir"],
+                                                 reward_model["key"], evaluation["metrics"], common)
+    policy_tags = {**common, "perl.reward_model_version": rm_version, "perl.evaluation_key": evaluation["key"]}
+    policy_version, policy_new = registry.register_model("policy", tr.policy_name, policy["out_dir"], policy["key"],
+                                                         evaluation["metrics"], policy_tags)
+    decision = registry.promotion_gate(tr.policy_name, policy_version, tr.promotion_metric, tr.promotion_mode)
+    if not policy_new and not decision.promoted:
+        decision.reason = f"v{policy_version} was registered by an earlier run with these inputs; {decision.reason}"
+    if decision.promoted:
+        registry.promote_pair(tr.policy_name, tr.reward_model_name, policy_version, decision.reason)
+    return {"reward_model_version": rm_version, "policy_version": policy_version, "new": policy_new or rm_new,
+            "promoted": decision.promoted, "reason": decision.reason, "metric": tr.promotion_metric,
+            "candidate_value": decision.candidate_value, "champion_value": decision.champion_value,
+            "previous_champion": decision.champion}

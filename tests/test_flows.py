@@ -1,0 +1,250 @@
+"""The pipeline shell under Prefect's test harness, with tiny fake stages (the real ones are in
+test_flows_server.py): caching and what a config change re-runs, the promotion gate both ways,
+rollback, retries on transient errors only, and the unreachable-server error."""
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect")
+import mlflow  # noqa: E402
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows import pipeline, registry, tasks  # noqa: E402
+from flows.pipeline import perl_pipeline  # noqa: E402
+from perl_core.artifacts import StageResult, write_manifest  # noqa: E402
+from perl_core.config import load_config  # noqa: E402
+from perl_core.errors import UserError  # noqa: E402
+
+CALLS: list[str] = []
+
+
+# ---------------------------------------------------------------- fake stages (same contracts as perl_core)
+def fake_prepare(cfg):
+    CALLS.append("data")
+    d = Path(cfg.data.data_dir) / (cfg.data.name or cfg.data.source)
+    d.mkdir(parents=True, exist_ok=True)
+    card = json.dumps({"n_prompts": cfg.data.synthetic.n_prompts, "seed": cfg.data.synthetic.seed})
+    (d / "card.json").write_text(card)
+    (d / "card.md").write_text(f"# data card\n\n{card}\n")
+    Path("data.dvc").write_text(hashlib.md5(card.encode()).hexdigest())
+    return StageResult(d, {"rows": 12.0})
+
+
+def fake_data_version(repo_root="."):
+    md5 = Path(repo_root, "data.dvc").read_text()
+    return {"md5": md5, "git_rev": "fakegit", "matches_working_copy": True}
+
+
+def _steps(callback, n=3):
+    for step in range(1, n + 1):
+        callback({"train/loss": 1.0 / step}, step)
+
+
+def fake_anchor(cfg, out_dir, callback, resume):
+    CALLS.append("anchor")
+    _steps(callback)
+    write_manifest(out_dir, kind="anchor", base_model="scratch:llama-micro", tuning="full", config={})
+    return StageResult(Path(out_dir), {"trainable_params": 100, "total_params": 100, "steps": 3, "seconds": 0.1})
+
+
+def fake_reward(cfg, out_dir, callback, resume, base_model=None):
+    CALLS.append("reward_model")
+    _steps(callback)
+    write_manifest(out_dir, kind="reward_model", base_model=str(base_model), tuning="lora", config={})
+    return StageResult(Path(out_dir), {"trainable_params": 10, "total_params": 110, "train_seconds": 0.1})
+
+
+def fake_policy(cfg, out_dir, anchor_dir, reward_model_dir, callback, resume):
+    CALLS.append("policy")
+    _steps(callback, 4)
+    write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning="lora", config={},
+                   anchor=str(anchor_dir), reward_model=str(reward_model_dir))
+    return StageResult(Path(out_dir), {"trainable_params": 8, "total_params": 108, "seconds": 0.1})
+
+
+def fake_eval_reward(cfg, reward_model_dir, out_dir):
+    CALLS.append("evaluate_reward_model")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "reward_eval.md").write_text("# RM\n")
+    return {"pairwise_accuracy": 0.75}
+
+
+def fake_eval_policy(cfg, policy_dir, anchor_dir, reward_model_dir, out_dir):
+    CALLS.append("evaluate_policy")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "policy_eval.md").write_text("# policy\n")
+    # a smaller KL coefficient "trains" a better policy: lets a test make a worse candidate on purpose
+    return {"gold_score_mean": 1.0 - cfg.policy.kl_coef, "anchor_gold_score_mean": 0.4}
+
+
+FAKES = {"prepare_data": fake_prepare, "data_version": fake_data_version, "train_anchor": fake_anchor,
+         "train_reward_model": fake_reward, "train_policy": fake_policy,
+         "evaluate_reward_model": fake_eval_reward, "evaluate_policy": fake_eval_policy}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    import os
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness():
+        yield tmp_path_factory.mktemp("mlflow")  # one MLflow store per module: its migrations take ~10 s
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, harness):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    for name, fn in FAKES.items():
+        monkeypatch.setitem(tasks.IMPLEMENTATIONS, name, fn)
+    # other areas edit perl_core while these tests run; pin the code version so keys only follow inputs
+    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v1")
+    CALLS.clear()
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        yield tmp_path
+
+
+def tiny(tmp, *overrides, mlstore=None):
+    """The tiny preset in `tmp`, with its own experiment and registered-model names."""
+    store = mlstore or tmp
+    return load_config("tiny", [f"artifacts_dir={tmp / 'artifacts'}", f"tracking.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+                                f"tracking.artifact_location={store / 'mlartifacts'}", f"tracking.experiment={tmp.name}",
+                                f"tracking.policy_name=policy-{tmp.name}", f"tracking.reward_model_name=rm-{tmp.name}",
+                                *overrides])
+
+
+def trained(calls):
+    return [c for c in calls if c in ("data", "anchor", "reward_model", "policy", "evaluate_policy")]
+
+
+def aliases(name):
+    return {v["version"]: v["aliases"] for v in registry.list_versions(name)}
+
+
+def check_mlflow_contents(summary, cfg):
+    """Parent + nested runs, params, per-step metrics, the dataset input with its DVC md5, the registry."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["run_id"])
+    assert parent.data.params["policy.kl_coef"] == str(cfg.policy.kl_coef)
+    assert parent.data.tags["perl.data_version"] == summary["data_version"]["md5"]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["perl.stage"]: r for r in children}
+    assert sorted(by_stage) == sorted(["data", "anchor", "reward_model", "policy", "evaluate", "register"])
+    history = client.get_metric_history(by_stage["policy"].info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    (ds,) = client.get_run(by_stage["data"].info.run_id).inputs.dataset_inputs
+    assert ds.dataset.digest == summary["data_version"]["md5"]
+    assert {t.key: t.value for t in ds.tags}["dvc_md5"] == summary["data_version"]["md5"]
+    assert by_stage["evaluate"].data.metrics["policy.gold_score_mean"] == pytest.approx(1 - cfg.policy.kl_coef)
+    policy_files = {a.path for a in client.list_artifacts(by_stage["policy"].info.run_id, "policy")}
+    assert "policy/manifest.json" in policy_files
+
+
+def test_cache_promotion_gate_and_rollback(workdir, harness):
+    cfg = tiny(workdir, "policy.kl_coef=0.1", mlstore=harness)  # fake gold score 0.9
+    policy_name, rm_name = cfg.tracking.policy_name, cfg.tracking.reward_model_name
+    first = perl_pipeline(cfg)
+    assert trained(CALLS) == ["data", "anchor", "reward_model", "policy", "evaluate_policy"]
+    assert not any(s["cached"] for s in first["stages"].values())
+    assert first["registry"]["promoted"] and "no champion yet" in first["registry"]["reason"]
+    check_mlflow_contents(first, cfg)
+    assert aliases(policy_name) == {"1": ["candidate", "champion"]} and aliases(rm_name) == {"1": ["candidate", "champion"]}
+
+    # nothing changed: every stage restored from Prefect's cache, nothing re-registered
+    CALLS.clear()
+    second = perl_pipeline(cfg)
+    assert trained(CALLS) == []
+    assert second["stages"] == {k: {**v, "cached": True} for k, v in first["stages"].items()}
+    assert (second["registry"]["policy_version"], second["registry"]["new"]) == ("1", False)
+
+    # an RL change alone re-runs RL and evaluation; a worse candidate is registered but not promoted
+    CALLS.clear()
+    worse = perl_pipeline(cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"kl_coef": 0.3})}))
+    assert trained(CALLS) == ["policy", "evaluate_policy"]
+    assert [k for k, s in worse["stages"].items() if not s["cached"]] == ["policy", "evaluate"]
+    reg = worse["registry"]
+    assert (reg["policy_version"], reg["reward_model_version"], reg["promoted"]) == ("2", "1", False)
+    assert "does not beat champion v1" in reg["reason"] and "(0.7000 vs 0.9000" in reg["reason"]
+    assert aliases(policy_name) == {"2": ["candidate"], "1": ["champion"]}
+
+    # a better candidate is promoted, and says why
+    CALLS.clear()
+    better_cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"kl_coef": 0.05})})
+    better = perl_pipeline(better_cfg)
+    assert trained(CALLS) == ["policy", "evaluate_policy"]
+    assert better["registry"]["promoted"] and "beats champion v1 on policy.gold_score_mean (0.9500 vs 0.9000" in \
+        better["registry"]["reason"]
+    assert aliases(policy_name) == {"3": ["candidate", "champion"], "2": [], "1": []}
+
+    # a deleted output folder is recomputed although Prefect still holds its cached result
+    import shutil
+    shutil.rmtree(better["stages"]["anchor"]["out_dir"])
+    CALLS.clear()
+    perl_pipeline(better_cfg)
+    assert trained(CALLS) == ["anchor"]  # same key, same folder: downstream caches stay valid
+
+    assert registry.rollback(policy_name, rm_name) == ("3", "1")
+    assert aliases(policy_name)["1"] == ["champion"]
+    with pytest.raises(UserError, match="no previous champion"):
+        registry.rollback(policy_name, rm_name)
+
+
+def test_stage_keys_follow_data_code_and_upstream(monkeypatch):
+    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v1")
+    sections = {"policy": {"kl_coef": 0.05}}
+    base = pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k"))
+    assert base == pipeline.stage_key("policy", {"policy": {"kl_coef": 0.05}}, "md5-a", ("anchor-k", "rm-k"))
+    assert base != pipeline.stage_key("policy", sections, "md5-b", ("anchor-k", "rm-k"))  # new data version
+    assert base != pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k2"))  # new reward model
+    assert base != pipeline.stage_key("policy", {"policy": {"kl_coef": 0.1}}, "md5-a", ("anchor-k", "rm-k"))
+    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v2")
+    assert base != pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k"))  # new code
+
+
+def test_retries_transient_errors_only(workdir):
+    attempts = []
+
+    def flaky(cfg, out_dir, callback, resume):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("network blip")
+        return fake_anchor(cfg, out_dir, callback, resume)
+
+    def bad_input(cfg, out_dir, callback, resume):
+        attempts.append(1)
+        raise UserError("sft.max_length too small")
+
+    fast = tasks.train_anchor.with_options(retry_delay_seconds=0, refresh_cache=True)
+    cfg = tiny(workdir)
+    tasks.IMPLEMENTATIONS["train_anchor"] = flaky
+    result = fast(cfg, key="k1", out_dir=str(workdir / "a1"))
+    assert len(attempts) == 2 and result["out_dir"] == str(workdir / "a1")
+
+    attempts.clear()
+    tasks.IMPLEMENTATIONS["train_anchor"] = bad_input
+    with pytest.raises(UserError, match="max_length"):
+        fast(cfg, key="k2", out_dir=str(workdir / "a2"))
+    assert len(attempts) == 1
+
+
+def test_unreachable_tracking_server_fails_before_training(workdir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    result = CliRunner().invoke(app, ["run", "--config", "tiny", "--set", f"artifacts_dir={workdir / 'artifacts'}"])
+    assert result.exit_code == 2
+    assert f"MLflow tracking server at http://127.0.0.1:{port} cannot be reached" in result.output
+    assert "MLFLOW_TRACKING_URI" in result.output and "Nothing was trained" in result.output
+    assert CALLS == []
+    assert not (workdir / "artifacts").exists()
