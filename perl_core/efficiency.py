@@ -1,0 +1,166 @@
+"""Efficiency measurement: each benchmark setting runs in a FRESH Python process.
+
+Peak memory is a high-water mark, so two settings measured in one process would contaminate
+each other (the allocator keeps freed pages, the first setting's peak stays the process's
+peak). :func:`run_isolated` therefore starts ``python -m perl_core.efficiency <target>``,
+which imports torch/transformers/peft, records the baseline memory, calls the workload
+``module:function(**kwargs)`` and adds a ``memory`` block to the dict it returns:
+
+    peak_rss_mb             absolute peak resident set size of the child process (ru_maxrss)
+    baseline_rss_mb         resident set size after the imports, before any model exists
+    peak_above_baseline_mb  peak_rss_mb - baseline_rss_mb: what the workload itself needed
+    cuda_peak_allocated_mb  torch.cuda.max_memory_allocated() when a GPU exists, else null
+    ratio_basis             the key :func:`peak_memory_mb` (and so every LoRA/full ratio) uses:
+                            cuda_peak_allocated_mb on a GPU, else peak_above_baseline_mb
+                            (the ~0.5 GB of imported libraries is the same for every setting
+                            and would only dilute the ratio; the absolute peak is reported beside it)
+
+A workload is any importable function returning a JSON-able dict. This module ships the
+reward-model workload (:func:`reward_workload`); the policy's lives in ``efficiency_rl.py``.
+
+    python -m perl_core.efficiency perl_core.efficiency:reward_workload --kwargs '{"overrides": [...]}' --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+MB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- the parent side
+def run_isolated(target: str, kwargs: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+    """Run `target` ("package.module:function") with `kwargs` in a fresh interpreter; return its
+    dict plus the `memory` block. Raises RuntimeError with the child's stderr tail on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "perl_core.efficiency", target, "--kwargs", json.dumps(kwargs or {}), "--out", str(out)]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0 or not out.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"benchmark setting {target} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def peak_memory_mb(result: dict) -> float:
+    """The peak memory a ratio should use (see `ratio_basis` in the module docstring)."""
+    mem = result["memory"]
+    return float(mem[mem["ratio_basis"]])
+
+
+def median_step_seconds(step_seconds: Sequence[float], warmup: int = 2) -> float:
+    """Median optimizer-step time, skipping the first `warmup` steps (allocator and kernel warm-up)."""
+    times = list(step_seconds)[warmup:] or list(step_seconds)
+    if not times:
+        raise ValueError("no step times were recorded")
+    return float(statistics.median(times))
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+# ---------------------------------------------------------------- the child side
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def memory_report(baseline_bytes: int) -> dict[str, Any]:
+    import torch
+
+    peak = _peak_rss_bytes()
+    cuda = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
+    return {
+        "peak_rss_mb": peak / MB,
+        "baseline_rss_mb": baseline_bytes / MB,
+        "peak_above_baseline_mb": (peak - baseline_bytes) / MB,
+        "cuda_peak_allocated_mb": cuda,
+        "ratio_basis": "cuda_peak_allocated_mb" if cuda is not None else "peak_above_baseline_mb",
+    }
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    if not name:
+        raise ValueError(f"benchmark target {target!r} must look like package.module:function")
+    return getattr(importlib.import_module(module), name)
+
+
+def _child(target: str, kwargs: dict, out: Path) -> None:
+    import peft  # noqa: F401  the libraries every setting needs are in the baseline
+    import torch
+    import transformers  # noqa: F401
+
+    fn = _resolve(target)
+    baseline = _rss_bytes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = fn(**kwargs)
+    result["memory"] = memory_report(baseline)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- the reward-model workload
+def reward_workload(preset: str = "default", overrides: Sequence[str] = (), out_dir: Optional[str] = None) -> dict:
+    """Train one reward model (`train_reward_model`, the real code path) and report its cost.
+
+    Examples are what the objective counts: preference pairs (two sequences each) for
+    pairwise, single responses for pointwise.
+    """
+    from perl_core.config import load_config
+    from perl_core.reward import train_reward_model
+
+    cfg = load_config(preset, list(overrides))
+    steps: list[float] = []
+
+    def record(metrics: dict[str, float], step: int) -> None:
+        if "train/step_seconds" in metrics:
+            steps.append(metrics["train/step_seconds"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)
+    metric = "pairwise_accuracy" if cfg.reward.objective == "pairwise" else "roc_auc"
+    median = median_step_seconds(steps)
+    batch = cfg.reward.train.batch_size * cfg.reward.train.grad_accum
+    return {
+        "tuning": cfg.reward.tuning,
+        "backbone": cfg.reward.backbone.name,
+        "trainable_params": int(result.metrics["trainable_params"]),
+        "total_params": int(result.metrics["total_params"]),
+        "steps": int(result.metrics["steps"]),
+        "batch_size": batch,
+        "median_step_seconds": median,
+        "examples_per_second": batch / median,
+        "validation_metric": metric,
+        "validation_value": float(result.metrics[f"validation/{metric}"]),
+        "train_seconds": float(result.metrics["train_seconds"]),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one benchmark setting (used by run_isolated).")
+    parser.add_argument("target", help="package.module:function returning a dict")
+    parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    parser.add_argument("--out", required=True, help="where to write the result JSON")
+    args = parser.parse_args(argv)
+    _child(args.target, json.loads(args.kwargs), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
