@@ -125,8 +125,12 @@ def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks:
     rows = []
     for rank in ranks:
         log(f"rank sweep: r={rank}")
-        r = run_isolated("perl_core.efficiency:reward_workload", {
-            "preset": preset, "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])})
+        if rank == args["lora_rank"]:
+            # the benchmark's LoRA setting is this rank trained with these very overrides: reuse it
+            r = reward_bench["settings"]["lora"]
+        else:
+            r = run_isolated("perl_core.efficiency:reward_workload", {
+                "preset": preset, "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])})
         row = _row("reward", f"LoRA r={rank}", r, r["validation_metric"], r["validation_value"], "median_step_seconds",
                    full, full["validation_value"])
         row["rank"] = rank
