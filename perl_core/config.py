@@ -169,7 +169,9 @@ class PolicyConfig(Section):
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
     train: TrainConfig = TrainConfig(learning_rate=1e-3, batch_size=8, max_steps=100, eval_every=25)
-    max_prompt_length: int = Field(96, ge=8)
+    max_prompt_length: int = Field(
+        95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
+    )
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":
