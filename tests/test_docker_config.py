@@ -76,13 +76,15 @@ def test_deploy_and_worker_match_prefect_yaml(stack):
     import yaml
 
     services = stack["services"]
-    deploy_cmd = " ".join(services["deploy"]["command"])
-    worker_pool = services["worker"]["command"][services["worker"]["command"].index("--pool") + 1]
-    name = re.search(r"deploy --name (\S+)", deploy_cmd).group(1)
+    assert services["deploy"]["entrypoint"] + services["deploy"]["command"] == ["sh", "docker/deploy.sh"]
+    script = (DOCKER_DIR / "deploy.sh").read_text()
+    pool = re.search(r"(?m)^pool=(\S+)$", script).group(1)
+    name = re.search(r"(?m)^deployment=(\S+)$", script).group(1)
+    worker_cmd = services["worker"]["command"]
+    assert worker_cmd[worker_cmd.index("--pool") + 1] == pool
     deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
     assert name in deployments, f"prefect.yaml has no deployment {name!r}: {sorted(deployments)}"
-    assert deployments[name]["work_pool"]["name"] == worker_pool
-    assert f"work-pool create {worker_pool} --type process" in deploy_cmd
+    assert deployments[name]["work_pool"]["name"] == pool
     assert any(s.get("cron") and s.get("active", True) for s in deployments[name]["schedules"])
     assert services["deploy"].get("working_dir") in (None, "/opt/perl/app")  # the image's WORKDIR, where prefect.yaml is
 
@@ -157,7 +159,7 @@ def _context_files(root: Path) -> set[str]:
 
 
 def test_dockerignore_keeps_data_venv_stores_caches_and_secrets_out(tmp_path):
-    keep = ["pyproject.toml", "constraints.txt", "README.md", "docker/install.sh", "perl_core/config.py",
+    keep = ["pyproject.toml", "constraints.txt", "README.md", "docker/install.sh", "docker/deploy.sh", "perl_core/config.py",
             "perl_core/data/__init__.py", "flows/cli.py", "configs/tiny.yaml"]
     drop = ["data/synthetic/pairwise/train.jsonl", ".venv/bin/python", "mlruns/0/meta.yaml", "mlartifacts/1/x.bin",
             "mlflow.db", ".prefect/storage/result", "artifacts/policy/abc/adapter_model.safetensors", ".env",
