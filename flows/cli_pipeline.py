@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional
 
 import typer
@@ -10,15 +11,23 @@ from rich.table import Table
 
 from flows.cli_common import ConfigOpt, SetOpt, cli_config, friendly_errors
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)
 registry_app = typer.Typer(help="The MLflow model registry: versions, aliases, promotion gate, rollback.",
                            no_args_is_help=True)
+
+
+def _prefect_defaults() -> None:
+    """Before Prefect is imported: the ephemeral server's first start (fresh PREFECT_HOME, migrations)
+    can take longer than Prefect's 20 s default on a busy 2-core box; no telemetry (offline)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 # ---------------------------------------------------------------- run
 @friendly_errors
 def run(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Run the whole pipeline (data, anchor, reward model, policy, evaluation, registry) on the embedded default."""
+    _prefect_defaults()
     from flows import tracking
     from flows.pipeline import perl_pipeline
 
@@ -102,6 +111,7 @@ def serve(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
           cron: str = typer.Option("0 3 * * *", help="schedule (cron, UTC)"),
           name: str = typer.Option("perl-scheduled", help="deployment name")) -> None:
     """Serve the pipeline deployment on its schedule (this process runs the scheduled flow runs)."""
+    _prefect_defaults()
     from flows import tracking
     from flows.pipeline import perl_pipeline
 

@@ -61,12 +61,13 @@ def bundled_base(manifest: dict) -> Optional[str]:
 def download(name: str, alias_or_version: str = "champion", dst: Optional[str | Path] = None) -> Path:
     """A registered model as a local PERL folder that `RewardScorer.load` / `PolicyGenerator.load` read."""
     import mlflow
+    from mlflow.models import Model
 
     ref = f"models:/{name}/{alias_or_version}" if str(alias_or_version).isdigit() else f"models:/{name}@{alias_or_version}"
     root = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(dst) if dst else None))
-    artifacts = root / "artifacts"
-    anchor = artifacts / "anchor"
-    return relink(artifacts / "model", anchor if anchor.exists() else None)
+    paths = Model.load(str(root / "MLmodel")).flavors["python_function"]["artifacts"]
+    anchor = root / paths["anchor"]["path"] if "anchor" in paths else None
+    return relink(root / paths["model"]["path"], anchor)
 
 
 class PerlPyfunc:

@@ -67,11 +67,14 @@ def check_servers(cfg: PerlConfig) -> str:
 
 
 def git_commit(repo_root: str | Path = ".") -> str:
+    """HEAD of the checkout, else the commit a container image was built from (`PERL_IMAGE_COMMIT`)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        pass
+    return os.environ.get("PERL_IMAGE_COMMIT", "unknown")
 
 
 def setup(cfg: PerlConfig) -> str:

@@ -1,10 +1,20 @@
-"""The pipeline shell under Prefect's test harness, with tiny fake stages (the real ones are in
-test_flows_server.py): caching and what a config change re-runs, the promotion gate both ways,
-rollback, retries on transient errors only, and the unreachable-server error."""
+"""The pipeline under Prefect's test harness against a real `mlflow server` process.
+
+With tiny fake stages (same contracts as perl_core): caching and what a config change re-runs,
+the promotion gate both ways, rollback, retries on transient errors only, the unreachable-server
+error. With the real stages on `configs/tiny.yaml`: `perl-rlhf run` end to end, and the registered
+models loaded back through MLflow's pyfunc API and through the project's own loaders.
+"""
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -86,18 +96,46 @@ FAKES = {"prepare_data": fake_prepare, "data_version": fake_data_version, "train
          "evaluate_reward_model": fake_eval_reward, "evaluate_policy": fake_eval_policy}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    import os
+def servers(tmp_path_factory):
+    """A real `mlflow server` process (SQLite backend in tmp, proxied artifacts) and Prefect's test
+    harness, started side by side (each takes ~10-20 s on a busy 2-core box)."""
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness():
-        yield tmp_path_factory.mktemp("mlflow")  # one MLflow store per module: its migrations take ~10 s
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-2000:]
+                time.sleep(1)
+            yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, harness):
+def workdir(tmp_path, monkeypatch, servers):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     for name, fn in FAKES.items():
@@ -109,13 +147,14 @@ def workdir(tmp_path, monkeypatch, harness):
         yield tmp_path
 
 
-def tiny(tmp, *overrides, mlstore=None):
-    """The tiny preset in `tmp`, with its own experiment and registered-model names."""
-    store = mlstore or tmp
-    return load_config("tiny", [f"artifacts_dir={tmp / 'artifacts'}", f"tracking.tracking_uri=sqlite:///{store / 'mlflow.db'}",
-                                f"tracking.artifact_location={store / 'mlartifacts'}", f"tracking.experiment={tmp.name}",
-                                f"tracking.policy_name=policy-{tmp.name}", f"tracking.reward_model_name=rm-{tmp.name}",
-                                *overrides])
+def tiny(tmp, *overrides):
+    """The tiny preset in `tmp`, with its own experiment and registered-model names on the shared server."""
+    return load_config("tiny", [*named(tmp), *overrides])
+
+
+def named(tmp):
+    return [f"artifacts_dir={tmp / 'artifacts'}", f"tracking.experiment={tmp.name}",
+            f"tracking.policy_name=policy-{tmp.name}", f"tracking.reward_model_name=rm-{tmp.name}"]
 
 
 def trained(calls):
@@ -146,8 +185,8 @@ def check_mlflow_contents(summary, cfg):
     assert "policy/manifest.json" in policy_files
 
 
-def test_cache_promotion_gate_and_rollback(workdir, harness):
-    cfg = tiny(workdir, "policy.kl_coef=0.1", mlstore=harness)  # fake gold score 0.9
+def test_cache_promotion_gate_and_rollback(workdir):
+    cfg = tiny(workdir, "policy.kl_coef=0.1")  # fake gold score 0.9
     policy_name, rm_name = cfg.tracking.policy_name, cfg.tracking.reward_model_name
     first = perl_pipeline(cfg)
     assert trained(CALLS) == ["data", "anchor", "reward_model", "policy", "evaluate_policy"]
@@ -238,9 +277,7 @@ def test_unreachable_tracking_server_fails_before_training(workdir, monkeypatch)
 
     from flows.cli import app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     result = CliRunner().invoke(app, ["run", "--config", "tiny", "--set", f"artifacts_dir={workdir / 'artifacts'}"])
     assert result.exit_code == 2
@@ -248,3 +285,67 @@ def test_unreachable_tracking_server_fails_before_training(workdir, monkeypatch)
     assert "MLFLOW_TRACKING_URI" in result.output and "Nothing was trained" in result.output
     assert CALLS == []
     assert not (workdir / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_real_tiny_pipeline_end_to_end(servers, tmp_path, monkeypatch):
+    """`perl-rlhf run --config tiny` with the real stages, in a fresh git+DVC repo under tmp."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from perl_core.data.versioning import data_version
+    from perl_core.generation import PolicyGenerator
+    from perl_core.reward import RewardScorer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PERL_DVC_REMOTE", str(tmp_path / "dvc-remote"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        result = CliRunner().invoke(app, ["run", "--config", "tiny", *sum((["--set", o] for o in named(repo)), [])])
+    assert result.exit_code == 0, result.output
+    assert "promoted to champion" in result.output and f"open the MLflow UI:  {servers}" in result.output
+
+    version = data_version(repo)
+    assert version["md5"] and version["matches_working_copy"]
+    client = mlflow.MlflowClient(servers)
+    exp = client.get_experiment_by_name(repo.name)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`perl.preset` = 'tiny'")
+    assert parent.data.tags["perl.data_version"] == version["md5"]
+    children = {r.data.tags["perl.stage"]: r for r in
+                client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    cfg = load_config("tiny")
+    anchor_losses = client.get_metric_history(children["anchor"].info.run_id, "train/loss")
+    assert [m.step for m in anchor_losses] == list(range(1, cfg.sft.train.max_steps + 1))
+    (ds,) = client.get_run(children["data"].info.run_id).inputs.dataset_inputs
+    assert ds.dataset.digest == version["md5"]
+    eval_metrics = children["evaluate"].data.metrics
+    assert 0.0 <= eval_metrics["policy.gold_score_mean"] <= 1.0 and "reward.pairwise_accuracy" in eval_metrics
+
+    # the registered models carry everything they need: delete the run's own folders, then load them back
+    import shutil
+    shutil.rmtree(repo / "artifacts")
+    mlflow.set_tracking_uri(servers)
+    rm_name, policy_name = f"rm-{repo.name}", f"policy-{repo.name}"
+    assert aliases(rm_name) == {"1": ["candidate", "champion"]} and aliases(policy_name) == {"1": ["candidate", "champion"]}
+    prompt = load_rows_prompt(repo)
+    frame = pd.DataFrame({"prompt": [prompt], "response": [" One latte."]})
+    via_mlflow = mlflow.pyfunc.load_model(f"models:/{rm_name}@champion").predict(frame)["score"][0]
+    via_project = float(RewardScorer.load(registry.download(rm_name, "champion")).score([prompt], [" One latte."])[0])
+    assert via_mlflow == pytest.approx(via_project, abs=1e-5)
+    generated = mlflow.pyfunc.load_model(f"models:/{policy_name}@champion").predict(
+        pd.DataFrame({"prompt": [prompt]}), params={"seed": 3, "max_new_tokens": 6})["response"][0]
+    direct = PolicyGenerator.load(registry.download(policy_name, "champion")).generate([prompt], seed=3, max_new_tokens=6)[0]
+    assert generated == direct
+
+
+def load_rows_prompt(repo) -> str:
+    from perl_core.data import load_prompts
+
+    cfg = load_config("tiny", [f"data.data_dir={repo / 'data'}"])
+    return load_prompts(cfg.data, "test")[0]
