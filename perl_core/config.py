@@ -132,7 +132,8 @@ class RewardConfig(Section):
     lora: LoraConfig = LoraConfig()
     objective: Literal["pairwise", "pointwise"] = "pairwise"
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: -log sigmoid(r_c - r_r - margin)")
-    train: TrainConfig = TrainConfig()
+    # the embedded default's budget: ~1,000 preference pairs seen, two evaluations (docs/reward.md)
+    train: TrainConfig = TrainConfig(learning_rate=2e-3, max_steps=60, eval_every=30, checkpoint_every=30)
     max_length: int = Field(128, ge=8)
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
@@ -142,7 +143,7 @@ class RewardConfig(Section):
     )
     class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
     eval_examples: Optional[int] = Field(
-        None, ge=2, description="validation examples scored at each eval (early stopping); none = the whole split"
+        256, ge=2, description="validation examples scored at each eval (early stopping); none = the whole split"
     )
 
 
