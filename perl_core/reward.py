@@ -293,7 +293,8 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     result = train_loop(model, batches, loss_fn, rcfg.train, eval_fn=eval_fn, eval_metric=eval_metric,
                         callback=callback, checkpoint_dir=out / "checkpoints", resume=resume, desc="reward model")
-    final = eval_fn(model)
+    # the loop evaluated the final step; only restored (earlier, better) weights need a new pass
+    final = result.last_eval if result.best_step in (None, result.step) and result.last_eval else eval_fn(model)
     counts = parameter_counts(model)
     metrics = {f"validation/{k}": v for k, v in final.items()}
     metrics.update(trainable_params=counts["trainable"], total_params=counts["total"], steps=result.step,
