@@ -212,7 +212,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
             "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
             "entropy": float(entropy.detach().sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
-            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": float(policy_loss),
+            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": float(policy_loss.detach()),
             "advantage_std": float(advantage.std()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
             "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
