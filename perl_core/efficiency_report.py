@@ -51,6 +51,17 @@ def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra
     return json.loads(out.read_text())
 
 
+def _cached(path: Optional[Path], resume: bool, run: Callable[[], dict]) -> dict:
+    """Every measured part is saved as it finishes; with `resume`, a part already on disk is read back
+    instead of measured again (a long report interrupted on a shared machine continues where it stopped)."""
+    if path is not None and resume and path.exists():
+        return json.loads(path.read_text())
+    result = run()
+    if path is not None:
+        R.write_json(path, result)
+    return result
+
+
 def _rloo_overrides(args: dict) -> list[str]:
     """The policy benchmark's PERL setting as config overrides (its workload builds the same PolicyConfig)."""
     return ["policy.tuning=lora", "policy.algorithm=rloo", f"policy.k={args['k']}", f"policy.lora.rank={args['lora_rank']}",
@@ -117,7 +128,7 @@ def _policy_quality(r: dict) -> tuple[str, Optional[float]]:
 
 # ---------------------------------------------------------------- the parts
 def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks: Sequence[int],
-               log: Callable[[str], None]) -> list[dict]:
+               log: Callable[[str], None], parts: Optional[Path] = None, resume: bool = False) -> list[dict]:
     """Train the reward benchmark's LoRA setting at every rank, each in a fresh process."""
     args = reward_bench["args"]
     backbone = reward_bench["settings"]["lora"]["backbone"]
@@ -129,8 +140,10 @@ def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks:
             # the benchmark's LoRA setting is this rank trained with these very overrides: reuse it
             r = reward_bench["settings"]["lora"]
         else:
-            r = run_isolated("perl_core.efficiency:reward_workload", {
-                "preset": preset, "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])})
+            kwargs = {"preset": preset,
+                      "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])}
+            r = _cached(parts / f"rank_{rank}.json" if parts else None, resume,
+                        lambda: run_isolated("perl_core.efficiency:reward_workload", kwargs))
         row = _row("reward", f"LoRA r={rank}", r, r["validation_metric"], r["validation_value"], "median_step_seconds",
                    full, full["validation_value"])
         row["rank"] = rank
@@ -139,7 +152,7 @@ def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks:
 
 
 def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str, overrides: Sequence[str],
-                   log: Callable[[str], None]) -> dict:
+                   log: Callable[[str], None], parts: Optional[Path] = None, resume: bool = False) -> dict:
     """Ours and TRL's, measured back to back in fresh processes on identical settings."""
     from perl_core.efficiency_trl import trl_available
 
@@ -154,7 +167,8 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str
     for side in ("perl", "trl"):
         log(f"TRL comparison: reward model, {side}")
         target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_reward_workload"
-        out["reward"][side] = run_isolated(target, {"preset": preset, "overrides": reward_ov})
+        out["reward"][side] = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
+                                      lambda: run_isolated(target, {"preset": preset, "overrides": reward_ov}))
     work = Path(policy_bench["args"].get("work_dir") or "") if policy_bench else None
     if work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists():
         out["rloo"] = {"overrides": list(overrides) + _rloo_overrides(policy_bench["args"]),
@@ -162,9 +176,10 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str
         for side in ("perl", "trl"):
             log(f"TRL comparison: RLOO, {side}")
             target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
-            out["rloo"][side] = run_isolated(target, {
-                "preset": preset, "overrides": out["rloo"]["overrides"],
-                "anchor_dir": out["rloo"]["anchor_dir"], "reward_model_dir": out["rloo"]["reward_model_dir"]})
+            kwargs = {"preset": preset, "overrides": out["rloo"]["overrides"],
+                      "anchor_dir": out["rloo"]["anchor_dir"], "reward_model_dir": out["rloo"]["reward_model_dir"]}
+            out["rloo"][side] = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
+                                        lambda: run_isolated(target, kwargs))
     else:
         out["rloo"] = {"skipped": "the policy benchmark did not provide an anchor and reward model to share"}
     return out
@@ -201,7 +216,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                       overrides: Sequence[str] = (), ranks: Optional[Sequence[int]] = None,
                       with_trl: bool = True, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
                       reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None,
-                      log: Callable[[str], None] = lambda msg: None) -> dict:
+                      resume: bool = False, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run every benchmark (see the module docstring) and write the report into `out_dir`.
 
     `quick` (CI): tiny backbone, a few steps, two ranks; the report has the same shape.
@@ -233,13 +248,16 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
         + (["--batch-size", str(reward_batch_size)] if reward_batch_size else [])
     policy_extra = shared + (["--steps", str(policy_steps)] if policy_steps else [])
     load = {"start": os.getloadavg()}
-    reward_bench = _run_benchmark("reward_efficiency.py", out / "reward_efficiency.json", quick, config_file,
-                                  extra=reward_extra)
+    parts = out / "parts"
+    reward_json, policy_json = out / "reward_efficiency.json", out / "policy_efficiency.json"
+    reward_bench = json.loads(reward_json.read_text()) if resume and reward_json.exists() \
+        else _run_benchmark("reward_efficiency.py", reward_json, quick, config_file, extra=reward_extra)
     log("policy benchmark: PERL vs full")
-    policy_bench = _run_benchmark("policy_efficiency.py", out / "policy_efficiency.json", quick, config_file,
-                                  extra=policy_extra + ["--work-dir", str(out / "policy_work")])
-    sweep = rank_sweep(reward_bench, preset, overrides, ranks, log)
-    trl_result = trl_comparison(reward_bench, policy_bench, preset, overrides, log) if with_trl \
+    policy_bench = json.loads(policy_json.read_text()) if resume and policy_json.exists() \
+        else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
+                            extra=policy_extra + ["--work-dir", str(out / "policy_work")])
+    sweep = rank_sweep(reward_bench, preset, overrides, ranks, log, parts, resume)
+    trl_result = trl_comparison(reward_bench, policy_bench, preset, overrides, log, parts, resume) if with_trl \
         else {"skipped": "--no-trl"}
 
     report = {
@@ -249,7 +267,8 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                              "" if with_trl else "--no-trl", f"--backbone {backbone}" if backbone else "",
                              f"--reward-steps {reward_steps}" if reward_steps else "",
                              f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
-                             f"--policy-steps {policy_steps}" if policy_steps else ""] if part),
+                             f"--policy-steps {policy_steps}" if policy_steps else "", "--resume" if resume else ""]
+                             if part),
         "quick": quick, "config": cfg.model_dump(mode="json"),
         "data": {"source": cfg.data.source, "metrics": data.metrics},
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
