@@ -169,4 +169,6 @@ def registry_rollback(config: str = ConfigOpt, overrides: Optional[List[str]] = 
     cfg = _tracking_cfg(config, overrides)
     t = cfg.tracking
     was, now = registry.rollback(t.policy_name, t.reward_model_name)
-    out.print(f"rolled back {t.policy_name}: champion v{was} -> v{now}")
+    paired = registry.alias_version(t.reward_model_name, "champion")
+    out.print(f"rolled back {t.policy_name}: champion v{was} -> v{now}"
+              + (f"; {t.reward_model_name} champion is v{paired}" if paired else ""))

@@ -176,7 +176,7 @@ class GateDecision:
     champion_value: Optional[float]
 
 
-def _alias_version(name: str, alias: str) -> Optional[str]:
+def alias_version(name: str, alias: str) -> Optional[str]:
     try:
         return str(_client().get_model_version_by_alias(name, alias).version)
     except Exception:
@@ -191,7 +191,7 @@ def metric_of(name: str, version: str, metric: str) -> Optional[float]:
 
 def promotion_gate(name: str, candidate: str, metric: str, mode: str = "max") -> GateDecision:
     """Does `candidate` beat the current champion on `metric`? Says why either way; moves nothing."""
-    champion = _alias_version(name, "champion")
+    champion = alias_version(name, "champion")
     cand_value = metric_of(name, candidate, metric)
     if cand_value is None:
         return GateDecision(False, f"candidate v{candidate} has no value for {metric!r}; nothing promoted",
