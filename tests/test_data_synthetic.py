@@ -101,3 +101,17 @@ def test_sft_replies_are_mediocre_so_rl_has_room():
     assert sum(g >= 0.99 for g in golds) / len(golds) < 0.2
     labels = [r["label"] for r in views["pointwise"]]
     assert 0.25 < sum(labels) / len(labels) < 0.75  # both classes well represented
+
+
+def test_shortcut_benchmark_quick_mode_shape(capsys, monkeypatch):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "synthetic_shortcuts.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick"])
+    runpy.run_path(str(script), run_name="__main__")
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"test_pairs", "prompt_blind_accuracy", "style_only_accuracy", "item_counts_only_accuracy"}
+    assert report["test_pairs"] > 0 and all(0 <= v <= 1 for k, v in report.items() if k.endswith("accuracy"))
