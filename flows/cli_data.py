@@ -31,11 +31,18 @@ def import_(
     from perl_core.data import prepare_dataset
     from perl_core.data.versioning import tracking_repo
 
+    from pydantic import ValidationError
+
+    from perl_core.config import ConfigError
+
     cfg = cli_config(config, overrides)
     cfg.data.source = source
     for key, value in (("path", path), ("name", name), ("format", fmt), ("on_error", on_error)):
         if value is not None:
-            setattr(cfg.data, key, value)
+            try:
+                setattr(cfg.data, key, value)
+            except ValidationError as err:
+                raise ConfigError(f"--{key.replace('_', '-')} {value!r}: {err.errors()[0]['msg']}") from None
     with out.status(f"importing {source}") as status:
         result = prepare_dataset(cfg, force=force, on_step=lambda msg: status.update(msg))
     m = result.metrics

@@ -87,5 +87,7 @@ def test_cli_status_and_import_outside_the_tracked_folder(dvc_repo, tmp_path):
     bad = runner.invoke(app, ["data", "import", "local", "--path", str(tmp_path / "missing.jsonl"), "--format", "sft",
                               "--set", f"data.data_dir={out}"])
     assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())
+    wrong = runner.invoke(app, ["data", "import", "local", "--path", "x.jsonl", "--format", "triples"])
+    assert wrong.exit_code == 2 and "--format 'triples'" in wrong.output and "pairwise" in wrong.output
     for cmd in (["data", "--help"], ["data", "import", "--help"], ["data", "status", "--help"], ["data", "card", "--help"]):
         assert runner.invoke(app, cmd).exit_code == 0
