@@ -64,8 +64,11 @@ def import_(
         out.print(f"{cfg.data.data_dir} is not the DVC-tracked data/ folder: data.dvc untouched "
                   f"(the card records the content hash)")
     else:
+        from perl_core.data.versioning import data_version
+
         _print_version(repo)
-        out.print("commit the new version with: git add data.dvc && git commit -m 'data: ...'")
+        if data_version(repo)["dvc_file_committed"] is False:
+            out.print("commit the new version with: git add data.dvc && git commit -m 'data: ...'")
 
 
 @app.command()
