@@ -25,13 +25,15 @@ def efficiency(
     reward_batch_size: Optional[int] = typer.Option(None, "--reward-batch-size", help="preference pairs per step"),
     policy_steps: Optional[int] = typer.Option(None, "--policy-steps", help="RL steps per setting (TRL RLOO too)"),
     resume: bool = typer.Option(False, "--resume", help="reuse the parts an interrupted run already saved in --out"),
+    saved_only: bool = typer.Option(False, "--saved-only", help="with --resume: measure nothing new, report what was saved"),
 ) -> None:
     """Run the reward and policy benchmarks, the rank sweep and the TRL comparison; write one Markdown + JSON report."""
     from perl_core.efficiency_report import efficiency_report
 
     report = efficiency_report(out, quick=quick, preset=config, overrides=list(overrides or []), ranks=ranks,
                                with_trl=trl, backbone=backbone, reward_steps=reward_steps,
-                               reward_batch_size=reward_batch_size, policy_steps=policy_steps, resume=resume,
+                               reward_batch_size=reward_batch_size, policy_steps=policy_steps,
+                               resume="saved-only" if (resume and saved_only) else resume,
                                log=lambda msg: console.print(f"[dim]{msg}[/]"))
     console.print((out / "efficiency_report.md").read_text(), markup=False, highlight=False)
     console.print(f"report: {out / 'efficiency_report.md'} ({report['seconds'] / 60:.1f} min)")

@@ -51,11 +51,14 @@ def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra
     return json.loads(out.read_text())
 
 
-def _cached(path: Optional[Path], resume: bool, run: Callable[[], dict]) -> dict:
+def _cached(path: Optional[Path], resume, run: Callable[[], dict]) -> Optional[dict]:
     """Every measured part is saved as it finishes; with `resume`, a part already on disk is read back
-    instead of measured again (a long report interrupted on a shared machine continues where it stopped)."""
+    instead of measured again (a long report interrupted on a shared machine continues where it stopped).
+    `resume="saved-only"` measures nothing new: a missing part is None and reported as not measured."""
     if path is not None and resume and path.exists():
         return json.loads(path.read_text())
+    if resume == "saved-only":
+        return None
     result = run()
     if path is not None:
         R.write_json(path, result)
@@ -144,6 +147,8 @@ def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks:
                       "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])}
             r = _cached(parts / f"rank_{rank}.json" if parts else None, resume,
                         lambda: run_isolated("perl_core.efficiency:reward_workload", kwargs))
+            if r is None:
+                continue
         row = _row("reward", f"LoRA r={rank}", r, r["validation_metric"], r["validation_value"], "median_step_seconds",
                    full, full["validation_value"])
         row["rank"] = rank
@@ -167,8 +172,10 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str
     for side in ("perl", "trl"):
         log(f"TRL comparison: reward model, {side}")
         target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_reward_workload"
-        out["reward"][side] = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
-                                      lambda: run_isolated(target, {"preset": preset, "overrides": reward_ov}))
+        result = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
+                         lambda: run_isolated(target, {"preset": preset, "overrides": reward_ov}))
+        if result is not None:
+            out["reward"][side] = result
     work = Path(policy_bench["args"].get("work_dir") or "") if policy_bench else None
     if work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists():
         out["rloo"] = {"overrides": list(overrides) + _rloo_overrides(policy_bench["args"]),
@@ -178,8 +185,12 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str
             target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
             kwargs = {"preset": preset, "overrides": out["rloo"]["overrides"],
                       "anchor_dir": out["rloo"]["anchor_dir"], "reward_model_dir": out["rloo"]["reward_model_dir"]}
-            out["rloo"][side] = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
-                                        lambda: run_isolated(target, kwargs))
+            result = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
+                             lambda: run_isolated(target, kwargs))
+            if result is not None:
+                out["rloo"][side] = result
+        if not all(side in out["rloo"] for side in ("perl", "trl")):
+            out["rloo"]["skipped"] = "not measured in this run (interrupted before the RLOO comparison finished)"
     else:
         out["rloo"] = {"skipped": "the policy benchmark did not provide an anchor and reward model to share"}
     return out
@@ -216,7 +227,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                       overrides: Sequence[str] = (), ranks: Optional[Sequence[int]] = None,
                       with_trl: bool = True, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
                       reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None,
-                      resume: bool = False, log: Callable[[str], None] = lambda msg: None) -> dict:
+                      resume: bool | str = False, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run every benchmark (see the module docstring) and write the report into `out_dir`.
 
     `quick` (CI): tiny backbone, a few steps, two ranks; the report has the same shape.
@@ -267,7 +278,8 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                              "" if with_trl else "--no-trl", f"--backbone {backbone}" if backbone else "",
                              f"--reward-steps {reward_steps}" if reward_steps else "",
                              f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
-                             f"--policy-steps {policy_steps}" if policy_steps else "", "--resume" if resume else ""]
+                             f"--policy-steps {policy_steps}" if policy_steps else "", "--resume" if resume else "",
+                             "--saved-only" if resume == "saved-only" else ""]
                              if part),
         "quick": quick, "config": cfg.model_dump(mode="json"),
         "data": {"source": cfg.data.source, "metrics": data.metrics},
@@ -275,7 +287,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                     "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
                     "load_average_1_5_15min": {**load, "end": os.getloadavg()}},
         "rows": reward_rows(reward_bench) + policy_rows(policy_bench),
-        "rank_sweep": sweep,
+        "rank_sweep": sweep, "ranks_requested": list(ranks), "resumed": bool(resume),
         "trl": trl_rows(trl_result),
         "trl_raw": trl_result,
         "benchmarks": {"reward": reward_bench, "policy": policy_bench},
@@ -322,7 +334,9 @@ def _ratio_cell(value: Optional[float]) -> str:
 
 def report_markdown(report: dict) -> str:
     lines = ["# Efficiency report: PERL (LoRA) against full tuning, and against TRL", "",
-             f"Produced by `{report['command']}` in {report['seconds'] / 60:.1f} min on "
+             f"Produced by `{report['command']}` "
+             + ("(assembled from the parts earlier runs of the same settings saved) " if report.get("resumed")
+                else f"in {report['seconds'] / 60:.1f} min ") + "on "
              f"{report['machine']['platform']} ({report['machine']['cpu_count']} CPUs, "
              f"{report['machine']['torch_threads']} torch threads; 1-min load average "
              f"{report['machine']['load_average_1_5_15min']['start'][0]:.1f} at the start, "
@@ -340,7 +354,9 @@ def report_markdown(report: dict) -> str:
                       _ratio_cell(r.get("step_time_ratio")),
                       f"{r['quality_metric']} = {R.fmt(r['quality'])}" if r["quality"] is not None else "not measured",
                       "—" if r.get("quality_delta") is None else f"{r['quality_delta']:+.3f}"])
+    missing = [r for r in report.get("ranks_requested", []) if r not in {x["rank"] for x in report["rank_sweep"]}]
     lines += ["## PERL against full tuning", "", R.markdown_table(headers, table), "",
+              *([f"Rank sweep: r = {', '.join(map(str, missing))} not measured in this run.", ""] if missing else []),
               "Reward rows: validation pairwise accuracy after the same number of steps. Policy rows measure cost "
               "only: the policy benchmark runs RLOO against a stand-in anchor and reward model (the production "
               "layout, untrained weights), so policy quality is compared in the TRL section and in "
