@@ -34,6 +34,13 @@ fi
 uv pip install --python "$py" -c constraints.txt -e ".[$extras]"
 uv pip check --python "$py"
 
+# DVC versions data/ through data.dvc, but refuses to work outside a git checkout, and the image
+# has none (.git stays out of the build context): `core.no_scm` in this copy's local config.
+# Never in a real checkout, where DVC should see git.
+if [ -d .dvc ] && ! git rev-parse --git-dir > /dev/null 2>&1; then
+    printf '[core]\n    no_scm = true\n' > .dvc/config.local
+fi
+
 # The resolved package set, logged by every pipeline run inside the image (PERL_IMAGE_LOCK).
 mkdir -p "$(dirname "$lock")"
 uv pip freeze --python "$py" > "$lock"

@@ -160,11 +160,13 @@ def _context_files(root: Path) -> set[str]:
 
 def test_dockerignore_keeps_data_venv_stores_caches_and_secrets_out(tmp_path):
     keep = ["pyproject.toml", "constraints.txt", "README.md", "docker/install.sh", "docker/deploy.sh", "perl_core/config.py",
+            "data.dvc", ".dvcignore", ".dvc/config",
             "perl_core/data/__init__.py", "flows/cli.py", "configs/tiny.yaml"]
     drop = ["data/synthetic/pairwise/train.jsonl", ".venv/bin/python", "mlruns/0/meta.yaml", "mlartifacts/1/x.bin",
             "mlflow.db", ".prefect/storage/result", "artifacts/policy/abc/adapter_model.safetensors", ".env",
             "docker/.env", ".git/HEAD", "perl_core/__pycache__/config.cpython-311.pyc", ".pytest_cache/v/x",
-            "perl_rlhf.egg-info/PKG-INFO", "benchmarks/results/run.json", "docker/compose.yaml"]
+            "perl_rlhf.egg-info/PKG-INFO", "benchmarks/results/run.json", "docker/compose.yaml",
+            ".dvc/config.local", ".dvc/cache/files/md5/ab/cdef", ".dvc/tmp/lock"]
     for rel in keep + drop:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from compose_cli import ENV_EXAMPLE, ROOT, resolved_stack
 
@@ -303,5 +304,8 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_models(image, sta
     assert parent.data.tags["perl.git_commit"] == commit
     lock = client.download_artifacts(parent.info.run_id, "image/requirements.lock", str(stack["base"] / "download"))
     assert Path(lock).read_text() == image["lock"].read_text()
+    # The data version: DVC in the image (no git, core.no_scm) recorded it in data.dvc; the run's dataset input carries it.
+    dvc_md5 = yaml.safe_load((app / "data.dvc").read_text())["outs"][0]["md5"]
+    assert parent.data.tags["perl.data_version"] == dvc_md5 != "untracked"
     # The run wrote where the worker's volumes are mounted, beside the code.
     assert list((app / "artifacts").glob("policy/*/manifest.json"))
