@@ -152,12 +152,12 @@ def postgres():
 
 
 def _sql(pg: dict, db: str, query: str) -> list[tuple]:
-    import psycopg2  # over TCP with the password: the way the servers connect
-
-    with psycopg2.connect(host="127.0.0.1", port=pg["port"], user="perl", password=PG_PASSWORD, dbname=db) as conn:
-        with conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchall()
+    """psql over TCP with the password (scram), the way the servers connect; rows as tuples of text."""
+    done = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg["port"]), "-U", "perl", "-d", db, "-At", "-F", "\t",
+                           "-v", "ON_ERROR_STOP=1", "-c", query], env={**os.environ, "PGPASSWORD": PG_PASSWORD},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [tuple(line.split("\t")) for line in done.stdout.splitlines()]
 
 
 def _localise(env: dict, ports: dict[str, int], app_dir: Path) -> dict[str, str]:
@@ -289,7 +289,7 @@ def test_scheduled_deployment_runs_on_the_worker_and_registers_models(image, sta
 
     # The models are in the registry of the MLflow server, whose backend store is this PostgreSQL ...
     registered = dict(_sql(pg, "mlflow", "SELECT name, count(*) FROM model_versions GROUP BY name"))
-    assert registered == {"perl-reward-model": 1, "perl-policy": 1}
+    assert registered == {"perl-reward-model": "1", "perl-policy": "1"}
     aliases = set(_sql(pg, "mlflow", "SELECT name, alias FROM registered_model_aliases"))
     assert {("perl-policy", "candidate"), ("perl-policy", "champion")} <= aliases
     # ... and their files went through the server's proxy into its artifact volume.
