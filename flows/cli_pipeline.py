@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_common import ConfigOpt, SetOpt, cli_config, friendly_errors
+from perl_core.errors import UserError
 
 out = Console(width=None if sys.stdout.isatty() else 120)
 registry_app = typer.Typer(help="The MLflow model registry: versions, aliases, promotion gate, rollback.",
@@ -116,6 +117,10 @@ def serve(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     from flows.pipeline import perl_pipeline
 
     cfg = cli_config(config, overrides)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError("perl-rlhf serve needs a Prefect server to run its schedule (the ephemeral mode has no "
+                        "scheduler): start one with `prefect server start`, then set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
     tracking.check_servers(cfg)
     out.print(f"serving deployment [bold]perl-pipeline/{name}[/] on cron {cron!r}; Ctrl-C to stop")
     perl_pipeline.serve(name=name, cron=cron, parameters={"cfg": cfg.model_dump(mode="json")},
