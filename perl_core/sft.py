@@ -85,7 +85,10 @@ def validation_loss(model, examples: list, batch_size: int, pad_id: int) -> dict
 def _data_version() -> dict:
     from perl_core.data.versioning import data_version
 
-    return data_version()
+    try:
+        return data_version()
+    except Exception as err:  # no DVC-tracked data here (tests, ad-hoc runs): record why, as reward.py does
+        return {"unavailable": str(err)[:200]}
 
 
 def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
