@@ -265,7 +265,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
         else _run_benchmark("reward_efficiency.py", reward_json, quick, config_file, extra=reward_extra)
     log("policy benchmark: PERL vs full")
     policy_bench = json.loads(policy_json.read_text()) if resume and policy_json.exists() \
-        else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
+        else None if resume == "saved-only" else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
                             extra=policy_extra + ["--work-dir", str(out / "policy_work")])
     sweep = rank_sweep(reward_bench, preset, overrides, ranks, log, parts, resume)
     trl_result = trl_comparison(reward_bench, policy_bench, preset, overrides, log, parts, resume) if with_trl \
@@ -286,7 +286,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
                     "load_average_1_5_15min": {**load, "end": os.getloadavg()}},
-        "rows": reward_rows(reward_bench) + policy_rows(policy_bench),
+        "rows": reward_rows(reward_bench) + (policy_rows(policy_bench) if policy_bench else []),
         "rank_sweep": sweep, "ranks_requested": list(ranks), "resumed": bool(resume),
         "trl": trl_rows(trl_result),
         "trl_raw": trl_result,
@@ -362,7 +362,9 @@ def report_markdown(report: dict) -> str:
               "layout, untrained weights), so policy quality is compared in the TRL section and in "
               "`perl-rlhf eval policy`, not here.", ""]
     for name, bench in report["benchmarks"].items():
-        if bench.get("summary"):
+        if bench is None:
+            lines += [f"- {name} benchmark: not measured in this run"]
+        elif bench.get("summary"):
             s = bench["summary"]
             targets = s.get("targets", {})
             parts = [f"{k} = {R.fmt(v)}" + (f" (target {targets[k]})" if k in targets else "")
