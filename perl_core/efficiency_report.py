@@ -348,7 +348,8 @@ def report_markdown(report: dict) -> str:
     headers = ["stage", "setting", "trainable params", "× full", "peak MB", "× full", "step s", "× full",
                "quality", "Δ vs full"]
     table = []
-    for r in report["rows"] + report["rank_sweep"]:
+    shown = {(r["stage"], r["setting"]) for r in report["rows"]}
+    for r in report["rows"] + [x for x in report["rank_sweep"] if ("reward", x["setting"]) not in shown]:
         table.append([r["stage"], r["setting"], r["trainable_params"], _ratio_cell(r.get("params_ratio")),
                       f"{r['peak_memory_mb']:.0f}", _ratio_cell(r.get("memory_ratio")), f"{r['step_seconds']:.3f}",
                       _ratio_cell(r.get("step_time_ratio")),
@@ -377,7 +378,7 @@ def report_markdown(report: dict) -> str:
     if raw.get("skipped"):
         lines += [f"Not measured: {raw['skipped']}.", ""]
     else:
-        lines += [f"TRL {raw['trl_version']}, measured in the same run, each side in a fresh process, same backbone, "
+        lines += [f"TRL {raw['trl_version']}, each side in a fresh process with the same backbone, "
                   "data, batch, sequence lengths, LoRA settings, learning rate, schedule and step count. Goal: at "
                   "least 1.25× TRL's throughput at equal quality and no more memory.", ""]
         headers = ["stage", "throughput PERL", "throughput TRL", "PERL / TRL", "peak MB PERL", "peak MB TRL",
