@@ -9,6 +9,7 @@ from perl_core.efficiency_trl import trl_available
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a dozen fresh processes; on a loaded shared box this exceeds the default 600 s
 def test_quick_efficiency_report_is_well_formed(tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(app, [
