@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
@@ -185,6 +186,25 @@ def check_mlflow_contents(summary, cfg):
     assert "policy/manifest.json" in policy_files
 
 
+def check_prefect_artifacts(summary):
+    """Markdown/table artifacts of the run, and training progress that reached 100 %."""
+    from prefect.settings import PREFECT_API_URL
+
+    keys = ["data-card", "reward-model-metrics", "policy-evaluation", "efficiency", "promotion-gate", "policy-progress"]
+    # a raw request: this server (fastapi pinned < 0.155) rejects the nulls Prefect's own client sends
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
+                          json={"artifacts": {"key": {"any_": keys}}, "limit": 200, "offset": 0, "sort": "CREATED_DESC"})
+    response.raise_for_status()
+    found = [SimpleNamespace(**a) for a in response.json()]
+    latest = {}
+    for art in sorted(found, key=lambda a: a.created):
+        latest[art.key] = art
+    assert sorted(latest) == sorted(keys)
+    assert summary["registry"]["reason"] in latest["promotion-gate"].data
+    assert latest["policy-progress"].data == 100
+    assert {row["stage"] for row in json.loads(latest["efficiency"].data)} == {"anchor", "reward_model", "policy"}
+
+
 def test_cache_promotion_gate_and_rollback(workdir):
     cfg = tiny(workdir, "policy.kl_coef=0.1")  # fake gold score 0.9
     policy_name, rm_name = cfg.tracking.policy_name, cfg.tracking.reward_model_name
@@ -193,6 +213,7 @@ def test_cache_promotion_gate_and_rollback(workdir):
     assert not any(s["cached"] for s in first["stages"].values())
     assert first["registry"]["promoted"] and "no champion yet" in first["registry"]["reason"]
     check_mlflow_contents(first, cfg)
+    check_prefect_artifacts(first)
     assert aliases(policy_name) == {"1": ["candidate", "champion"]} and aliases(rm_name) == {"1": ["candidate", "champion"]}
 
     # nothing changed: every stage restored from Prefect's cache, nothing re-registered
