@@ -130,7 +130,17 @@ def pipeline_run(cfg: PerlConfig, run_name: Optional[str] = None) -> Iterator[An
         params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(cfg).items()}
         mlflow.log_params(params)
         mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        log_image_lock()
         yield run
+
+
+def log_image_lock() -> None:
+    """Inside the Docker image: its resolved package set (`PERL_IMAGE_LOCK`, docker/Dockerfile) as image/requirements.lock."""
+    import mlflow
+
+    lock = os.environ.get("PERL_IMAGE_LOCK")
+    if lock and Path(lock).is_file():
+        mlflow.log_artifact(lock, artifact_path="image")
 
 
 @contextlib.contextmanager
