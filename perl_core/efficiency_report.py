@@ -81,7 +81,8 @@ def _reward_overrides(args: dict, backbone: str, tuning: str, rank: int, lr: flo
             f"reward.train.batch_size={args['batch_size']}", f"reward.train.eval_every={steps}",
             f"reward.train.checkpoint_every={steps}", f"reward.max_length={args['max_length']}",
             f"reward.lora.rank={rank}", f"reward.lora.alpha={2 * rank}", "reward.objective=pairwise",
-            "reward.truncation=left"]
+            "reward.truncation=left"] + (
+        [f"reward.eval_examples={args['eval_examples']}"] if args.get("eval_examples") else [])
 
 
 # ---------------------------------------------------------------- rows of the report
