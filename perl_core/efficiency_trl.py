@@ -144,6 +144,12 @@ def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) 
     keep = ("prompt", "chosen", "rejected")
     train_rows = [{k: r[k] for k in keep} for r in data_api.load_rows(cfg.data, "pairwise", "train")]
     val_rows = data_api.load_rows(cfg.data, "pairwise", "validation")
+    if rcfg.eval_examples is not None and len(val_rows) > rcfg.eval_examples:
+        # the same seeded validation sample train_reward_model scores (perl_core/reward.py)
+        import random
+
+        picked = sorted(random.Random(tc.seed).sample(range(len(val_rows)), rcfg.eval_examples))
+        val_rows = [val_rows[i] for i in picked]
 
     set_seed(tc.seed)
     model = load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype)
