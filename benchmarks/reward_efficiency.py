@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--lr-full", type=float, default=1e-4)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reward_efficiency.json"))
+    p.add_argument("--order", default="lora,full", help="which setting runs first (load on a shared machine drifts)")
     p.add_argument("--quick", action="store_true", help="llama-micro, 4 steps: shape only (CI)")
     return p.parse_args(argv)
 
@@ -61,7 +62,12 @@ def run(args) -> dict:
         args.eval_examples = 16
     backbone = prepare_backbone(args)
     results = {}
-    for tuning, lr in (("lora", args.lr_lora), ("full", args.lr_full)):
+    lrs = {"lora": args.lr_lora, "full": args.lr_full}
+    order = [t.strip() for t in args.order.split(",")]
+    if sorted(order) != ["full", "lora"]:
+        raise SystemExit(f"--order must name lora and full once each, got {args.order!r}")
+    for tuning in order:
+        lr = lrs[tuning]
         overrides = list(args.set) + [
             f"reward.backbone.name={backbone}", f"reward.tuning={tuning}", f"reward.train.learning_rate={lr}",
             f"reward.train.max_steps={args.steps}", f"reward.train.batch_size={args.batch_size}",
