@@ -33,6 +33,7 @@ COLUMNS = ["setting", "trainable", "resident", "peak_mb", "peak_rss_mb", "step_s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="preset or YAML path (the prompts come from its data)")
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. data.data_dir=/tmp/data")
     p.add_argument("--backbone", default="scratch:llama-small")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=10)
@@ -55,7 +56,8 @@ def run(args) -> dict:
     if args.quick:
         args.backbone, args.vocab_size, args.steps, args.batch_size, args.k, args.max_new_tokens = \
             "scratch:llama-micro", 512, 3, 2, 2, 8
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
+    data_api.prepare_dataset(cfg)  # a fresh clone has no data/ yet; skipped when up to date
     prompts = data_api.load_prompts(cfg.data, "train")[:256]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)

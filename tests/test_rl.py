@@ -253,7 +253,8 @@ def test_policy_efficiency_quick_reports_both_layouts(tmp_path):
                                                   Path(__file__).parent.parent / "benchmarks" / "policy_efficiency.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--quick", "--out", str(tmp_path / "report.json"), "--work-dir", str(tmp_path / "work")])
+    report = bench.main(["--quick", "--out", str(tmp_path / "report.json"), "--work-dir", str(tmp_path / "work"),
+                         "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.synthetic.n_prompts=40"])
     full, lora = report["settings"]["full"], report["settings"]["lora"]
     assert lora["layout"] == "one backbone" and full["layout"].startswith("separate")
     # parameter counts are exact, not timings: one backbone holds one copy of the weights, full holds three
