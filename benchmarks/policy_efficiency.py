@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from perl_core.efficiency import peak_memory_mb, ratio, run_isolated  # noqa: E402
+from perl_core.reporting import markdown_table  # noqa: E402
 
 COLUMNS = ["setting", "trainable", "resident", "peak_mb", "peak_rss_mb", "step_s", "generate_s", "score_s",
            "update_s", "tokens/s"]
@@ -97,10 +98,8 @@ def table(report: dict) -> str:
                      f"{r['median_step_seconds']:.3f}", f"{r['median_generate_seconds']:.3f}",
                      f"{r['median_score_seconds']:.3f}", f"{r['median_update_seconds']:.3f}",
                      f"{r['median_tokens_per_second']:.0f}"])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     s = report["summary"]
-    out = [line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    out = [markdown_table(COLUMNS, rows)]
     out.append(f"\nPERL/full peak memory ({s['memory_ratio_basis']}): {s['memory_ratio']:.3f} (target <= 0.5); "
                f"absolute peak RSS: {s['absolute_peak_rss_ratio']:.3f}")
     out.append(f"PERL/full median step time: {s['step_time_ratio']:.3f} (target <= 0.85); generate "

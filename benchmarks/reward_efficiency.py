@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from perl_core.efficiency import peak_memory_mb, ratio, run_isolated  # noqa: E402
+from perl_core.reporting import markdown_table  # noqa: E402
 
 COLUMNS = ["tuning", "trainable_params", "peak_mb", "peak_rss_mb", "median_step_s", "examples_per_s", "validation"]
 
@@ -102,10 +103,8 @@ def table(report: dict) -> str:
         rows.append([tuning, f"{r['trainable_params']:,}", f"{peak_memory_mb(r):.0f}", f"{r['memory']['peak_rss_mb']:.0f}",
                      f"{r['median_step_seconds']:.3f}", f"{r['examples_per_second']:.1f}",
                      f"{r['validation_metric']}={r['validation_value']:.4f}"])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     s = report["summary"]
-    out = [line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    out = [markdown_table(COLUMNS, rows)]
     out.append(f"\nLoRA/full peak memory ({s['memory_ratio_basis']}): {s['memory_ratio']:.3f} (target <= 0.5); "
                f"absolute peak RSS: {s['absolute_peak_rss_ratio']:.3f}")
     out.append(f"LoRA/full median step time: {s['step_time_ratio']:.3f} (target <= 0.65)")
