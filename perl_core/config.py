@@ -261,8 +261,18 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     return candidate
 
 
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def build_config(tree: dict, overrides: list[str] | None = None, origin: str = "config") -> PerlConfig:
-    tree = dict(tree or {})
+    # Presets and overrides are merged onto the full default tree, so a partial section
+    # (`sft.train.max_steps=…`) keeps that section's own defaults (SFT's learning rate, say)
+    # instead of falling back to the generic TrainConfig ones.
+    tree = _merge(PerlConfig().model_dump(), dict(tree or {}))
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -53,3 +53,10 @@ def test_flatten_gives_dotted_keys():
     assert flat["reward.lora.rank"] == 8
     assert flat["data.splits.train"] == 0.8
     assert "reward.lora" not in flat
+
+
+def test_a_partial_override_keeps_the_sections_own_defaults():
+    cfg = build_config({}, ["sft.train.max_steps=7"])
+    assert cfg.sft.train.max_steps == 7
+    assert cfg.sft.train.learning_rate == PerlConfig().sft.train.learning_rate == 3e-3
+    assert build_config({"reward": {"train": {"max_steps": 5}}}).reward.train.eval_every == PerlConfig().reward.train.eval_every
