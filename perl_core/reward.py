@@ -66,6 +66,18 @@ def head_name(model: nn.Module) -> str:
     raise UserError(f"{type(model).__name__} has no reward head named one of {HEAD_NAMES}")
 
 
+def head_modules(model: nn.Module, head: str) -> list[str]:
+    """What trains fully beside LoRA: the head, and for BERT-style encoders the pooler that feeds it.
+
+    The classifier reads tanh(W [CLS]); a sentence-embedding checkpoint (MiniLM, mean pooling) ships
+    that W barely trained (std 0.009, zero bias), so a frozen pooler hands the head an almost
+    constant input and LoRA cannot learn (docs/reward.md). Full tuning trains it anyway.
+    """
+    poolers = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+               if name.endswith("pooler") and isinstance(module, nn.Module) and head == "classifier"]
+    return [head] + sorted(set(poolers))
+
+
 def max_positions(model: nn.Module) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -200,7 +212,7 @@ def build_reward_model(base: str, cfg: PerlConfig, tokenizer) -> tuple[nn.Module
         raise ConfigError(f"reward.max_length={rcfg.max_length} is longer than {base} allows ({limit} positions)")
     head = head_name(model)
     if rcfg.tuning == "lora":
-        model = attach_lora(model, rcfg.lora, "SEQ_CLS", modules_to_save=[head])
+        model = attach_lora(model, rcfg.lora, "SEQ_CLS", modules_to_save=head_modules(model, head))
     if rcfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if rcfg.tuning == "lora":

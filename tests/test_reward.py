@@ -286,3 +286,15 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path, rows):
         assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
     assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
     assert json.loads((tmp_path / "bench.json").read_text())["summary"]["validation_metric"] == "pairwise_accuracy"
+
+
+def test_encoder_lora_trains_the_pooler_that_feeds_the_head(tmp_path, tiny_encoder):
+    """BERT's classifier reads tanh(W [CLS]): LoRA leaves the encoder frozen but trains pooler + classifier."""
+    cfg = micro_cfg(tmp_path, f"reward.backbone.name={tiny_encoder}", "reward.objective=pointwise",
+                    "reward.lora.target_modules=[query,value]", "reward.max_length=64")
+    model, head = build_reward_model(tiny_encoder, cfg, load_tokenizer(tiny_encoder))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert head == "classifier"
+    assert any(".pooler." in n for n in trainable) and any(".classifier." in n for n in trainable)
+    assert all("lora_" in n or ".pooler." in n or ".classifier." in n for n in trainable), trainable
+    assert not any("attention" in n and "lora_" not in n for n in trainable)
