@@ -165,7 +165,8 @@ class PolicyConfig(Section):
     kl_coef: float = Field(0.05, ge=0, description="beta in r - beta * KL(policy || anchor)")
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0, description="nats per response; adaptive beta aims here")
-    kl_horizon: int = Field(100, ge=1)
+    kl_horizon: int = Field(
+        2000, ge=1, description="samples over which adaptive beta may move by up to 20% (Ziegler et al. use 10,000)")
     normalize_rewards: bool = True
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()

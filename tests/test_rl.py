@@ -12,7 +12,7 @@ from perl_core.errors import NonFiniteError
 from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
-from perl_core.rl import kl_penalised_reward, rl_loop, rloo_advantages, token_logprobs
+from perl_core.rl import adapt_kl_coef, kl_penalised_reward, rl_loop, rloo_advantages, token_logprobs
 from perl_core.training import latest_checkpoint
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
@@ -95,6 +95,15 @@ def test_rloo_baseline_on_a_hand_example():
     # prompt 1: baseline of sample 1 is (2+3+6)/3 = 11/3 -> 1 - 11/3 = -8/3; of sample 4: (1+2+3)/3 = 2 -> 4
     expected = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, -8 / 3, -8 / 3, 8 / 3, 8 / 3])
     assert torch.allclose(rloo_advantages(rewards, 4), expected)
+
+
+def test_adaptive_kl_coef_on_hand_values():
+    # KL 9 vs target 6: error +0.5, clipped to +0.2; 64 samples of a 2,000-sample horizon: x(1 + 0.2 * 0.032)
+    assert adapt_kl_coef(0.1, kl=9.0, target=6.0, n_samples=64, horizon=2000) == pytest.approx(0.1 * 1.0064)
+    # KL 5.4 vs 6: error -0.1, inside the clip: x(1 - 0.1 * 0.032)
+    assert adapt_kl_coef(0.1, kl=5.4, target=6.0, n_samples=64, horizon=2000) == pytest.approx(0.1 * 0.9968)
+    assert adapt_kl_coef(0.1, kl=6.0, target=6.0, n_samples=64, horizon=2000) == pytest.approx(0.1)
+    assert PolicyConfig().kl_horizon == 2000  # the default the docs quote
 
 
 def samples_from_text(tokenizer, prompts, responses):
