@@ -51,7 +51,8 @@ def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False
     logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # a metric: keeping its graph would hold two more [N, T, vocab] tensors through backward
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     mask = samples.response_mask.float()
     if with_hidden:
         return logp * mask, entropy * mask, out.hidden_states[-1][:, p - 1]
