@@ -51,3 +51,19 @@ def policy(
     cfg = cli_config(config, overrides)
     out_dir = out or Path(cfg.artifacts_dir) / "eval" / "policy"
     _print(evaluate_policy(cfg, policy_dir, anchor, reward_model, out_dir, split=split), out_dir, "policy_eval.md")
+
+
+@app.command("compare-reward")
+@friendly_errors
+def compare_reward(
+    a: Path = typer.Argument(..., help="reward_eval.json (or its folder) of model A, e.g. LoRA"),
+    b: Path = typer.Argument(..., help="reward_eval.json (or its folder) of model B, e.g. full tuning"),
+    config: str = ConfigOpt,
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """ROC-AUC of two reward models on the same pointwise rows, and the bootstrap interval of A - B."""
+    from perl_core.evaluation import compare_reward_evals
+
+    cfg = cli_config(config, overrides)
+    for key, value in compare_reward_evals(a, b, cfg.evaluation).items():
+        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")

@@ -114,6 +114,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     metrics: dict[str, float] = {}
     skipped: dict[str, int] = {}
     plots: dict[str, Path] = {}
+    row_scores: dict[str, list[dict]] = {}
     for view in views:
         try:
             rows = load_rows(cfg.data, view, split)
@@ -145,6 +146,12 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
             labels = [int(r["label"]) for r in kept]
             scores = scorer.score(prompts, [r["response"] for r in kept]).detach().float().cpu().numpy()
             view_metrics, bins = pointwise_report(scores, labels, n_bins)
+            if 0 < sum(labels) < len(labels):
+                _, view_metrics["roc_auc_ci_low"], view_metrics["roc_auc_ci_high"] = M.auc_bootstrap_ci(
+                    scores, labels, n=cfg.evaluation.bootstrap_samples, confidence=cfg.evaluation.confidence,
+                    seed=cfg.evaluation.seed)
+            row_scores["pointwise"] = [{"id": r.get("id", str(i)), "label": y, "score": float(x)}
+                                       for i, (r, y, x) in enumerate(zip(kept, labels, scores))]
             plots["pointwise reliability"] = R.reliability_plot(
                 bins, out / "reward_reliability_pointwise.png", "P(label = 1) = sigmoid(score)")
             plots["pointwise scores"] = R.histograms(
@@ -155,10 +162,39 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
 
     R.write_json(out / "reward_eval.json", {
         "reward_model": str(reward_model_dir), "objective": objective, "split": split, "metrics": metrics,
-        "skipped_too_long": skipped, "plots": {k: p.name for k, p in plots.items()},
+        "skipped_too_long": skipped, "plots": {k: p.name for k, p in plots.items()}, "scores": row_scores,
     })
     (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped, plots))
     return metrics
+
+
+def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationConfig = EvaluationConfig()) -> dict:
+    """ROC-AUC of two reward models scored on the same pointwise rows (two `reward_eval.json` files),
+    with the paired, stratified bootstrap interval of the difference a - b (LoRA vs full tuning)."""
+    import json
+
+    runs = []
+    for path in (Path(eval_a), Path(eval_b)):
+        path = path / "reward_eval.json" if path.is_dir() else path
+        rows = json.loads(path.read_text()).get("scores", {}).get("pointwise")
+        if not rows:
+            raise UserError(f"{path}: no per-row pointwise scores (re-run `perl-rlhf eval reward` on pointwise data)")
+        runs.append((path, {r["id"]: r for r in rows}))
+    (path_a, a), (path_b, b) = runs
+    if set(a) != set(b) or any(a[i]["label"] != b[i]["label"] for i in a):
+        raise UserError(f"{path_a} and {path_b} scored different rows or labels: evaluate both on the same split")
+    ids = sorted(a)
+    labels = [a[i]["label"] for i in ids]
+    sa, sb = [a[i]["score"] for i in ids], [b[i]["score"] for i in ids]
+    kw = dict(n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
+    out = {"n": len(ids), "n_negative": labels.count(0), "confidence": ev.confidence}
+    for name, scores in (("a", sa), ("b", sb)):
+        out[f"roc_auc_{name}"], out[f"roc_auc_{name}_ci_low"], out[f"roc_auc_{name}_ci_high"] = \
+            M.auc_bootstrap_ci(scores, labels, **kw)
+        out[f"balanced_accuracy_{name}"] = M.balanced_accuracy(1 / (1 + np.exp(-np.asarray(scores))), labels, 0.5)
+    out["roc_auc_diff"], out["roc_auc_diff_ci_low"], out["roc_auc_diff_ci_high"] = \
+        M.auc_bootstrap_ci(sa, labels, other_scores=sb, **kw)
+    return out
 
 
 # ---------------------------------------------------------------- policy

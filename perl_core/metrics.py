@@ -190,6 +190,34 @@ def bootstrap_ci(values, n: int = 1000, confidence: float = 0.95, seed: int = 0)
     return float(x.mean()), float(low), float(high)
 
 
+def auc_bootstrap_ci(scores, labels, other_scores=None, n: int = 1000, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """ROC-AUC of `scores` (or, with `other_scores`, the paired difference AUC(scores) - AUC(other))
+    with a percentile bootstrap interval: ``(value, low, high)``.
+
+    Resampling is stratified (positives and negatives separately, each with replacement), so every
+    resample has both classes; with `other_scores` both models are scored on the same resampled
+    rows, so row difficulty cancels. With 59 thumbs-down rows an AUC is uncertain by several
+    points: compare models by the difference's interval, not two point estimates.
+    """
+    s, y = _as_array(scores, "scores"), _labels(labels)
+    _same_length(s, y, "scores and labels")
+    o = None if other_scores is None else _as_array(other_scores, "other_scores")
+    if o is not None:
+        _same_length(s, o, "scores and other_scores")
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("ROC-AUC needs both labels (0 and 1) in labels")
+    rng = np.random.default_rng(seed)
+    stat = (lambda idx: roc_auc(s[idx], y[idx])) if o is None else \
+        (lambda idx: roc_auc(s[idx], y[idx]) - roc_auc(o[idx], y[idx]))
+    values = np.array([stat(np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)]))
+                       for _ in range(n)])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(stat(np.arange(s.size))), float(low), float(high)
+
+
 def paired_bootstrap_ci(a, b, n: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Bootstrap of the mean difference ``a - b`` over paired items (policy minus anchor on the
     same prompt): resamples items, not the two sides separately, so per-prompt difficulty

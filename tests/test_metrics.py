@@ -121,3 +121,46 @@ def test_distinct_n_by_hand():
     assert M.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
     assert M.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
     assert M.distinct_n(["one"], 2) == 0.0
+
+
+# ---------------------------------------------------------------- ROC-AUC intervals (LoRA vs full)
+def test_auc_bootstrap_ci_on_hand_examples():
+    labels = [1, 1, 1, 0, 0]
+    perfect, reversed_ = [5, 4, 3, 2, 1], [1, 2, 3, 4, 5]
+    # a perfect ranking stays perfect in every stratified resample
+    assert M.auc_bootstrap_ci(perfect, labels, n=200) == (1.0, 1.0, 1.0)
+    # the paired difference of perfect (AUC 1) and reversed (AUC 0) is 1 in every resample
+    assert M.auc_bootstrap_ci(perfect, labels, other_scores=reversed_, n=200) == (1.0, 1.0, 1.0)
+    # a model against itself: exactly 0
+    assert M.auc_bootstrap_ci(perfect, labels, other_scores=perfect, n=200) == (0.0, 0.0, 0.0)
+    # 5 of the 6 positive-negative pairs ordered: only positive 0.2 < negative 0.3
+    mixed = [0.9, 0.8, 0.2, 0.3, 0.1]
+    auc, low, high = M.auc_bootstrap_ci(mixed, labels, n=500)
+    assert auc == pytest.approx(5 / 6) and low <= auc <= high and 0 <= low < high <= 1
+
+
+def test_auc_bootstrap_ci_rejects_a_single_class():
+    with pytest.raises(ValueError, match="both labels"):
+        M.auc_bootstrap_ci([0.1, 0.2], [1, 1])
+
+
+def test_compare_reward_evals_pairs_rows_by_id(tmp_path):
+    import json
+
+    from perl_core.errors import UserError
+    from perl_core.evaluation import compare_reward_evals
+
+    def write(name, scores, ids=("a", "b", "c", "d")):
+        rows = [{"id": i, "label": y, "score": s} for i, y, s in zip(ids, [1, 1, 0, 0], scores)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "reward_eval.json").write_text(json.dumps({"scores": {"pointwise": rows}}))
+        return tmp_path / name
+
+    a = write("lora", [2.0, 1.0, -1.0, -2.0])       # AUC 1
+    b = write("full", [1.0, -1.5, -1.0, -2.0])      # positives 1.0, -1.5 vs negatives -1.0, -2.0: 3 of 4 -> 0.75
+    out = compare_reward_evals(a, b)
+    assert out["roc_auc_a"] == 1.0 and out["roc_auc_b"] == 0.75 and out["roc_auc_diff"] == pytest.approx(0.25)
+    assert out["roc_auc_diff_ci_low"] <= 0.25 <= out["roc_auc_diff_ci_high"]
+    assert out["balanced_accuracy_a"] == 1.0 and out["balanced_accuracy_b"] == 0.75
+    with pytest.raises(UserError, match="different rows"):
+        compare_reward_evals(a, write("other", [1, 1, 1, 1], ids=("a", "b", "c", "x")))
