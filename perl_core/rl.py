@@ -219,7 +219,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
         }
         if value_head is not None:
-            metrics["value_loss"] = float(value_loss)
+            metrics["value_loss"] = float(value_loss.detach())
         if gold_score is not None:
             metrics["gold_score"] = sum(gold_score(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
         if cfg.adaptive_kl:
