@@ -73,9 +73,9 @@ def head_modules(model: nn.Module, head: str) -> list[str]:
     that W barely trained (std 0.009, zero bias), so a frozen pooler hands the head an almost
     constant input and LoRA cannot learn (docs/reward.md). Full tuning trains it anyway.
     """
-    poolers = [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-               if name.endswith("pooler") and isinstance(module, nn.Module) and head == "classifier"]
-    return [head] + sorted(set(poolers))
+    if head != "classifier":
+        return [head]
+    return [head] + sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith("pooler")})
 
 
 def max_positions(model: nn.Module) -> Optional[int]:
