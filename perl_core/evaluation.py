@@ -24,7 +24,7 @@ from perl_core import reporting as R
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import encode_pair
+from perl_core.modeling import encode_pair, encode_prompt
 
 
 # ---------------------------------------------------------------- reward model
@@ -45,7 +45,7 @@ def pairwise_report(r_chosen, r_rejected, n_bins: int = 10) -> tuple[dict[str, f
     swapped) so the diagram is not trivially one-sided."""
     c, r = np.asarray(r_chosen, dtype=np.float64), np.asarray(r_rejected, dtype=np.float64)
     margin = c - r
-    p = 1.0 / (1.0 + np.exp(-margin))
+    p = M.sigmoid(margin)
     probs = np.concatenate([p, 1.0 - p])
     labels = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     scores = np.concatenate([c, r])
@@ -67,7 +67,7 @@ def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float]
     (for a pairwise-trained RM the score's offset is arbitrary, so read those with care)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    probs = 1.0 / (1.0 + np.exp(-s))
+    probs = M.sigmoid(s)
     both = bool(y.min() == 0 and y.max() == 1)
     metrics = {
         "roc_auc": M.roc_auc(s, y) if both else float("nan"),
@@ -191,7 +191,7 @@ def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationC
     for name, scores in (("a", sa), ("b", sb)):
         out[f"roc_auc_{name}"], out[f"roc_auc_{name}_ci_low"], out[f"roc_auc_{name}_ci_high"] = \
             M.auc_bootstrap_ci(scores, labels, **kw)
-        out[f"balanced_accuracy_{name}"] = M.balanced_accuracy(1 / (1 + np.exp(-np.asarray(scores))), labels, 0.5)
+        out[f"balanced_accuracy_{name}"] = M.balanced_accuracy(M.sigmoid(scores), labels, 0.5)
     out["roc_auc_diff"], out["roc_auc_diff_ci_low"], out["roc_auc_diff_ci_high"] = \
         M.auc_bootstrap_ci(sa, labels, other_scores=sb, **kw)
     return out
@@ -302,6 +302,9 @@ def _policy_markdown(paths: dict, m: dict, samples: list[dict], confidence: floa
              f"Policy `{paths['policy']}` against anchor `{paths['anchor']}`, scored by reward model "
              f"`{paths['reward_model']}`, on {int(m['n_prompts'])} held-out prompts (same sampling seed for both).", "",
              R.markdown_table(["", "anchor", "policy", "gain (paired)"], rows), ""]
+    if m.get("prompts_skipped_too_long"):
+        lines += [f"{int(m['prompts_skipped_too_long'])} prompts of the split are longer than "
+                  "policy.max_prompt_length and were not sampled from (RL skips them too).", ""]
     if "reward_hacking" in m:
         if m["reward_hacking"]:
             lines.append("**Reward-hacking flag: RM reward rose while the gold-oracle score fell"
@@ -370,7 +373,7 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     ev, gen = cfg.evaluation, cfg.policy.generation
     read_manifest(policy_dir, expect_kind="policy")
     read_manifest(anchor_dir, expect_kind="anchor")
-    prompts = list(load_prompts(cfg.data, split))[: ev.n_prompts]
+    prompts = list(load_prompts(cfg.data, split))
     if not prompts:
         raise UserError(f"the {split} split has no prompts to evaluate the policy on")
 
@@ -378,6 +381,14 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
 
     # one model in memory at a time: the policy first, since KL is measured on its samples
     policy = PolicyGenerator.load(policy_dir)
+    # the same filter RL trains under: longer prompts would overrun the positions the RM and the
+    # policy were sized for (policy_models.check_reward_fits)
+    limit = cfg.policy.max_prompt_length
+    fitting = [p for p in prompts if len(encode_prompt(policy.tokenizer, p)) <= limit]
+    if not fitting:
+        raise UserError(f"no prompt of the {split} split fits policy.max_prompt_length={limit} tokens")
+    skipped = len(prompts) - len(fitting)
+    prompts = fitting[: ev.n_prompts]
     policy_responses, policy_samples, policy_logp, policy_len = sample_with_logprobs(policy, prompts, ev.seed, gen)
     del policy
     anchor = PolicyGenerator.load(anchor_dir)
@@ -397,6 +408,7 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
 
     m, samples = policy_report(prompts, anchor_responses, policy_responses, anchor_rewards, policy_rewards, kl,
                                (anchor_len, policy_len), ev, anchor_gold, policy_gold)
+    m["prompts_skipped_too_long"] = float(skipped)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     R.histograms({"anchor": anchor_rewards, "policy": policy_rewards}, out / "policy_rewards.png",

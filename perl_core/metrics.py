@@ -37,6 +37,12 @@ def _same_length(a: np.ndarray, b: np.ndarray, names: str) -> None:
         raise ValueError(f"{names} must have the same length, got {a.size} and {b.size}")
 
 
+def sigmoid(x) -> np.ndarray:
+    """The logistic function, elementwise, without overflow warnings for large |x|: a reward
+    model's logit (or a Bradley-Terry margin) as a probability."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
 def _binary(predictions, threshold: float | None, name: str = "predictions") -> np.ndarray:
     if threshold is None:
         return _labels(predictions, name)

@@ -163,3 +163,21 @@ def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artif
     assert moved["win_rate"] + moved["tie_rate"] + moved["loss_rate"] == pytest.approx(1.0)
     md = (tmp_path / "moved" / "policy_eval.md").read_text()
     assert "## Samples" in md and "KL(policy ‖ anchor)" in md and "Reward-hacking flag" in md
+
+
+def test_evaluate_policy_skips_prompts_longer_than_rl_trains_on(tmp_path, artifacts, rows, monkeypatch):
+    from perl_core.generation import PolicyGenerator
+    from perl_core.modeling import encode_prompt
+
+    long_prompt = "Customer: " + "a large latte and a small mocha, " * 30 + "please.\nAgent:"
+    tokenizer = PolicyGenerator.load(artifacts["anchor"]).tokenizer
+    assert len(encode_prompt(tokenizer, long_prompt)) > 95 >= max(len(encode_prompt(tokenizer, p)) for p in ORDERS)
+    # the long prompt comes first: n_prompts is applied after the filter, so the first 3 that fit are used
+    monkeypatch.setattr(data_api, "load_prompts", lambda cfg, split: [long_prompt, *ORDERS, long_prompt])
+    cfg = build_config({}, ["evaluation.bootstrap_samples=100", "evaluation.n_prompts=3", "evaluation.n_samples_table=10",
+                            "policy.generation.max_new_tokens=4", "policy.max_prompt_length=95"])
+    m = E.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path)
+    assert m["n_prompts"] == 3 and m["prompts_skipped_too_long"] == 2
+    saved = json.loads((tmp_path / "policy_eval.json").read_text())
+    assert [s["prompt"] for s in saved["samples"]] == ORDERS[:3]
+    assert "2 prompts of the split are longer than policy.max_prompt_length" in (tmp_path / "policy_eval.md").read_text()

@@ -164,3 +164,13 @@ def test_compare_reward_evals_pairs_rows_by_id(tmp_path):
     assert out["balanced_accuracy_a"] == 1.0 and out["balanced_accuracy_b"] == 0.75
     with pytest.raises(UserError, match="different rows"):
         compare_reward_evals(a, write("other", [1, 1, 1, 1], ids=("a", "b", "c", "x")))
+
+
+def test_sigmoid_by_hand_and_at_extremes():
+    import math
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1 / (1 + exp(-x)) would warn of overflow at -1000
+        p = M.sigmoid([0.0, math.log(3.0), -math.log(3.0), 1000.0, -1000.0])
+    assert p == pytest.approx([0.5, 0.75, 0.25, 1.0, 0.0], abs=1e-12)
