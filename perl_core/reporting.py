@@ -140,7 +140,8 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
     heights = [values[n] if values[n] is not None and math.isfinite(values[n]) else 0.0 for n in names]
     bars = ax.bar(range(len(names)), heights, edgecolor="black")
     for bar, h in zip(bars, heights):
-        ax.annotate(f"{h:.3g}", (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8)
+        label = f"{h:.0f}" if abs(h) >= 100 else f"{h:.3g}"  # 1264, not 1.26e+03
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, h), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
