@@ -109,7 +109,8 @@ class OneBackbone(Roles):
         try:
             # the RM is a sequence classifier: its head reads the final (normed) hidden state
             body = self.policy.get_base_model().base_model
-            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                          use_cache=False).last_hidden_state
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
         last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position (left padding)

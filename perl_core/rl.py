@@ -47,7 +47,8 @@ def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False
     """
     p = samples.prompt_width
     out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
-                position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden)
+                position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
+                use_cache=False)
     logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)

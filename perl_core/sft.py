@@ -53,7 +53,7 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, tor
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     device = next(model.parameters()).device
     ids, attn, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
     targets, target_mask = ids[:, 1:], mask[:, 1:].float()  # token t is predicted from position t-1
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     n_tokens = target_mask.sum().clamp(min=1)
