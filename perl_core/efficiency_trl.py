@@ -151,13 +151,26 @@ def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) 
         picked = sorted(random.Random(tc.seed).sample(range(len(val_rows)), rcfg.eval_examples))
         val_rows = [val_rows[i] for i in picked]
 
+    eos = tokenizer.eos_token or ""
+
+    def ids(text: str) -> list[int]:  # how RewardTrainer tokenises: prompt + response + eos, one string
+        return tokenizer(text + eos)["input_ids"][: rcfg.max_length]
+
+    # Ours batches by length (perl_core.reward.length_buckets); TRL's equivalent is the Trainer's
+    # LengthGroupedSampler. Without it TRL samples random batches, whose widest batch in a short run
+    # is narrower than the data's longest pair, and peak memory (set by the widest batch) is not
+    # comparable. The "length" column is what that sampler reads.
+    for r in train_rows:
+        r["length"] = max(len(ids(r["prompt"] + r["chosen"])), len(ids(r["prompt"] + r["rejected"])))
+
     set_seed(tc.seed)
     model = load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype)
     head = head_name(model)
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         args = RewardConfig(per_device_train_batch_size=tc.batch_size, max_length=rcfg.max_length,
-                            **_common_args(tc, tmp))
+                            train_sampling_strategy="group_by_length", length_column_name="length",
+                            remove_unused_columns=False, **_common_args(tc, tmp))
         trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                                 processing_class=tokenizer, peft_config=_peft_lora(rcfg.lora, "SEQ_CLS", [head]),
                                 callbacks=[timer])
@@ -169,11 +182,6 @@ def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) 
     # quality: the same validation pairs, tokenised the way RewardTrainer tokenised its training
     # text (prompt + response + eos as one string), scored by the same function our side uses
     trained = trainer.model.eval()
-    eos = tokenizer.eos_token or ""
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text + eos)["input_ids"][: rcfg.max_length]
-
     with torch.no_grad():
         chosen, rejected = [], []
         for start in range(0, len(val_rows), 32):
