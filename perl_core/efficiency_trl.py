@@ -41,12 +41,20 @@ def trl_available() -> bool:
 
 
 def _preload() -> int:
-    """Import what either side may import, then return the resident set size (the workload baseline)."""
+    """Import what either side may import, then return the resident set size (the workload baseline).
+
+    The union matters: importing TRL's trainer classes alone adds ~180 MB of resident memory, and
+    our data, tokenizer and generation modules load lazily. A module one side imports after its
+    baseline would count as that side's peak memory; measured, that was most of an apparent
+    1.2x gap between ours and TRL's reward workloads (docs/evaluation.md)."""
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import trl  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+    from trl import RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer  # noqa: F401
 
-    from perl_core import reward, rl  # noqa: F401
+    from perl_core import data, generation, modeling, policy_models, reward, rl  # noqa: F401
+    from perl_core.data import versioning  # noqa: F401
     from perl_core.efficiency import _rss_bytes
 
     return _rss_bytes()
