@@ -45,8 +45,8 @@ def _preload() -> int:
 
     The union matters: importing TRL's trainer classes alone adds ~180 MB of resident memory, and
     our data, tokenizer and generation modules load lazily. A module one side imports after its
-    baseline would count as that side's peak memory; measured, that was most of an apparent
-    1.2x gap between ours and TRL's reward workloads (docs/evaluation.md)."""
+    baseline would count as that side's peak memory (docs/evaluation.md, "What the memory numbers
+    are made of")."""
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import trl  # noqa: F401
@@ -246,15 +246,14 @@ def trl_rloo_workload(preset: str, overrides: Sequence[str], anchor_dir: str, re
     baseline = _preload()
     from perl_core import data as data_api
     from perl_core.config import load_config
-    from perl_core.modeling import encode_prompt, load_causal_lm, load_tokenizer, parameter_counts
+    from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, prompts_within
     from perl_core.reward import RewardScorer
     from perl_core.training import set_seed
 
     cfg = load_config(preset, list(overrides))
     pc, tc, gen = cfg.policy, cfg.policy.train, cfg.policy.generation
     tokenizer = load_tokenizer(anchor_dir, padding_side="left")
-    prompts = [p for p in data_api.load_prompts(cfg.data, "train")
-               if len(encode_prompt(tokenizer, p)) <= pc.max_prompt_length]
+    prompts = [p for p, _ in prompts_within(tokenizer, data_api.load_prompts(cfg.data, "train"), pc.max_prompt_length)]
     scorer = RewardScorer.load(reward_model_dir)
     rm_calls: list[float] = []
 

@@ -24,7 +24,7 @@ from perl_core import reporting as R
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import encode_pair, encode_prompt
+from perl_core.modeling import encode_pair, encode_prompt, prompts_within
 
 
 # ---------------------------------------------------------------- reward model
@@ -206,7 +206,6 @@ def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, 
     Returns ``(texts, samples_per_batch, logp_sums, lengths)``.
     """
     from perl_core.generation import decode_responses, sample_responses
-    from perl_core.modeling import encode_prompt
     from perl_core.rl import token_logprobs
 
     torch.manual_seed(seed)
@@ -384,7 +383,7 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     # the same filter RL trains under: longer prompts would overrun the positions the RM and the
     # policy were sized for (policy_models.check_reward_fits)
     limit = cfg.policy.max_prompt_length
-    fitting = [p for p in prompts if len(encode_prompt(policy.tokenizer, p)) <= limit]
+    fitting = [p for p, _ in prompts_within(policy.tokenizer, prompts, limit)]
     if not fitting:
         raise UserError(f"no prompt of the {split} split fits policy.max_prompt_length={limit} tokens")
     skipped = len(prompts) - len(fitting)

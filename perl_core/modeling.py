@@ -121,6 +121,13 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def prompts_within(tokenizer, prompts, max_prompt_length: int) -> list[tuple[str, list[int]]]:
+    """(prompt, ids) of every prompt of at most `max_prompt_length` tokens, in order: the filter RL
+    trains under (`policy.max_prompt_length`), which evaluation and the TRL comparison apply too."""
+    encoded = ((p, encode_prompt(tokenizer, p)) for p in prompts)
+    return [(p, ids) for p, ids in encoded if len(ids) <= max_prompt_length]
+
+
 # ---------------------------------------------------------------- backbones
 def _scratch_dir(preset: str, vocab_size: int, corpus_hash: str, artifacts_dir: Path) -> Path:
     return Path(artifacts_dir) / "backbones" / f"{preset}-v{vocab_size}-{corpus_hash[:10]}"
@@ -215,7 +222,7 @@ def load_sequence_scorer(name_or_path: str, pad_token_id: Optional[int], dtype: 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     # a scorer never generates: without this a decoder builds a KV cache on every forward (in
-    # training too: ~45 MB per 16 x 95-token batch on llama-small), as TRL's trainers also disable
+    # training too: +48 MB on one 16 x 128-token llama-small step), as TRL's trainers also disable
     model.config.use_cache = False
     return model
 

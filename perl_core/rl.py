@@ -33,7 +33,7 @@ from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
 from perl_core.generation import Samples, position_ids, sample_responses
-from perl_core.modeling import encode_prompt
+from perl_core.modeling import prompts_within
 from perl_core.training import (latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, require_finite,
                                 save_checkpoint, set_seed)
 
@@ -136,8 +136,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     from perl_core.generation import decode_responses
 
     check_policy_config(cfg)
-    encoded = [(p, encode_prompt(tokenizer, p)) for p in prompts]
-    encoded = [(p, ids) for p, ids in encoded if len(ids) <= cfg.max_prompt_length]
+    encoded = prompts_within(tokenizer, prompts, cfg.max_prompt_length)
     if not encoded:
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
     tc, k = cfg.train, cfg.k
