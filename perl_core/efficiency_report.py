@@ -408,8 +408,8 @@ TRL_CONFIGURATION = [
     "with `peft.LoraConfig(task_type='SEQ_CLS', modules_to_save=['score'])`, same rank/alpha/dropout/targets, "
     "`gradient_checkpointing=False`, `bf16=False`, `disable_dropout=True` (TRL's defaults are True/True/True), "
     "`train_sampling_strategy='group_by_length'` (the Trainer's length-grouped batches, the counterpart of ours; "
-    "TRL's default is random batches), AdamW, same learning rate, warm-up and linear decay, max_grad_norm. TRL joins prompt + response + eos as one "
-    "string without bos; ours joins token ids with bos. Quality: pairwise accuracy on the same validation pairs, "
+    "TRL's default is random batches), AdamW, same learning rate, warm-up and linear decay, max_grad_norm. "
+    "TRL joins prompt + response + eos as one string without bos; ours joins token ids with bos. Quality: pairwise accuracy on the same validation pairs, "
     "scored by the same function after training.",
     "- **RLOO.** PERL: `perl_core.rl.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
     "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights). TRL 1.16: "
