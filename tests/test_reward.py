@@ -307,6 +307,9 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path, rows):
         assert r["steps"] == 4 and r["median_step_seconds"] > 0 and r["memory"]["peak_rss_mb"] > r["memory"]["baseline_rss_mb"]
         assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
     assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
+    # both settings keep their validation pass per pair, on the same 16 pairs (the report's paired interval)
+    keys = [[p["key"] for p in r["validation_rows"]["pairwise"]] for r in (lora, full)]
+    assert len(keys[0]) == 16 and keys[0] == keys[1]
     assert json.loads((tmp_path / "bench.json").read_text())["summary"]["validation_metric"] == "pairwise_accuracy"
 
 
