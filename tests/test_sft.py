@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 import perl_core.data
 from perl_core.artifacts import read_manifest
 from perl_core.config import build_config
+from perl_core.errors import UserError
 from perl_core.modeling import build_scratch_backbone, load_causal_lm, load_tokenizer
 from perl_core.sft import collate, encode_rows, response_loss, train_anchor
 
@@ -70,3 +71,14 @@ def test_lora_sft_saves_merged_weights_that_differ_only_in_adapted_layers(tmp_pa
     assert base.keys() == merged.keys()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+
+
+def test_early_stopping_without_validation_rows_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(perl_core.data, "load_rows", lambda cfg, view, split: ROWS if split == "train" else [],
+                        raising=False)
+    monkeypatch.setattr(perl_core.data, "corpus", lambda cfg: [r["prompt"] + r["response"] for r in ROWS],
+                        raising=False)
+    cfg = cfg_for(tmp_path, "full", steps=2)
+    cfg.sft.train.early_stopping_patience = 2
+    with pytest.raises(UserError, match=r"sft.train.early_stopping_patience needs validation rows to stop on"):
+        train_anchor(cfg, tmp_path / "anchor")
