@@ -1,9 +1,11 @@
 """Policy RL on scratch:llama-micro: log-probs, KL, the one-backbone layout, RLOO, resume, guards."""
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from perl_core.artifacts import write_manifest
 from perl_core.callbacks import collect
@@ -12,7 +14,7 @@ from perl_core.errors import NonFiniteError
 from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
-from perl_core import rl
+from perl_core import devices, rl
 from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
                           rl_loop, rloo_advantages, row_chunks, token_logprobs)
 from perl_core.training import latest_checkpoint, make_optimizer
@@ -258,10 +260,15 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "reinforce"])
-def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, precision", [("rloo", "fp32"), ("reinforce", "fp32"), ("rloo", "fp16")])
+def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, monkeypatch, algorithm, precision):
     over = {"algorithm": algorithm, "baseline": "value_head"} if algorithm == "reinforce" else {}
+    if precision == "fp16":  # fp16 with loss scaling on the CPU (torch has both there) as a stand-in for a GPU
+        real = devices.autocast_dtype
+        monkeypatch.setattr(devices, "autocast_dtype", lambda p, d, s="train.precision":
+                            torch.float16 if p == "fp16" else real(p, d, s))
     cfg = policy_cfg(adaptive_kl=True, **over)
+    cfg.train.precision = precision
     straight = []
     roles = roles_for(dirs, cfg)
     rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(straight), checkpoint_dir=tmp_path / "a")
@@ -282,6 +289,13 @@ def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, algor
     assert [s for s, _ in resumed] == [3]
     for key in ("rl/policy_loss", "rl/reward", "rl/kl", "rl/kl_coef"):
         assert resumed[0][1][key] == straight[2][1][key], key
+    # the update of the resumed step too: same weights, and for fp16 the same loss scale
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert a.name == b.name == "step-000003"
+    wa, wb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    scaler_a, scaler_b = (json.loads((c / "state.json").read_text())["extra"]["grad_scaler"] for c in (a, b))
+    assert scaler_a == scaler_b and (scaler_a is None) == (precision != "fp16")
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(dirs, tmp_path):
