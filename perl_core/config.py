@@ -252,8 +252,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def resolve_preset(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.exists()
+                                                        else "does not exist"))
         return path
     candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
@@ -287,8 +288,8 @@ def load_config(name_or_path: str | Path = "default", overrides: list[str] | Non
     """Load a preset (`default`, `taskmaster4`, ...) or a YAML path, then apply `key=value` overrides."""
     path = resolve_preset(name_or_path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
