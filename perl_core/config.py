@@ -138,8 +138,9 @@ class RewardConfig(Section):
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
     )
-    truncation: Literal["error", "left"] = Field(
-        "error", description="too-long examples: error, or drop the oldest prompt tokens (never the response)"
+    truncation: Literal["error", "left", "both"] = Field(
+        "error", description="examples over max_length: error; left = drop the oldest prompt tokens (never the "
+                             "response); both = also cut the response's end, the longer part giving way first (counted)"
     )
     class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
     eval_examples: Optional[int] = Field(
