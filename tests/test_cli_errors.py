@@ -238,3 +238,12 @@ def test_registry_commands_on_unknown_versions(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     text = refused("registry", "list", "--set", "tracking.tracking_uri=sqlite:///broken.db")
     assert "MLflow store sqlite:///broken.db cannot be read" in text
+
+
+def test_efficiency_report_resume_names_a_damaged_saved_part(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "reward_efficiency.json").write_text('{"settings": {"lora": ')  # killed while writing it
+    text = refused("report", "efficiency", "--resume", "--saved-only", "--out", out, "--config", "tiny",
+                   "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}")
+    assert f"{out / 'reward_efficiency.json'} is damaged" in text and "delete it" in text
