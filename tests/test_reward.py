@@ -8,6 +8,7 @@ import torch
 
 from perl_core import data as data_api
 from perl_core.artifacts import read_manifest
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
 from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
@@ -180,11 +181,13 @@ def test_resume_after_evaluations_writes_the_same_artifact(tmp_path, backbone, r
         with pytest.raises(Stop):
             train_reward_model(cfg, tmp_path / "stopped", callback=stop_at_step(stop_at))
         assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
+    resumed_from = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
     resumed = train_reward_model(cfg, tmp_path / "stopped", resume=True)
     adapter = "adapter_model.safetensors"
     assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
     assert without_timings(resumed.metrics) == without_timings(straight.metrics)
     assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert (resumed_from / "best.safetensors").exists()  # the run resumed with its best weights kept apart
 
 
 def stop_at_step(stop_at):
