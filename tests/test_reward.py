@@ -198,7 +198,7 @@ def stop_at_step(stop_at):
 
 
 def without_timings(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if "seconds" not in k}
+    return {k: v for k, v in metrics.items() if "second" not in k}
 
 
 def comparable_manifest(folder) -> dict:
