@@ -128,6 +128,16 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
     assert_same_end(run_scripted(tmp_path / "b", cfg, resume=True, seed=99), run_scripted(tmp_path / "a", cfg))
 
 
+def test_an_older_checkpoint_without_its_best_weights_resumes_with_a_warning(tmp_path):
+    cfg = WITH_EVAL["max_steps"]
+    with pytest.raises(Stop):
+        run_scripted(tmp_path, cfg, stop_at=17)
+    (latest_checkpoint(tmp_path) / "best.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"step-000015 records best_step=10 but holds no best.safetensors"):
+        _, result = run_scripted(tmp_path, cfg, resume=True)
+    assert result.step == 20 and result.best_step == 10
+
+
 def test_checkpoints_hold_no_pickles(tmp_path):
     train_loop(fresh(), batches, mse, CFG.model_copy(update={"max_steps": 5}), checkpoint_dir=tmp_path)
     ckpt = latest_checkpoint(tmp_path)
