@@ -34,12 +34,12 @@ from torch import nn
 
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
 from perl_core.generation import Samples, position_ids, sample_responses
 from perl_core.modeling import prompts_within
-from perl_core.training import (latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, require_finite,
-                                save_checkpoint, set_seed)
+from perl_core.training import make_optimizer, make_scheduler, require_finite, set_seed
 
 
 # ---------------------------------------------------------------- the math
@@ -184,13 +184,13 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
     optimizer, scheduler = make_optimizer(trainable, tc), None
     scheduler = make_scheduler(optimizer, tc)
-    kl_coef, baseline, moments, step = cfg.kl_coef, None, RunningMoments(), 0
+    kl_coef, baseline, moments, step, extra = cfg.kl_coef, None, RunningMoments(), 0, {}
     if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
         meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
         step, extra = meta["step"], meta["extra"]
         kl_coef, baseline = extra["kl_coef"], extra["baseline"]
         moments = RunningMoments(**extra["moments"])
-    result = RLResult(step=step)
+    result = RLResult(step=step, history=extra.get("history", []))
     started = time.perf_counter()
     roles.policy.train()
     while step < tc.max_steps:
@@ -274,7 +274,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
-                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments)})
+                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
+                                   "history": result.history})  # the stage's summary averages the last steps
     roles.policy.eval()
     result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
     return result

@@ -23,7 +23,7 @@ from perl_core.config import PerlConfig
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, load_causal_lm, load_tokenizer, parameter_counts,
                                 resolve_backbone)
-from perl_core.training import train_loop
+from perl_core.training import set_seed, train_loop
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tuple[list[int], int]], int]:
@@ -100,6 +100,7 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     sft = cfg.sft
     base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
     tokenizer = load_tokenizer(base)
+    set_seed(sft.train.seed)  # the fresh adapter's initialisation is part of the run's seed
     model = load_causal_lm(base, sft.backbone.dtype)
     metrics: dict[str, float] = {}
     if sft.enabled:

@@ -1,11 +1,12 @@
 """Policy RL on scratch:llama-micro: log-probs, KL, the one-backbone layout, RLOO, resume, guards."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from perl_core.artifacts import write_manifest
+from perl_core.artifacts import read_manifest, write_manifest
 from perl_core.callbacks import collect
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
 from perl_core.errors import NonFiniteError
@@ -13,9 +14,10 @@ from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
 from perl_core import rl
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
-                          rl_loop, rloo_advantages, row_chunks, token_logprobs)
-from perl_core.training import latest_checkpoint, make_optimizer
+                          rl_loop, rloo_advantages, row_chunks, token_logprobs, train_policy)
+from perl_core.training import make_optimizer
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
            for d in ("latte", "mocha") for m in ("oat", "soy")]
@@ -258,30 +260,47 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "reinforce"])
-def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, algorithm):
-    over = {"algorithm": algorithm, "baseline": "value_head"} if algorithm == "reinforce" else {}
-    cfg = policy_cfg(adaptive_kl=True, **over)
-    straight = []
-    roles = roles_for(dirs, cfg)
-    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(straight), checkpoint_dir=tmp_path / "a")
+def comparable_manifest(folder) -> dict:
+    """The manifest less what differs between two identical runs: its timestamp and timings."""
+    manifest = read_manifest(folder)
+    del manifest["created"]
+    return manifest | {"metrics": {k: v for k, v in manifest["metrics"].items() if "second" not in k}}
 
-    def stop_at_3(metrics, step):
-        if step == 3:
-            raise Stop
 
-    with pytest.raises(Stop):
-        roles = roles_for(dirs, cfg)
-        rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=stop_at_3, checkpoint_dir=tmp_path / "b")
-    assert latest_checkpoint(tmp_path / "b").name == "step-000002"
-    resumed = []
-    torch.manual_seed(1234)  # a different seed: everything must come from the checkpoint
-    roles = roles_for(dirs, cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 7})}))
-    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(resumed), checkpoint_dir=tmp_path / "b",
-            resume=True)
-    assert [s for s, _ in resumed] == [3]
-    for key in ("rl/policy_loss", "rl/reward", "rl/kl", "rl/kl_coef"):
-        assert resumed[0][1][key] == straight[2][1][key], key
+ALGORITHMS = {"rloo": {"algorithm": "rloo"}, "moving_average": {"algorithm": "reinforce", "baseline": "moving_average"},
+              "value_head": {"algorithm": "reinforce", "baseline": "value_head"}}
+
+
+@pytest.mark.parametrize("algorithm, stop_at", [("rloo", 4), ("moving_average", 4), ("value_head", 4),
+                                                ("rloo", "after the last checkpoint")])
+def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypatch, algorithm, stop_at):
+    import perl_core.data
+
+    monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
+    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    anchor, rm = dirs
+    # the baseline (moving average or value head), the running reward moments and the adaptive kl_coef all
+    # carry from step to step: the checkpoint must hold them
+    cfg = build_config({"policy": policy_cfg(adaptive_kl=True, **ALGORITHMS[algorithm], train={
+        "batch_size": 3, "max_steps": 5, "checkpoint_every": 2, "learning_rate": 0.02, "warmup_ratio": 0.0,
+    }).model_dump()})
+    straight = train_policy(cfg, tmp_path / "straight", anchor, rm)
+    if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
+        shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
+    else:  # stopped before the checkpoint of step 4: it resumes from step 2
+
+        def stop(metrics, step):
+            if step == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            train_policy(cfg, tmp_path / "stopped", anchor, rm, callback=stop)
+    resumed = train_policy(cfg, tmp_path / "stopped", anchor, rm, resume=True)
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+    # the manifest's summary averages the last steps, those before the interruption included
+    assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert resumed.metrics["final_kl_coef"] == straight.metrics["final_kl_coef"] != cfg.policy.kl_coef
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(dirs, tmp_path):
