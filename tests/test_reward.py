@@ -13,7 +13,7 @@ from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
 from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
                               length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
-from perl_core.modeling import load_tokenizer, resolve_backbone
+from perl_core.modeling import encode_prompt, load_tokenizer, resolve_backbone
 
 DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
 SIZES = ["small", "medium", "large"]
@@ -243,8 +243,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, backbone, rows):
     scorer = RewardScorer(build_reward_model(backbone, micro_cfg(tmp_path), tok)[0], tok, 96, False)
     with pytest.raises(UserError, match="empty batch"):
         scorer.score([], [])
-    with pytest.raises(UserError, match="example 1: the response is empty"):
-        scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])
+    # an empty response (a policy that wrote EOS first) is read as written: prompt + eos, no response tokens
+    empty = scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])[1]
+    with torch.no_grad():
+        by_hand = score_sequences(scorer.model, [encode_prompt(tok, "b\nAgent:") + [tok.eos_token_id]], tok.pad_token_id)
+    torch.testing.assert_close(empty, by_hand[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="example 0: sequence of .* reads at most 96 tokens"):
         scorer.score(["very " * 200], [" yes"])
 

@@ -83,6 +83,48 @@ def test_sequence_logprobs_match_a_manual_unpadded_forward(dirs):
         assert got == pytest.approx(expected, abs=1e-4)
 
 
+def manual_logprobs(model, samples, temperature):
+    """log_softmax(logits / T) of each row's response tokens from an unpadded forward (positions 0..L-1)."""
+    rows = []
+    for i in range(len(samples.sequences)):
+        keep = samples.attention_mask[i].bool()
+        ids = samples.sequences[i][keep]
+        n_prompt = int(samples.attention_mask[i, :samples.prompt_width].sum())
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None]).logits[0].float() / temperature, -1)
+        rows.append(torch.stack([logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))]))
+    return rows
+
+
+def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
+    from types import SimpleNamespace
+
+    from perl_core.config import GenerationConfig
+    from perl_core.evaluation import logprobs_of, sample_with_logprobs
+
+    roles = roles_for(dirs)  # a fresh adapter: policy == anchor
+    torch.manual_seed(0)
+    ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS[:4]]
+    samples = sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6, temperature=0.7)
+    assert samples.temperature == 0.7
+    with torch.no_grad():
+        logp, entropy = token_logprobs(roles.policy, samples)
+        anchor = roles.anchor_logprobs(samples)
+    base = load_causal_lm(str(dirs[0]))
+    tempered, plain = manual_logprobs(base, samples, 0.7), manual_logprobs(base, samples, 1.0)
+    for i, keep in enumerate(samples.response_mask.bool()):
+        torch.testing.assert_close(logp[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(anchor[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
+        assert (logp[i][keep] - plain[i]).abs().max() > 1e-2  # T = 0.7 really differs from T = 1
+    # evaluation's KL reads its samples the same way, for the policy and for the anchor
+    generator = SimpleNamespace(model=base, tokenizer=roles.tokenizer)
+    _, batches, sums, _ = sample_with_logprobs(generator, PROMPTS[:4], 0, GenerationConfig(temperature=0.7,
+                                                                                             max_new_tokens=6))
+    expected = torch.stack([r.sum() for r in manual_logprobs(base, batches[0], 0.7)])
+    torch.testing.assert_close(torch.from_numpy(sums), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(logprobs_of(generator, batches)), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_kl_is_zero_when_policy_is_anchor(dirs):
     roles = roles_for(dirs)  # a fresh LoRA adapter (B = 0) is the anchor exactly
     samples = samples_for(roles)
