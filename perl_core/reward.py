@@ -30,7 +30,7 @@ from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig
 from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
-                                parameter_counts, pick_device, quiet_transformers, resolve_backbone)
+                                parameter_counts, pick_device, quiet_transformers, resolve_backbone, response_end_id)
 from perl_core.scoring import pad_right, sequence_scores
 from perl_core.training import set_seed, train_loop
 
@@ -86,13 +86,23 @@ def max_positions(model: nn.Module) -> Optional[int]:
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int, encoder: bool,
                    truncation: str = "error") -> list[int]:
-    """Token ids the reward model reads for (prompt, response).
+    """Token ids the reward model reads for (prompt, response); see `fit_example`."""
+    return fit_example(tokenizer, prompt, response, max_length, encoder, truncation)[0]
+
+
+def fit_example(tokenizer, prompt: str, response: str, max_length: int, encoder: bool,
+                truncation: str = "error") -> tuple[list[int], int, int]:
+    """Token ids the reward model reads for (prompt, response), and how many prompt and response
+    tokens were cut to fit `max_length`.
 
     Causal LMs: `encode_pair` (prompt + response + end, chat-rendered when the tokenizer has a
     template), so the reward model reads exactly what the policy writes. Encoders read their
     score at position 0, so they take the tokenizer's own pair template ([CLS] prompt [SEP]
-    response [SEP]). An empty response is read as it was written: no response tokens. With
-    `truncation="left"` the oldest prompt tokens are dropped to fit; the response never is.
+    response [SEP]). An empty response is read as it was written: no response tokens. Too long:
+    `truncation="error"` raises ValueError; "left" drops the oldest prompt tokens, never the
+    response; "both" also cuts the response's end (as TRL does), the longer of the two giving
+    way first, so each keeps at least half the room when it needs it. The framing tokens
+    (bos and the end token, [CLS]/[SEP]) always stay: the score is read where training read it.
     """
     if encoder:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -101,25 +111,26 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, encod
         sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         if cls is None or sep is None:
             raise ValueError("the encoder's tokenizer has no [CLS]/[SEP] (or bos/eos) token to frame the pair")
-        overflow = len(p) + len(r) + 3 - max_length
-        if overflow > 0 and truncation == "left" and overflow <= len(p):
-            p = p[overflow:]
-        ids = [cls] + p + [sep] + r + [sep]
+        head, mid, tail = [cls], [sep], [sep]
     else:
-        try:
-            ids, _ = encode_pair(tokenizer, prompt, response, max_length)
-        except ValueError:
-            if truncation != "left":
-                raise
-            full, start = encode_pair(tokenizer, prompt, response, 10**9)
-            overflow = len(full) - max_length
-            keep = 1 if full[0] == tokenizer.bos_token_id else 0  # keep bos, drop the oldest prompt tokens
-            if overflow > start - keep:
-                raise
-            ids = full[:keep] + full[keep + overflow:]
-    if len(ids) > max_length:
-        raise ValueError(f"sequence of {len(ids)} tokens is longer than max_length={max_length}")
-    return ids
+        full, start = encode_pair(tokenizer, prompt, response, 10**9)
+        head = full[:1] if start and full[0] == tokenizer.bos_token_id else []
+        tail = full[-1:] if response_end_id(tokenizer) is not None else []  # encode_pair's end token
+        p, r, mid = full[len(head):start], full[start:len(full) - len(tail)], []
+    room = max_length - len(head) - len(mid) - len(tail)
+    if len(p) + len(r) <= room:
+        keep_p, keep_r = len(p), len(r)
+    elif truncation == "left" and len(r) <= room:
+        keep_p, keep_r = room - len(r), len(r)
+    elif truncation == "both":
+        keep_p = min(len(p), max(room - len(r), room // 2))
+        keep_r = min(len(r), room - keep_p)
+    else:
+        whole = max_length - room + len(p) + len(r)
+        detail = f" (the response alone takes {len(r)})" if truncation == "left" else ""
+        raise ValueError(f"sequence of {whole} tokens is longer than max_length={max_length}{detail}")
+    ids = head + p[len(p) - keep_p:] + mid + r[:keep_r] + tail
+    return ids, len(p) - keep_p, len(r) - keep_r
 
 
 def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
@@ -187,28 +198,36 @@ def _split_file(cfg: PerlConfig, view: str, split: str) -> str:
     return str(Path(cfg.data.data_dir) / (cfg.data.name or cfg.data.source) / view / f"{split}.jsonl")
 
 
-def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, split: str) -> list[tuple]:
-    """Pairwise rows -> (chosen_ids, rejected_ids); pointwise rows -> (ids, label). Errors name file/row/field."""
+def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, split: str) -> tuple[list[tuple], dict]:
+    """Pairwise rows -> (chosen_ids, rejected_ids); pointwise rows -> (ids, label). Errors name file/row/field.
+
+    Also returns how many rows `reward.truncation` cut: {"prompts": n, "responses": n} (a pair counts
+    once when either of its sequences was cut)."""
     rcfg = cfg.reward
     view = rcfg.objective
     file = _split_file(cfg, view, split)
     fields = ("chosen", "rejected") if view == "pairwise" else ("response",)
-    out = []
+    out, truncated = [], {"prompts": 0, "responses": 0}
     for i, row in enumerate(rows):
         for key in ("prompt",) + fields + (("label",) if view == "pointwise" else ()):
             if key not in row:
                 raise DataError(f"missing {key!r}; {view} rows need prompt, {', '.join(fields)}"
                                 + (", label" if view == "pointwise" else ""), file=file, row=i + 1, field=key)
-        encoded = []
+        encoded, cut_prompt, cut_response = [], 0, 0
         for key in fields:
             if not isinstance(row[key], str) or not row[key].strip():
                 raise DataError("empty response: every reward example needs a non-empty reply", file=file, row=i + 1, field=key)
             try:
-                encoded.append(encode_example(tokenizer, row["prompt"], row[key], rcfg.max_length, encoder, rcfg.truncation))
+                ids, cut_p, cut_r = fit_example(tokenizer, row["prompt"], row[key], rcfg.max_length, encoder,
+                                                rcfg.truncation)
             except ValueError as err:
-                raise DataError(f"{err}; raise reward.max_length (the model allows {rcfg.max_length}), set "
-                                "reward.truncation=left, or filter long rows with data.max_tokens",
+                raise DataError(f"{err}; raise reward.max_length, set reward.truncation=left (cut the prompt's start) "
+                                "or both (the response's end too), or filter long rows with data.max_tokens",
                                 file=file, row=i + 1, field=key) from None
+            encoded.append(ids)
+            cut_prompt, cut_response = cut_prompt + cut_p, cut_response + cut_r
+        truncated["prompts"] += cut_prompt > 0
+        truncated["responses"] += cut_response > 0
         if view == "pointwise":
             label = row["label"]
             if label not in (0, 1):
@@ -217,7 +236,7 @@ def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, spl
         out.append(tuple(encoded))
     if not out:
         raise DataError(f"the {split} split is empty", file=file)
-    return out
+    return out, truncated
 
 
 # ---------------------------------------------------------------- building and evaluating
@@ -290,8 +309,8 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     model, head = build_reward_model(base, cfg, tokenizer)
     encoder = head == "classifier"
-    train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
-    val = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    train, train_cut = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
+    val, val_cut = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
     val_numbers = list(range(len(val)))
     if rcfg.eval_examples is not None and len(val) > rcfg.eval_examples:
         val_numbers = sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))
@@ -339,6 +358,9 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
                    train_seconds=result.seconds)
     if result.best_step is not None:
         metrics["best_step"] = result.best_step
+    if rcfg.truncation != "error":  # rows that were cut to fit reward.max_length, whole splits
+        for split, cut in (("train", train_cut), ("validation", val_cut)):
+            metrics.update({f"{split}/truncated_{part}": float(n) for part, n in cut.items()})
     save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
     # per-row validation scores: the validation metric's interval, and paired comparisons of two
     # training runs on the same rows (the efficiency report's LoRA against full tuning)

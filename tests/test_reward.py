@@ -1,5 +1,6 @@
 """Reward model on `scratch:llama-micro`: losses by hand, one batched forward, padding, LoRA freezing,
 save/load, exact resume, clear errors. The data API is replaced by hand-made rows (no data stage)."""
+import json
 import math
 import shutil
 
@@ -349,3 +350,86 @@ def test_encoder_lora_trains_the_pooler_that_feeds_the_head(tmp_path, tiny_encod
     assert any(".pooler." in n for n in trainable) and any(".classifier." in n for n in trainable)
     assert all("lora_" in n or ".pooler." in n or ".classifier." in n for n in trainable), trainable
     assert not any("attention" in n and "lora_" not in n for n in trainable)
+
+
+# ---------------------------------------------------------------- reward.truncation
+def test_truncation_modes_cut_what_they_say(backbone, tiny_encoder):
+    """Expected ids built from the tokenizer directly: framing kept, the prompt loses its start, the
+    response its end, the longer of the two first."""
+    from perl_core.reward import fit_example
+
+    short_prompt, long_prompt = "Customer: a latte\nAgent:", "Customer: " + "very " * 80 + "\nAgent:"
+    short_reply, long_reply = " Sure.", " Sure" + ", really" * 80 + "."
+    for name, encoder in ((backbone, False), (tiny_encoder, True)):
+        tok = load_tokenizer(name)
+        L = 48
+        if encoder:
+            first, mid, last = [tok.cls_token_id], [tok.sep_token_id], [tok.sep_token_id]
+        else:
+            assert tok.bos_token_id != tok.eos_token_id
+            first, mid, last = [tok.bos_token_id], [], [tok.eos_token_id]
+        room = L - len(first) - len(mid) - len(last)
+
+        def fit(prompt, reply, mode):
+            return fit_example(tok, prompt, reply, L, encoder, mode)
+
+        def pieces(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        p, r = pieces(short_prompt), pieces(long_reply)
+        assert len(p) < room // 2 < room < len(r)
+        with pytest.raises(ValueError, match=rf"sequence of {len(first + p + mid + r + last)} tokens is longer than max_length=48$"):
+            fit(short_prompt, long_reply, "error")
+        with pytest.raises(ValueError, match=rf"the response alone takes {len(r)}"):
+            fit(short_prompt, long_reply, "left")
+        keep = room - len(p)  # the short prompt stays whole, the reply keeps its start
+        assert fit(short_prompt, long_reply, "both") == (first + p + mid + r[:keep] + last, 0, len(r) - keep)
+
+        p = pieces(long_prompt)
+        half = room // 2  # both too long: the prompt keeps its last half, the reply its first half
+        assert fit(long_prompt, long_reply, "both") == (
+            first + p[-half:] + mid + r[:room - half] + last, len(p) - half, len(r) - (room - half))
+
+        r = pieces(short_reply)  # a short reply is never cut; left and both agree
+        expected = (first + p[-(room - len(r)):] + mid + r + last, len(p) - (room - len(r)), 0)
+        assert fit(long_prompt, short_reply, "left") == expected == fit(long_prompt, short_reply, "both")
+        assert fit(short_prompt, short_reply, "both") == (first + pieces(short_prompt) + mid + r + last, 0, 0)
+        ids = encode_example(tok, long_prompt, long_reply, L, encoder, "both")
+        assert ids == fit(long_prompt, long_reply, "both")[0] and len(ids) == L
+
+
+def test_truncated_rows_are_counted_in_training_and_evaluation(tmp_path, backbone, rows):
+    from perl_core.evaluation import evaluate_reward_model
+
+    long_reply = " Sure" + ", really" * 100 + "."
+    long_prompt = "Customer: " + "very " * 150 + "a latte\nAgent:"
+    for r in rows["pairwise"]["train"][:5]:
+        r["chosen"] = long_reply
+    for r in rows["pairwise"]["validation"][:3]:
+        r["prompt"] = long_prompt
+    test = pairwise_rows(6, offset=200)
+    test[0]["chosen"] = test[1]["rejected"] = long_reply
+    test[2]["prompt"] = long_prompt
+    rows["pairwise"]["test"], rows["pointwise"]["test"] = test, pointwise_rows(8)
+
+    with pytest.raises(DataError, match=r"row 1, field 'chosen': .*the response alone takes"):
+        train_reward_model(micro_cfg(tmp_path, "reward.truncation=left"), tmp_path / "left")
+    metrics = train_reward_model(micro_cfg(tmp_path, "reward.truncation=both", "reward.train.max_steps=2"),
+                                 tmp_path / "rm").metrics
+    assert {k: v for k, v in metrics.items() if "truncated" in k} == {
+        "train/truncated_prompts": 0.0, "train/truncated_responses": 5.0,
+        "validation/truncated_prompts": 3.0, "validation/truncated_responses": 0.0}
+
+    m = evaluate_reward_model(micro_cfg(tmp_path), tmp_path / "rm", tmp_path / "eval")  # truncation from the manifest
+    assert (m["pairwise_truncated_prompts"], m["pairwise_truncated_responses"], m["n_pairs"]) == (1.0, 2.0, 6.0)
+    assert (m["pointwise_truncated_prompts"], m["pointwise_truncated_responses"]) == (0.0, 0.0)
+    saved = json.loads((tmp_path / "eval" / "reward_eval.json").read_text())
+    assert saved["truncated"]["pairwise"] == {"prompts": 1, "responses": 2} and saved["truncation"] == "both"
+    assert "pairwise: 1 prompts, 2 responses" in (tmp_path / "eval" / "reward_eval.md").read_text()
+
+    train_rows = [r for r in rows["pairwise"]["train"] if r["chosen"] != long_reply]
+    rows["pairwise"]["train"], rows["pairwise"]["validation"] = train_rows, rows["pairwise"]["validation"][3:]
+    plain = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=2"), tmp_path / "plain").metrics
+    assert not any("truncated" in k for k in plain)  # truncation: error cuts nothing, reports nothing
+    m = evaluate_reward_model(micro_cfg(tmp_path), tmp_path / "plain", tmp_path / "eval-plain")
+    assert "pairwise_truncated_prompts" not in m and m["n_pairs"] == 3.0  # the 3 long test rows are left out

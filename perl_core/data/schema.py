@@ -15,6 +15,7 @@ text; with a chat template the transcript is rendered back into those messages
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
@@ -28,6 +29,35 @@ VIEWS: dict[str, tuple[str, ...]] = {
 TEXT_FIELDS = {"prompt", "chosen", "rejected", "response"}
 TRANSCRIPT_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 SPLITS = ("train", "validation", "test")
+# Lone surrogates: what `errors="surrogateescape"` makes of bytes that are not UTF-8 (U+DC80-U+DCFF),
+# or a JSON \ud800 escape missing its pair. Neither can be written back out as UTF-8.
+SURROGATE = re.compile("[\ud800-\udfff]")
+UTF8_HINT = "save the file as UTF-8"
+
+
+def not_utf8(text: str) -> Optional[str]:
+    """Why `text`, as read from a file with errors="surrogateescape", is not valid UTF-8; None when it is."""
+    m = SURROGATE.search(text)
+    return None if m is None else f"not UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start() + 1}"
+
+
+def _unpaired_surrogate(text: str) -> Optional[str]:
+    """After parsing (the reader already rejected bad bytes), a surrogate came from a JSON escape."""
+    m = SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"not valid Unicode: unpaired surrogate U+{ord(m.group()):04X} at character {m.start() + 1} (a broken \\u escape?)"
+
+
+def printable(value: Any) -> Any:
+    """`value` with every lone surrogate replaced by U+FFFD, so a reject can be written out as UTF-8."""
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -55,8 +85,9 @@ class Reject:
         return DataError(self.reason, file=self.file or None, row=self.index, field=self.field)
 
     def to_json(self) -> dict:
+        raw = self.raw if isinstance(self.raw, (str, dict, type(None))) else str(self.raw)
         return {"file": self.file, "row": self.index, "field": self.field, "view": self.view,
-                "reason": self.reason, "raw": self.raw if isinstance(self.raw, (str, dict, type(None))) else str(self.raw)}
+                "reason": self.reason, "raw": printable(raw)}
 
 
 Item = Union[Record, Reject]
@@ -135,6 +166,8 @@ def validate(record: Record) -> dict[str, Any]:
                             "form: a list of {role, content} messages)", field=name, **where)
         if not value.strip():
             raise DataError("empty text", field=name, **where)
+        if bad := _unpaired_surrogate(value):
+            raise DataError(bad, field=name, **where)
         clean[name] = value
     if view == "pairwise" and clean["chosen"] == clean["rejected"]:
         raise DataError("chosen and rejected are the same text (a preference needs two different replies)",
@@ -142,6 +175,8 @@ def validate(record: Record) -> dict[str, Any]:
     for key, value in raw.items():  # extra scalar columns (id, source, gold, ...) ride along
         if key in clean or (isinstance(value, float) and not math.isfinite(value)):
             continue
+        if isinstance(value, str) and (bad := _unpaired_surrogate(value)):
+            raise DataError(bad, field=str(key), **where)
         if isinstance(value, (str, int, float, bool)):
             clean[key] = value
     return clean
