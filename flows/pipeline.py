@@ -64,7 +64,8 @@ def _run_stage(stage: str, task, done: Optional[Path], log_model_dir: bool = Tru
     refresh = done is not None and not done.exists()
     with tracking.stage_run(stage) as run:
         metrics_log = tracking.MetricsLog(run.info.run_id)
-        extra = {"callback": metrics_log} if "callback" in inspect.signature(task.fn).parameters else {}
+        hooks = {"callback": metrics_log, "samples_callback": metrics_log.samples}
+        extra = {name: hook for name, hook in hooks.items() if name in inspect.signature(task.fn).parameters}
         state = task.with_options(refresh_cache=refresh)(run_id=run.info.run_id, return_state=True, **kwargs, **extra)
         result = state.result()
         metrics_log.flush()

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
 
 # The library functions behind the tasks; tests swap entries for tiny fakes.
@@ -124,9 +124,10 @@ def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str 
 
 @task(name="train_policy", **CACHED)
 def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, reward_model_dir: str, run_id: str = "",
-                 callback: MetricsCallback = null_callback) -> dict:
+                 callback: MetricsCallback = null_callback, samples_callback: SamplesCallback = null_samples) -> dict:
     cb = with_progress(callback, "policy", cfg.policy.train.max_steps)
-    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True)
+    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True,
+                                     samples_callback=samples_callback)
     return _as_dict(result, key, run_id)
 
 

@@ -69,9 +69,11 @@ def fake_reward(cfg, out_dir, callback, resume, base_model=None):
     return StageResult(Path(out_dir), {"trainable_params": 10, "total_params": 110, "train_seconds": 0.1})
 
 
-def fake_policy(cfg, out_dir, anchor_dir, reward_model_dir, callback, resume):
+def fake_policy(cfg, out_dir, anchor_dir, reward_model_dir, callback, resume, samples_callback):
     CALLS.append("policy")
     _steps(callback, 4)
+    for step in (2, 4):
+        samples_callback([{"prompt": "p", "response": f"r{step}", "reward": step / 10, "gold_score": 0.5}], step)
     write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning="lora", config={},
                    anchor=str(anchor_dir), reward_model=str(reward_model_dir))
     return StageResult(Path(out_dir), {"trainable_params": 8, "total_params": 108, "seconds": 0.1})
@@ -184,6 +186,9 @@ def check_mlflow_contents(summary, cfg):
     assert by_stage["evaluate"].data.metrics["policy.gold_score_mean"] == pytest.approx(1 - cfg.policy.kl_coef)
     policy_files = {a.path for a in client.list_artifacts(by_stage["policy"].info.run_id, "policy")}
     assert "policy/manifest.json" in policy_files
+    samples = mlflow.load_table("samples/rl_samples.json", run_ids=[by_stage["policy"].info.run_id])
+    assert samples.to_dict("records") == [{"step": s, "prompt": "p", "response": f"r{s}", "reward": s / 10,
+                                           "gold_score": 0.5} for s in (2, 4)]
 
 
 def check_prefect_artifacts(summary):
