@@ -162,11 +162,11 @@ def evaluate_flow(cfg: PerlConfig, data: dict, anchor: dict, reward_model: dict,
 
 
 @flow(name="perl-register", log_prints=True)
-def register_flow(cfg: PerlConfig, data: dict, reward_model: dict, policy: dict, evaluation: dict) -> dict:
+def register_flow(cfg: PerlConfig, data: dict, anchor: dict, reward_model: dict, policy: dict, evaluation: dict) -> dict:
     import mlflow
 
     with tracking.stage_run("register"):
-        result = tasks.register(cfg, reward_model, policy, evaluation, data["data_version"])
+        result = tasks.register(cfg, anchor, reward_model, policy, evaluation, data["data_version"])
         mlflow.set_tags({"perl.promoted": str(result["promoted"]).lower(), "perl.gate_reason": result["reason"][:5000],
                          "perl.policy_version": result["policy_version"],
                          "perl.reward_model_version": result["reward_model_version"]})
@@ -210,7 +210,7 @@ def perl_pipeline(cfg: PerlConfig = PerlConfig()) -> dict:
         reward_model = reward_model_flow(cfg, data, anchor)
         policy = policy_flow(cfg, data, anchor, reward_model)
         evaluation = evaluate_flow(cfg, data, anchor, reward_model, policy)
-        registration = register_flow(cfg, data, reward_model, policy, evaluation)
+        registration = register_flow(cfg, data, anchor, reward_model, policy, evaluation)
     return {"run_id": parent.info.run_id, "experiment_id": parent.info.experiment_id,
             "tracking_uri": tracking.tracking_uri(cfg), "data_version": data["data_version"],
             "stages": {name: {"key": r.get("key"), "cached": r.get("cached", False), "out_dir": r.get("out_dir")}
