@@ -278,7 +278,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         callback({f"rl/{name}": v for name, v in metrics.items()}, step)
         every = cfg.log_samples_every
         if every and (step % every == 0 or step == tc.max_steps):
-            samples_callback(sample_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
+            samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
@@ -288,8 +288,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     return result
 
 
-def sample_rows(prompts: list[str], responses: list[str], rewards: list[float],
-                gold: Optional[list[float]] = None) -> list[dict]:
+def completion_rows(prompts: list[str], responses: list[str], rewards: list[float],
+                    gold: Optional[list[float]] = None) -> list[dict]:
     """One row per completion: the reward model's raw score (before normalisation) and the gold score if known."""
     rows = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, rewards)]
     for row, g in zip(rows, gold or []):
