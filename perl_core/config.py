@@ -71,6 +71,11 @@ class DataConfig(Section):
     tokenizer: Optional[str] = Field(
         None, description="tokenizer (path or hub name) that counts tokens for max_tokens; none = a word/punctuation proxy"
     )
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the backbone's tokenizer has a chat template, SFT, the reward model, RL and "
+        "evaluation render prompts with it (the response is the assistant turn); off: plain text, and the saved "
+        "anchor and reward-model tokenizers carry no template"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 

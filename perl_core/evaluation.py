@@ -26,7 +26,7 @@ from perl_core import reporting as R
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import encode_pair, encode_prompt, prompts_within
+from perl_core.modeling import encode_prompt, prompts_within
 
 
 # ---------------------------------------------------------------- reward model
@@ -341,7 +341,8 @@ def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationC
 @torch.no_grad()
 def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, batch_size: int = 32):
     """Sample like :meth:`PolicyGenerator.generate` (same seed -> same text) but keep the token-level
-    samples, their summed log-probs under the generator's model, and their lengths in tokens.
+    samples, their summed log-probs under the generator's tempered model pi_T (the distribution
+    sampled from, `rl.token_logprobs`), and their lengths in tokens.
 
     Returns ``(texts, samples_per_batch, logp_sums, lengths)``.
     """
@@ -364,7 +365,8 @@ def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, 
 
 @torch.no_grad()
 def logprobs_of(generator, batches) -> np.ndarray:
-    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`."""
+    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`,
+    at the temperature they were sampled with."""
     from perl_core.rl import token_logprobs
 
     return torch.cat([token_logprobs(generator.model, s)[0].sum(-1) for s in batches]).numpy()
@@ -467,25 +469,10 @@ def _policy_markdown(paths: dict, m: dict, samples: list[dict], confidence: floa
 @torch.no_grad()
 def rm_scores(scorer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """Reward-model scores of generated text, which unlike training data may be empty (EOS sampled
-    first) or longer than the RM reads: an empty response is scored as `prompt + eos` (what the
-    one-backbone RL loop scores too), an over-long one loses its oldest prompt tokens, never
-    response tokens."""
-    from perl_core.reward import encode_example, score_sequences
-
-    tok, max_length = scorer.tokenizer, scorer.max_length
-    seqs = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if r or scorer.encoder:
-            seqs.append(encode_example(tok, p, r or " ", max_length, scorer.encoder, truncation="left"))
-            continue
-        ids, _ = encode_pair(tok, p, "", 10 ** 9)
-        keep = 1 if ids[0] == tok.bos_token_id else 0
-        seqs.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - max_length + keep:])
-    out = np.empty(len(seqs))
-    for start in range(0, len(seqs), batch_size):
-        out[start:start + batch_size] = score_sequences(scorer.model, seqs[start:start + batch_size],
-                                                        tok.pad_token_id).cpu().numpy()
-    return out
+    first) or longer than the RM reads: an empty response is scored as prompt + end token (the
+    one rule of `perl_core.scoring`, as in RL), an over-long one loses its oldest prompt tokens,
+    never response tokens."""
+    return scorer.score(list(prompts), list(responses), batch_size=batch_size, truncation="left").numpy()
 
 
 def gold_oracle(cfg: PerlConfig) -> Optional[Callable[[str, str], float]]:
@@ -503,7 +490,8 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
 
     Both sample with `evaluation.seed` and `policy.generation`. KL(policy || anchor) is the
     Monte-Carlo estimate on the policy's own samples, sum over response tokens of
-    log pi(y_t) - log pi_anchor(y_t) (nats per response; at temperature 1 it is unbiased).
+    log pi_T(y_t) - log pi_anchor,T(y_t), both tempered by the sampling temperature T as in RL
+    (nats per response; unbiased for the tempered distributions when top_p is 1).
     Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
     """
     from perl_core.data import load_prompts

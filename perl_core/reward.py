@@ -4,10 +4,10 @@
     pointwise  L = BCE(sigma(r(x, y)), label),  label = 1 for thumbs up, 0 for thumbs down
 
 PERL trains it with LoRA on the attention projections while the score head trains fully
-(peft `modules_to_save`): a causal LM reads the score at its last non-pad token (`score`
-head), an encoder at its pooled [CLS] (`classifier` head). Chosen and rejected go through ONE
-batched forward pass; batches are right-padded and length-bucketed, and padding never changes
-a score (causal attention never looks right; encoders mask the pads).
+(peft `modules_to_save`): a causal LM reads the score at the token that ends the response, its
+last attended position (`score` head, :mod:`perl_core.scoring`), an encoder at its pooled [CLS]
+(`classifier` head). Chosen and rejected go through ONE batched forward pass; batches are
+right-padded and length-bucketed, and padding never changes a score.
 
 The artifact folder is a PEFT adapter whose saved modules include the head (`tuning: lora`)
 or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `manifest.json`.
@@ -29,8 +29,9 @@ from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig
 from perl_core.errors import DataError, UserError
-from perl_core.modeling import (attach_lora, encode_pair, load_sequence_scorer, load_tokenizer, parameter_counts,
-                                pick_device, quiet_transformers, resolve_backbone)
+from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
+                                parameter_counts, pick_device, quiet_transformers, resolve_backbone)
+from perl_core.scoring import pad_right, sequence_scores
 from perl_core.training import set_seed, train_loop
 
 HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
@@ -87,13 +88,12 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, encod
                    truncation: str = "error") -> list[int]:
     """Token ids the reward model reads for (prompt, response).
 
-    Causal LMs: `encode_pair` (bos + prompt + response + eos), so the reward model reads exactly
-    what the policy writes. Encoders read their score at position 0, so they take the
-    tokenizer's own pair template ([CLS] prompt [SEP] response [SEP]). With
+    Causal LMs: `encode_pair` (prompt + response + end, chat-rendered when the tokenizer has a
+    template), so the reward model reads exactly what the policy writes. Encoders read their
+    score at position 0, so they take the tokenizer's own pair template ([CLS] prompt [SEP]
+    response [SEP]). An empty response is read as it was written: no response tokens. With
     `truncation="left"` the oldest prompt tokens are dropped to fit; the response never is.
     """
-    if not response:
-        raise ValueError("the response is empty")
     if encoder:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -122,24 +122,11 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, encod
     return ids
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence; returns (input_ids, attention_mask)."""
-    if not sequences:
-        raise UserError("cannot score an empty batch")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """One forward pass over right-padded `sequences`; one float32 score each."""
+    """One forward pass over right-padded `sequences`; one float32 score each (`scoring.sequence_scores`)."""
     device = next(model.parameters()).device
-    ids, mask = pad_batch(sequences, pad_id, device)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    ids, mask = pad_right(sequences, pad_id, device)
+    return sequence_scores(model, ids, mask)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
@@ -239,7 +226,7 @@ def build_reward_model(base: str, cfg: PerlConfig, tokenizer) -> tuple[nn.Module
     rcfg = cfg.reward
     set_seed(rcfg.train.seed)  # the fresh head's init is part of the run's seed
     with quiet_transformers():
-        model = load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype)
+        model = fit_embeddings(load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype), tokenizer)
     limit = max_positions(model)
     if limit is not None and rcfg.max_length > limit:
         raise ConfigError(f"reward.max_length={rcfg.max_length} is longer than {base} allows ({limit} positions)")
@@ -300,7 +287,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     else:
         corpus = data_api.corpus(cfg.data) if rcfg.backbone.name.startswith("scratch:") else None
         base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     model, head = build_reward_model(base, cfg, tokenizer)
     encoder = head == "classifier"
     train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
@@ -397,17 +384,22 @@ class RewardScorer:
             if (path / "adapter_config.json").exists():
                 from peft import PeftModel
 
-                base = load_sequence_scorer(manifest["base_model"], tokenizer.pad_token_id)
+                base = fit_embeddings(load_sequence_scorer(manifest["base_model"], tokenizer.pad_token_id), tokenizer)
                 model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
             else:
-                model = load_sequence_scorer(str(path), tokenizer.pad_token_id)
+                model = fit_embeddings(load_sequence_scorer(str(path), tokenizer.pad_token_id), tokenizer)
         model.to(device or pick_device())
         return cls(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
                    manifest.get("truncation", "error"))
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """One float32 reward per (prompt, response), in input order, on the CPU."""
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+              truncation: Optional[str] = None) -> torch.Tensor:
+        """One float32 reward per (prompt, response), in input order, on the CPU.
+
+        An empty response is scored as prompt + end token (`perl_core.scoring`). `truncation`
+        overrides the model's own setting (evaluation reads generated text with "left").
+        """
         if len(prompts) != len(responses):
             raise UserError(f"score got {len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
@@ -415,7 +407,8 @@ class RewardScorer:
         seqs = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             try:
-                seqs.append(encode_example(self.tokenizer, p, r, self.max_length, self.encoder, self.truncation))
+                seqs.append(encode_example(self.tokenizer, p, r, self.max_length, self.encoder,
+                                           truncation or self.truncation))
             except ValueError as err:
                 raise UserError(f"example {i}: {err} (this reward model reads at most {self.max_length} tokens)") from None
         examples = [(s,) for s in seqs]

@@ -1,16 +1,19 @@
 """Reward model on `scratch:llama-micro`: losses by hand, one batched forward, padding, LoRA freezing,
 save/load, exact resume, clear errors. The data API is replaced by hand-made rows (no data stage)."""
 import math
+import shutil
 
 import pytest
 import torch
 
 from perl_core import data as data_api
+from perl_core.artifacts import read_manifest
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
 from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
                               length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
-from perl_core.modeling import load_tokenizer, resolve_backbone
+from perl_core.modeling import encode_prompt, load_tokenizer, resolve_backbone
 
 DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
 SIZES = ["small", "medium", "large"]
@@ -188,23 +191,43 @@ class Stop(Exception):
     pass
 
 
-def test_resume_after_a_stop_reaches_the_same_model(tmp_path, backbone, rows):
-    cfg = micro_cfg(tmp_path)
-    train_reward_model(cfg, tmp_path / "straight")
+@pytest.mark.parametrize("stop_at", [5, "after the last checkpoint"])
+def test_resume_after_evaluations_writes_the_same_artifact(tmp_path, backbone, rows, stop_at):
+    cfg = micro_cfg(tmp_path, "reward.train.eval_every=2", "reward.train.checkpoint_every=2")
+    straight = train_reward_model(cfg, tmp_path / "straight")
+    # validation accuracy reaches 1.0 at the first evaluation and cannot beat it: the best weights are step 2's
+    assert straight.metrics["best_step"] == 2 and straight.metrics["steps"] == 6
+    if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
+        shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
+    else:  # killed after the evaluations at steps 2 and 4: the checkpoint of step 4 holds step 2's weights apart
+        with pytest.raises(Stop):
+            train_reward_model(cfg, tmp_path / "stopped", callback=stop_at_step(stop_at))
+        assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
+    resumed_from = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    resumed = train_reward_model(cfg, tmp_path / "stopped", resume=True)
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+    assert without_timings(resumed.metrics) == without_timings(straight.metrics)
+    assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert (resumed_from / "best.safetensors").exists()  # the run resumed with its best weights kept apart
 
-    def stop_after_4(metrics, step):
-        if step == 5:
+
+def stop_at_step(stop_at):
+    def callback(metrics, step):
+        if step == stop_at:
             raise Stop
+    return callback
 
-    with pytest.raises(Stop):
-        train_reward_model(cfg, tmp_path / "stopped", callback=stop_after_4)
-    assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
-    train_reward_model(cfg, tmp_path / "stopped", resume=True)
-    pairs = rows["pairwise"]["validation"]
-    prompts, responses = [r["prompt"] for r in pairs], [r["rejected"] for r in pairs]
-    a = RewardScorer.load(tmp_path / "straight").score(prompts, responses)
-    b = RewardScorer.load(tmp_path / "stopped").score(prompts, responses)
-    assert torch.equal(a, b)
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if "second" not in k}
+
+
+def comparable_manifest(folder) -> dict:
+    """The manifest less what differs between two identical runs: its timestamp and timings."""
+    manifest = read_manifest(folder)
+    del manifest["created"]
+    return manifest | {"metrics": without_timings(manifest["metrics"])}
 
 
 def test_pointwise_training_reports_auc_and_balanced_accuracy(tmp_path, backbone, rows):
@@ -220,8 +243,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, backbone, rows):
     scorer = RewardScorer(build_reward_model(backbone, micro_cfg(tmp_path), tok)[0], tok, 96, False)
     with pytest.raises(UserError, match="empty batch"):
         scorer.score([], [])
-    with pytest.raises(UserError, match="example 1: the response is empty"):
-        scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])
+    # an empty response (a policy that wrote EOS first) is read as written: prompt + eos, no response tokens
+    empty = scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])[1]
+    with torch.no_grad():
+        by_hand = score_sequences(scorer.model, [encode_prompt(tok, "b\nAgent:") + [tok.eos_token_id]], tok.pad_token_id)
+    torch.testing.assert_close(empty, by_hand[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="example 0: sequence of .* reads at most 96 tokens"):
         scorer.score(["very " * 200], [" yes"])
 

@@ -3,6 +3,14 @@
 A source adapter yields `Record`s (a raw row with where it came from) or `Reject`s (a row it
 could not even read, e.g. an invalid JSON line). `validate` turns a record into a clean row or
 raises a `DataError` that names the file, the row number and the field.
+
+Rows may also arrive in TRL's conversational form: `prompt` a list of `{role, content}` messages
+(system / user / assistant, ending with a user turn) and each response a list holding one
+assistant message. The prompt becomes the HH-RLHF transcript
+"Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:" (a system message as "System: ..."),
+the response " " + its content, so prompt + response is the transcript and every stage reads
+text; with a chat template the transcript is rendered back into those messages
+(`modeling.prompt_messages`).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "response"),
 }
 TEXT_FIELDS = {"prompt", "chosen", "rejected", "response"}
+TRANSCRIPT_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 SPLITS = ("train", "validation", "test")
 
 
@@ -67,6 +76,34 @@ def _label(value: Any) -> int:
     raise ValueError(f"label must be 0 or 1 (thumbs down/up), got {value!r}")
 
 
+def _messages(value: list, what: str) -> list[tuple[str, str]]:
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in TRANSCRIPT_ROLES:
+            raise ValueError(f"{what}: message {i} must be {{role, content}} with role one of "
+                             f"{sorted(TRANSCRIPT_ROLES)} and text content, got {m!r:.80}")
+        out.append((m["role"], m["content"].strip()))
+    if not out:
+        raise ValueError(f"{what}: an empty message list")
+    return out
+
+
+def conversation_text(name: str, value: list) -> str:
+    """A TRL conversational field as our text: the prompt as an HH transcript ending with the
+    assistant cue, a response (one assistant message) as " " + its content."""
+    messages = _messages(value, "conversational " + name)
+    if name == "prompt":
+        if messages[-1][0] == "assistant":
+            raise ValueError("conversational prompt: its last message is the assistant's; the prompt ends with "
+                             "the user's turn and the response is the assistant's reply")
+        turns = [f"{TRANSCRIPT_ROLES[role]}: {content}" for role, content in messages]
+        return "\n\n".join(turns + ["Assistant:"])
+    if len(messages) != 1 or messages[0][0] != "assistant":
+        raise ValueError(f"conversational {name}: expected one assistant message, got roles "
+                         f"{[role for role, _ in messages]}")
+    return " " + messages[0][1]
+
+
 def validate(record: Record) -> dict[str, Any]:
     """A clean row of `record.view`, or a `DataError` naming file, row and field."""
     view, raw = record.view, record.row
@@ -88,8 +125,14 @@ def validate(record: Record) -> dict[str, Any]:
             except ValueError as err:
                 raise DataError(str(err), field=name, **where) from None
             continue
+        if isinstance(value, list):
+            try:
+                value = conversation_text(name, value)
+            except ValueError as err:
+                raise DataError(str(err), field=name, **where) from None
         if not isinstance(value, str):
-            raise DataError(f"expected text, got {type(value).__name__} {value!r:.60}", field=name, **where)
+            raise DataError(f"expected text, got {type(value).__name__} {value!r:.60} (or TRL's conversational "
+                            "form: a list of {role, content} messages)", field=name, **where)
         if not value.strip():
             raise DataError("empty text", field=name, **where)
         clean[name] = value
