@@ -186,6 +186,9 @@ class PolicyConfig(Section):
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )
+    log_samples_every: int = Field(
+        25, ge=0, description="hand a step's completions (prompt, response, reward, gold score) to the samples "
+        "callback every N RL steps and at the last step; 0: never")
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
-from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
@@ -175,8 +175,12 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
 
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
-            gold_score: Optional[Callable[[str, str], float]] = None) -> RLResult:
-    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring)."""
+            gold_score: Optional[Callable[[str, str], float]] = None,
+            samples_callback: SamplesCallback = null_samples) -> RLResult:
+    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
+
+    Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
+    """
     from perl_core.generation import decode_responses
 
     check_policy_config(cfg)
@@ -271,11 +275,15 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         }
         if value_head is not None:
             metrics["value_loss"] = float(value_loss.detach())
-        if gold_score is not None:
-            metrics["gold_score"] = sum(gold_score(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
+        gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
+        if gold is not None:
+            metrics["gold_score"] = sum(gold) / len(gold)
         if cfg.adaptive_kl:
             kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses), cfg.kl_horizon)
         callback({f"rl/{name}": v for name, v in metrics.items()}, step)
+        every = cfg.log_samples_every
+        if every and (step % every == 0 or step == tc.max_steps):
+            samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
@@ -286,6 +294,15 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     return result
 
 
+def completion_rows(prompts: list[str], responses: list[str], rewards: list[float],
+                    gold: Optional[list[float]] = None) -> list[dict]:
+    """One row per completion: the reward model's raw score (before normalisation) and the gold score if known."""
+    rows = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, rewards)]
+    for row, g in zip(rows, gold or []):
+        row["gold_score"] = float(g)
+    return rows
+
+
 # ---------------------------------------------------------------- the stage
 def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
     """Means over the last `last` steps (RL metrics are noisy step to step)."""
@@ -294,7 +311,8 @@ def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float
 
 
 def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
-                 callback: MetricsCallback = null_callback, resume: bool = False) -> StageResult:
+                 callback: MetricsCallback = null_callback, resume: bool = False,
+                 samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
     from perl_core.data import load_prompts
     from perl_core.policy_models import build_roles
@@ -309,7 +327,8 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     if cfg.data.source == "synthetic":
         from perl_core.data.synthetic import gold_score as gold
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
-                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold)
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
+                     samples_callback=samples_callback)
     roles.save_policy(out_dir)
     from perl_core.sft import _data_version
 

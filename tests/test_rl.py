@@ -416,6 +416,27 @@ def test_policy_artifact_round_trips_through_policy_generator(dirs, tmp_path):
     assert gen.generate(PROMPTS[:3], temperature=0, max_new_tokens=6) == live
 
 
+def test_sample_completions_reach_the_samples_callback_every_n_steps_and_at_the_end(dirs):
+    roles = roles_for(dirs)
+    metrics, tables = [], []
+    cfg = policy_cfg(log_samples_every=2, train={"max_steps": 5, "batch_size": 3})
+    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(metrics), gold_score=lambda p, r: len(r) / 100,
+            samples_callback=lambda rows, step: tables.append((step, rows)))
+    assert [step for step, _ in tables] == [2, 4, 5]
+    reward_at = {step: m["rl/reward"] for step, m in metrics}
+    for step, rows in tables:
+        assert len(rows) == 3 * 2 and all(set(r) == {"prompt", "response", "reward", "gold_score"} for r in rows)
+        assert all(r["prompt"] in PROMPTS for r in rows)
+        assert [r["prompt"] for r in rows[::2]] == [r["prompt"] for r in rows[1::2]]  # k=2 consecutive per prompt
+        assert [r["gold_score"] for r in rows] == [len(r["response"]) / 100 for r in rows]
+        assert sum(r["reward"] for r in rows) / len(rows) == pytest.approx(reward_at[step], abs=1e-6)
+
+    tables.clear()
+    rl_loop(roles, roles.tokenizer, PROMPTS, policy_cfg(log_samples_every=0, train={"max_steps": 1}),
+            samples_callback=lambda rows, step: tables.append((step, rows)))
+    assert tables == []
+
+
 def test_policy_efficiency_quick_reports_both_layouts(tmp_path):
     import importlib.util
 
