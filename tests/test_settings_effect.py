@@ -11,7 +11,7 @@ training forward, the dtype of an attention projection's output, how often a lay
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
