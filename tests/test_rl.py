@@ -98,8 +98,6 @@ def manual_logprobs(model, samples, temperature):
 
 
 def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
-    from types import SimpleNamespace
-
     from perl_core.config import GenerationConfig
     from perl_core.evaluation import logprobs_of, sample_with_logprobs
 
@@ -118,7 +116,7 @@ def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
         torch.testing.assert_close(anchor[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
         assert (logp[i][keep] - plain[i]).abs().max() > 1e-2  # T = 0.7 really differs from T = 1
     # evaluation's KL reads its samples the same way, for the policy and for the anchor
-    generator = SimpleNamespace(model=base, tokenizer=roles.tokenizer)
+    generator = PolicyGenerator(base, roles.tokenizer, {"config": {}}, Path("."))
     _, batches, sums, _ = sample_with_logprobs(generator, PROMPTS[:4], 0, GenerationConfig(temperature=0.7,
                                                                                              max_new_tokens=6))
     expected = torch.stack([r.sum() for r in manual_logprobs(base, batches[0], 0.7)])
@@ -322,8 +320,11 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
 
     if precision == "fp16":  # fp16 with loss scaling on the CPU (torch has both there) as a stand-in for a GPU
         real = devices.autocast_dtype
-        monkeypatch.setattr(devices, "autocast_dtype", lambda p, d, s="train.precision":
-                            torch.float16 if p == "fp16" else real(p, d, s))
+
+        def fp16_anywhere(p, d, s="train.precision"):
+            return torch.float16 if p == "fp16" else real(p, d, s)
+        monkeypatch.setattr(devices, "autocast_dtype", fp16_anywhere)
+        monkeypatch.setattr(rl, "autocast_dtype", fp16_anywhere)  # the stage's check before any work
     monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
     monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
     anchor, rm = dirs
