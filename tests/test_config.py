@@ -1,6 +1,8 @@
 import pytest
+import yaml
 
-from perl_core.config import ConfigError, PerlConfig, build_config, flatten, load_config, parse_override
+from perl_core.config import (PRESET_DIR, ConfigError, PerlConfig, TrainConfig, build_config, flatten, load_config,
+                              parse_override)
 
 
 def test_default_preset_loads_and_overrides_apply():
@@ -56,7 +58,17 @@ def test_flatten_gives_dotted_keys():
 
 
 def test_a_partial_override_keeps_the_sections_own_defaults():
-    cfg = build_config({}, ["sft.train.max_steps=7"])
-    assert cfg.sft.train.max_steps == 7
-    assert cfg.sft.train.learning_rate == PerlConfig().sft.train.learning_rate == 3e-3
+    cfg = build_config({}, ["sft.train.learning_rate=0.005"])
+    assert cfg.sft.train.learning_rate == 0.005
+    assert cfg.sft.train.max_steps == PerlConfig().sft.train.max_steps == 1000 != TrainConfig().max_steps
     assert build_config({"reward": {"train": {"max_steps": 5}}}).reward.train.eval_every == PerlConfig().reward.train.eval_every
+
+
+def test_the_typed_tree_is_the_embedded_default():
+    """One source of defaults: `PerlConfig()` (Prefect's `parameters: {}`) is the `default` preset (`make run`)."""
+    assert yaml.safe_load((PRESET_DIR / "default.yaml").read_text()) == {}
+    assert PerlConfig() == load_config("default")
+    # the measured setting the README reports (docs/policy.md, "The current default")
+    cfg = PerlConfig()
+    assert (cfg.sft.train.max_steps, cfg.policy.kl_coef, cfg.policy.generation.temperature,
+            cfg.policy.train.learning_rate, cfg.policy.train.max_steps) == (1000, 0.2, 0.7, 3e-4, 150)
