@@ -72,3 +72,44 @@ def test_the_typed_tree_is_the_embedded_default():
     cfg = PerlConfig()
     assert (cfg.sft.train.max_steps, cfg.policy.kl_coef, cfg.policy.generation.temperature,
             cfg.policy.train.learning_rate, cfg.policy.train.max_steps) == (1000, 0.2, 0.7, 3e-4, 150)
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_its_presets_from_any_folder(tmp_path):
+    """`pip install .` (not -e) into a fresh folder, then commands from elsewhere: the presets come
+    with the package, and every package folder of the checkout is in it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    skip = shutil.ignore_patterns("__pycache__")
+    for name in ("perl_core", "flows", "configs"):
+        shutil.copytree(root / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    packages = lambda base, top: {str(p.parent.relative_to(base)) for p in (base / top).rglob("__init__.py")}  # noqa: E731
+    for top in ("perl_core", "flows"):
+        assert packages(root, top) <= packages(site, top), "pyproject.toml's package list misses a folder"
+    assert sorted(p.name for p in (site / "perl_core" / "configs").glob("*.yaml")) == \
+        sorted(p.name for p in (root / "configs").glob("*.yaml"))
+
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)  # noqa: E731
+    check = run("-c", "import perl_core.config as c; from perl_core.bench import report; "
+                      "assert c.PerlConfig() == c.load_config('default'); "
+                      "print(c.PRESET_DIR, [c.load_config(p).preset for p in ('tiny', 'taskmaster4')])")
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split()[0] == str(site / "perl_core" / "configs") and "['tiny', 'taskmaster4']" in check.stdout
+    for args in (["--help"], ["report", "efficiency", "--help"]):
+        shown = run("-m", "flows.cli", *args)
+        assert shown.returncode == 0 and "Usage" in shown.stdout, shown.stderr
+    made = run("-m", "flows.cli", "data", "import", "synthetic", "-c", "tiny", "--set", "data.synthetic.n_prompts=20")
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (elsewhere / "data" / "synthetic" / "pairwise" / "train.jsonl").stat().st_size > 0
