@@ -61,9 +61,17 @@ def compare_reward(
     config: str = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """ROC-AUC of two reward models on the same pointwise rows, and the bootstrap interval of A - B."""
+    """Two reward models on the same test rows: pairwise accuracy and margin (pairwise data), ROC-AUC
+    (pointwise data), each with the paired bootstrap interval of A - B."""
     from perl_core.evaluation import compare_reward_evals
 
     cfg = cli_config(config, overrides)
-    for key, value in compare_reward_evals(a, b, cfg.evaluation).items():
+    out = compare_reward_evals(a, b, cfg.evaluation)
+    for key, value in out.items():
         console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    pct = f"{out['confidence']:.0%}"
+    for name, n in (("pairwise_accuracy", "n_pairs"), ("roc_auc", "n")):
+        if f"{name}_diff" in out:
+            console.print(f"{name} A - B: {out[f'{name}_diff']:+.4f}, {pct} paired bootstrap interval "
+                          f"[{out[f'{name}_diff_ci_low']:+.4f}, {out[f'{name}_diff_ci_high']:+.4f}] on {out[n]} "
+                          f"{'pairs' if n == 'n_pairs' else 'rows'}")

@@ -166,6 +166,12 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+class PolicyTrainConfig(TrainConfig):
+    micro_batch_size: Optional[int] = Field(
+        None, ge=1, description="samples per forward/backward in an RL step (same gradient, memory bounded by this "
+        "instead of batch_size x k); none = all batch_size x k samples in one pass")
+
+
 class PolicyConfig(Section):
     """Policy RL (REINFORCE / RLOO) against the reward model, anchored by KL."""
 
@@ -184,7 +190,7 @@ class PolicyConfig(Section):
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
     # lr 1e-3 peaks early and then oscillates (KL 12-20 nats); 3e-4 climbs steadily below target_kl (docs/policy.md)
-    train: TrainConfig = TrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150, eval_every=25)
+    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150, eval_every=25)
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )

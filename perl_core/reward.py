@@ -15,6 +15,7 @@ or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `mani
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
@@ -163,6 +164,38 @@ def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: 
 
 
 # ---------------------------------------------------------------- data
+def row_keys(rows: Sequence[dict], view: str) -> list[str]:
+    """Each preference row's identity from its text: a dataset's `id` may be missing or shared by
+    several pairs of one conversation, the text is not. A repeated row gets `#2`, `#3`, ... in order,
+    so two evaluations of the same split agree on every key."""
+    import hashlib
+
+    fields = ("prompt", "chosen", "rejected") if view == "pairwise" else ("prompt", "response", "label")
+    keys, seen = [], {}
+    for row in rows:
+        key = hashlib.sha1("\x1f".join(str(row[f]) for f in fields).encode("utf-8")).hexdigest()[:16]
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return keys
+
+
+def score_rows(rows: Sequence[dict], scores, view: str, row_numbers: Optional[Sequence[int]] = None) -> list[dict]:
+    """Per-row scores as evaluations save them: pairwise `scores` are [chosen..., rejected...] (what
+    :func:`score_examples` returns), pointwise one per row. `row` is the 1-based line in the split file."""
+    s = [float(x) for x in (scores.detach().float().cpu().tolist() if hasattr(scores, "detach") else scores)]
+    numbers = list(row_numbers) if row_numbers is not None else range(1, len(rows) + 1)
+    n = len(rows)
+    out = []
+    for i, (row, key, number) in enumerate(zip(rows, row_keys(rows, view), numbers)):
+        entry = {"row": int(number), "id": row.get("id"), "key": key}
+        if view == "pairwise":
+            entry.update(chosen=s[i], rejected=s[n + i])
+        else:
+            entry.update(label=int(row["label"]), score=s[i])
+        out.append(entry)
+    return out
+
+
 def _split_file(cfg: PerlConfig, view: str, split: str) -> str:
     return str(Path(cfg.data.data_dir) / (cfg.data.name or cfg.data.source) / view / f"{split}.jsonl")
 
@@ -272,8 +305,10 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     encoder = head == "classifier"
     train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
     val = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    val_numbers = list(range(len(val)))
     if rcfg.eval_examples is not None and len(val) > rcfg.eval_examples:
-        val = [val[i] for i in sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))]
+        val_numbers = sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))
+        val = [val[i] for i in val_numbers]
     pad_id = tokenizer.pad_token_id
     bs = rcfg.train.batch_size
 
@@ -300,13 +335,17 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     eval_metric = "pairwise_accuracy" if objective == "pairwise" else "roc_auc"
 
+    last_scores: list[torch.Tensor] = []  # the latest validation pass, saved per row with the model
+
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        return reward_metrics(score_examples(m, val, objective, pad_id, bs * 2), val, objective, rcfg.margin)
+        last_scores[:] = [score_examples(m, val, objective, pad_id, bs * 2)]
+        return reward_metrics(last_scores[0], val, objective, rcfg.margin)
 
     result = train_loop(model, batches, loss_fn, rcfg.train, eval_fn=eval_fn, eval_metric=eval_metric,
                         callback=callback, checkpoint_dir=out / "checkpoints", resume=resume, desc="reward model")
     # the loop evaluated the final step; only restored (earlier, better) weights need a new pass
-    final = result.last_eval if result.best_step in (None, result.step) and result.last_eval else eval_fn(model)
+    final = result.last_eval if result.best_step in (None, result.step) and result.last_eval and last_scores \
+        else eval_fn(model)
     counts = parameter_counts(model)
     metrics = {f"validation/{k}": v for k, v in final.items()}
     metrics.update(trainable_params=counts["trainable"], total_params=counts["total"], steps=result.step,
@@ -314,7 +353,12 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     if result.best_step is not None:
         metrics["best_step"] = result.best_step
     save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
-    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out})
+    # per-row validation scores: the validation metric's interval, and paired comparisons of two
+    # training runs on the same rows (the efficiency report's LoRA against full tuning)
+    scores_file = out / "validation_scores.json"
+    scores_file.write_text(json.dumps({"split": "validation", "objective": objective, "scores": {objective: score_rows(
+        [val_rows[i] for i in val_numbers], last_scores[0], objective, [i + 1 for i in val_numbers])}}))
+    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out, "validation_scores": scores_file})
 
 
 def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *, base: str, head: str,

@@ -14,13 +14,17 @@ One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahm
 Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline). The roles
 (policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
 ONE backbone (adapter on, adapters off, reward adapter + head).
+
+With `policy.train.micro_batch_size` the B*k samples go through the reward model, the anchor and
+the policy's forward/backward in chunks, each chunk's loss weighted by its share of the mean: the
+same gradient, with memory set by the chunk instead of B*k (sampling stays one `generate`).
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,6 +71,21 @@ def kl_penalised_reward(reward: torch.Tensor, policy_logp: torch.Tensor, anchor_
     return reward - kl_coef * kl, kl
 
 
+def clip_reward(reward: torch.Tensor, limit: Optional[float]) -> torch.Tensor:
+    """clip(r, -limit, limit) (policy.reward_clip); no limit leaves r as it is."""
+    return reward if limit is None else reward.clamp(-limit, limit)
+
+
+def moving_average(baseline: Optional[float], value: float, decay: float) -> float:
+    """b <- decay * b + (1 - decay) * value: the reinforce baseline; the first value starts it."""
+    return value if baseline is None else decay * baseline + (1 - decay) * value
+
+
+def policy_loss(advantage: torch.Tensor, policy_logp: torch.Tensor) -> torch.Tensor:
+    """- mean_i A_i * sum_t log pi(y_it | .): REINFORCE, the advantage held constant."""
+    return -(advantage.detach() * policy_logp.sum(-1)).mean()
+
+
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """A_i = R_i - (sum_j R_j - R_i) / (k - 1) within each prompt's group of k consecutive samples."""
     grouped = rewards.view(-1, k)
@@ -100,6 +119,25 @@ class RunningMoments:
         return (x - self.mean) / math.sqrt(self.var + 1e-8)
 
 
+# ---------------------------------------------------------------- micro-batches
+def row_chunks(n: int, size: Optional[int]) -> list[slice]:
+    """Consecutive row ranges of at most `size` rows covering 0..n-1 (one range when size is None)."""
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def sample_rows(samples: Samples, rows: slice) -> Samples:
+    """The samples of `rows`, with the batch's padding (so every row's forward is the one it has in the whole batch)."""
+    return replace(samples, sequences=samples.sequences[rows], attention_mask=samples.attention_mask[rows],
+                   response_mask=samples.response_mask[rows], finished=samples.finished[rows])
+
+
+def chunked_logprobs(model: nn.Module, samples: Samples, chunks: list[slice], with_hidden: bool = False):
+    """`token_logprobs` of `chunks` in turn, concatenated: the whole batch's values, one chunk's activations at a time."""
+    parts = [token_logprobs(model, sample_rows(samples, rows), with_hidden=with_hidden) for rows in chunks]
+    return tuple(torch.cat(values) for values in zip(*parts))
+
+
 # ---------------------------------------------------------------- checks before any work
 def check_policy_config(cfg: PolicyConfig) -> None:
     if cfg.algorithm == "rloo" and cfg.k < 2:
@@ -108,7 +146,8 @@ def check_policy_config(cfg: PolicyConfig) -> None:
         raise ConfigError(f"policy.generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.train.grad_accum != 1:
         raise ConfigError("policy.train.grad_accum must be 1: an RL step is already policy.train.batch_size prompts "
-                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum})")
+                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum}); to bound its memory, set "
+                          "policy.train.micro_batch_size")
 
 
 # ---------------------------------------------------------------- the loop
@@ -167,37 +206,44 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         t1 = time.perf_counter()
 
         # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
+        chunks = row_chunks(len(responses), tc.micro_batch_size)
         with torch.no_grad():
-            rm_reward = roles.reward(samples, batch_prompts, responses).float().cpu()
-            anchor_logp = roles.anchor_logprobs(samples)
+            rm_reward = torch.cat([roles.reward(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
+                                   .float().cpu() for rows in chunks])
+            anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
         require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
         t2 = time.perf_counter()
 
-        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss
-        if value_head is not None:
-            policy_logp, entropy, hidden = token_logprobs(roles.policy, samples, with_hidden=True)
-        else:
-            policy_logp, entropy = token_logprobs(roles.policy, samples)
+        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss. In one pass, the
+        #    forward that gives the KL also carries the gradient. Micro-batched, the KL needs every
+        #    sample's log-probs before any advantage exists, so a no-grad pass comes first and each
+        #    chunk runs again with gradients: only one chunk's activations are alive at a time.
+        one_pass = len(chunks) == 1
+        with torch.set_grad_enabled(one_pass):
+            policy_logp, entropy, *hidden = chunked_logprobs(roles.policy, samples, chunks, value_head is not None)
         moments.update(rm_reward)
-        reward = moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward
-        if cfg.reward_clip is not None:
-            reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
         total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
         value_loss = torch.zeros(())
         if cfg.algorithm == "rloo":
             advantage = rloo_advantages(total, k)
         elif value_head is not None:
-            value = value_head(hidden.detach().float()).squeeze(-1)
+            value = value_head(hidden[0].detach().float()).squeeze(-1)
             value_loss = F.mse_loss(value, total)
             advantage = total - value.detach()
+            require_finite(value_loss, "value loss", step + 1, checkpoint_dir)
+            value_loss.backward()  # a graph of its own: the value head reads detached hidden states
         else:
             advantage = total - (baseline if baseline is not None else float(total.mean()))
-            baseline = float(total.mean()) if baseline is None else \
-                cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * float(total.mean())
-        policy_loss = -(advantage.detach() * policy_logp.sum(-1)).mean()
-        loss = policy_loss + value_loss
-        require_finite(loss, "policy loss", step + 1, checkpoint_dir)
-        loss.backward()
+            baseline = moving_average(baseline, float(total.mean()), cfg.baseline_decay)
+        loss = 0.0
+        for rows in chunks:
+            logp = policy_logp if one_pass else token_logprobs(roles.policy, sample_rows(samples, rows))[0]
+            # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
+            part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
+            require_finite(part, "policy loss", step + 1, checkpoint_dir)
+            part.backward()
+            loss += float(part.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trainable.parameters() if p.requires_grad],
                                                    tc.max_grad_norm)
         require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
@@ -212,8 +258,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         metrics = {
             "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
             "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
-            "entropy": float(entropy.detach().sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
-            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": float(policy_loss.detach()),
+            "entropy": float(entropy.sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
+            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
             "advantage_std": float(advantage.std()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
             "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),

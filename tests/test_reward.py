@@ -137,6 +137,28 @@ def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
     assert 0.0 <= result.metrics["validation/pairwise_accuracy"] <= 1.0
 
 
+def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
+    """The final validation pass is kept per pair (the efficiency report's intervals): the rows are the
+    `eval_examples` subsample, and their scores are what the saved model gives those pairs."""
+    import json
+
+    from perl_core import metrics as M
+    from perl_core.reward import row_keys
+
+    result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")
+    saved = json.loads(result.artifacts["validation_scores"].read_text())
+    pairs = saved["scores"]["pairwise"]
+    assert saved["objective"] == "pairwise" and len(pairs) == 5
+    val = rows["pairwise"]["validation"]
+    picked = [val[p["row"] - 1] for p in pairs]
+    assert [p["key"] for p in pairs] == row_keys(picked, "pairwise")
+    accuracy = M.pairwise_accuracy([p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
+    assert accuracy == pytest.approx(result.metrics["validation/pairwise_accuracy"])
+    scorer = RewardScorer.load(tmp_path / "rm")
+    chosen = scorer.score([r["prompt"] for r in picked], [r["chosen"] for r in picked])
+    assert [p["chosen"] for p in pairs] == pytest.approx(chosen.tolist(), abs=1e-4)
+
+
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_save_load_score_round_trip(tmp_path, backbone, rows, tuning):
     cfg = micro_cfg(tmp_path, f"reward.tuning={tuning}", "reward.train.max_steps=3")
@@ -281,6 +303,9 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path):
         assert r["steps"] == 4 and r["median_step_seconds"] > 0 and r["memory"]["peak_rss_mb"] > r["memory"]["baseline_rss_mb"]
         assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
     assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
+    # both settings keep their validation pass per pair, on the same 16 pairs (the report's paired interval)
+    keys = [[p["key"] for p in r["validation_rows"]["pairwise"]] for r in (lora, full)]
+    assert len(keys[0]) == 16 and keys[0] == keys[1]
     assert json.loads((tmp_path / "bench.json").read_text())["summary"]["validation_metric"] == "pairwise_accuracy"
 
 

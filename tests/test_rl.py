@@ -12,8 +12,10 @@ from perl_core.errors import NonFiniteError
 from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
-from perl_core.rl import adapt_kl_coef, kl_penalised_reward, rl_loop, rloo_advantages, token_logprobs
-from perl_core.training import latest_checkpoint
+from perl_core import rl
+from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
+                          rl_loop, rloo_advantages, row_chunks, token_logprobs)
+from perl_core.training import latest_checkpoint, make_optimizer
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
            for d in ("latte", "mocha") for m in ("oat", "soy")]
@@ -106,6 +108,50 @@ def test_adaptive_kl_coef_on_hand_values():
     assert PolicyConfig().kl_horizon == 2000  # the default the docs quote
 
 
+def test_moving_average_baseline_on_hand_values():
+    b = moving_average(None, 2.0, decay=0.9)  # the first batch's mean starts it
+    assert b == 2.0
+    b = moving_average(b, 4.0, decay=0.9)  # 0.9 * 2 + 0.1 * 4
+    assert b == pytest.approx(2.2)
+    b = moving_average(b, -1.0, decay=0.9)  # 0.9 * 2.2 + 0.1 * -1
+    assert b == pytest.approx(1.88)
+
+
+def test_running_moments_match_numpy_over_the_concatenation():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=n).astype(np.float32) for n in (3, 5, 1, 8)]
+    moments = RunningMoments()
+    for i, batch in enumerate(batches):
+        moments.update(torch.from_numpy(batch))
+        seen = np.concatenate(batches[:i + 1]).astype(np.float64)
+        assert moments.count == seen.size
+        assert moments.mean == pytest.approx(seen.mean(), rel=1e-6)
+        assert moments.var == pytest.approx(seen.var(), rel=1e-5)  # population variance, as normalise divides by
+    x = torch.tensor([seen.mean(), seen.mean() + seen.std()])
+    assert moments.normalise(x).tolist() == pytest.approx([0.0, 1.0], abs=1e-5)
+
+
+def test_reward_clip_on_hand_values():
+    r = torch.tensor([-3.0, -0.5, 0.0, 2.5])
+    assert clip_reward(r, 1.0).tolist() == [-1.0, -0.5, 0.0, 1.0]
+    assert clip_reward(r, None).tolist() == [-3.0, -0.5, 0.0, 2.5]
+
+
+def test_policy_loss_on_a_hand_example():
+    advantage = torch.tensor([2.0, -1.0], requires_grad=True)
+    # two responses of up to 3 tokens; the second one's last position is padding (log-prob 0 after masking)
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]], requires_grad=True)
+    loss = policy_loss(advantage, logp)
+    # sums -3.5 and -2; -(2 * -3.5 + -1 * -2) / 2 = 2.5
+    assert float(loss) == pytest.approx(2.5)
+    loss.backward()
+    # d loss / d log pi(y_it) = -A_i / N at every token; the advantage is a constant (no gradient)
+    assert logp.grad.tolist() == [[-1.0, -1.0, -1.0], [0.5, 0.5, 0.5]]
+    assert advantage.grad is None
+
+
 def samples_from_text(tokenizer, prompts, responses):
     """Samples for known text: left-padded prompts, then responses (+ EOS) right-padded."""
     from perl_core.generation import Samples, left_pad
@@ -157,6 +203,55 @@ def test_rl_trains_only_the_policy_adapter_and_the_disabled_backbone_is_the_anch
                 "score_seconds", "update_seconds", "tokens_per_second"):
         assert math.isfinite(metrics[f"rl/{key}"]), key
     assert metrics["rl/kl"] != 0.0  # the policy moved away from the anchor
+
+
+def gradients_and_metrics(dirs, cfg, monkeypatch):
+    """Every parameter's .grad as the optimizer steps, and the step metrics, for an rl_loop run with `cfg`."""
+    grads = []
+
+    def recording_optimizer(module, tc):
+        optimizer = make_optimizer(module, tc)
+        optimizer.register_step_pre_hook(lambda *_: grads.append(
+            {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+        return optimizer
+
+    monkeypatch.setattr(rl, "make_optimizer", recording_optimizer)
+    roles = roles_for(dirs, cfg)
+    rows = []
+    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(rows))
+    return grads, [metrics for _, metrics in rows]
+
+
+@pytest.mark.parametrize("over, micro_batch_size", [
+    ({}, 2),  # rloo, 6 samples in 3 chunks of 2
+    ({}, 4),  # rloo, chunks of 4 and 2: a chunk splits a prompt's group of k
+    ({"algorithm": "reinforce", "baseline": "value_head"}, 5),  # chunks of 5 and 1, the value head trains too
+])
+def test_micro_batched_update_has_the_one_pass_gradient(dirs, monkeypatch, over, micro_batch_size):
+    # no clipping: a clipped gradient would hide a wrongly scaled one
+    train = {"batch_size": 3, "max_steps": 2, "learning_rate": 0.02, "warmup_ratio": 0.0, "max_grad_norm": 1e6}
+    one_pass = policy_cfg(**over, train=train)
+    micro = policy_cfg(**over, train=train | {"micro_batch_size": micro_batch_size})
+    assert len(row_chunks(one_pass.train.batch_size * one_pass.k, micro_batch_size)) > 1
+    expected, expected_metrics = gradients_and_metrics(dirs, one_pass, monkeypatch)
+    got, got_metrics = gradients_and_metrics(dirs, micro, monkeypatch)
+    assert len(got) == len(expected) == 2
+    for step_got, step_expected in zip(got, expected):
+        assert step_got.keys() == step_expected.keys()
+        assert any(g.abs().max() > 1e-3 for g in step_expected.values())
+        for name in step_expected:
+            torch.testing.assert_close(step_got[name], step_expected[name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda detail, name=name: f"{name}: {detail}")
+    for m_got, m_expected in zip(got_metrics, expected_metrics):
+        for key in ("rl/reward", "rl/kl", "rl/entropy", "rl/policy_loss", "rl/advantage_std", "rl/grad_norm"):
+            assert m_got[key] == pytest.approx(m_expected[key], rel=1e-4, abs=1e-6), key
+    assert expected_metrics[1]["rl/kl"] != 0.0  # step 2's KL is not 0: its no-grad pass is exercised
+
+
+def test_row_chunks_cover_every_row_once():
+    assert row_chunks(6, None) == [slice(0, 6)]
+    assert row_chunks(6, 4) == [slice(0, 4), slice(4, 6)]
+    assert row_chunks(6, 6) == row_chunks(6, 10) == [slice(0, 6)]
 
 
 class Stop(Exception):
@@ -212,6 +307,10 @@ def test_bad_configs_are_rejected_with_their_setting():
         build_config({"policy": {"generation": {"max_new_tokens": 0}}})
     with pytest.raises(ConfigError, match=r"policy.train.grad_accum must be 1"):
         rl_loop(None, None, PROMPTS, policy_cfg(train={"grad_accum": 2}))
+    with pytest.raises(ConfigError, match=r"policy.train.micro_batch_size: Input should be greater than or equal to 1"):
+        build_config({"policy": {"train": {"micro_batch_size": 0}}})
+    with pytest.raises(ConfigError, match=r"sft.train.micro_batch_size: unknown setting"):
+        build_config({"sft": {"train": {"micro_batch_size": 4}}})  # only the RL update is micro-batched
 
 
 def test_a_reward_model_that_cannot_read_the_policy_text_is_rejected(tmp_path):
@@ -230,6 +329,7 @@ def test_a_reward_model_that_cannot_read_the_policy_text_is_rejected(tmp_path):
 def test_cut_responses_get_their_eos_for_scoring(dirs):
     roles = roles_for(dirs)
     samples = samples_for(roles)
+    assert not samples.finished.all()  # max_new_tokens cut at least one response, so the cut path runs
     ids, mask = with_final_eos(samples, eos_id=2, pad_id=0)
     for i, done in enumerate(samples.finished):
         assert (ids[i, -1] == 2) == (not done) and (mask[i, -1] == 1) == (not done)

@@ -76,7 +76,37 @@ def _row(stage: str, setting: str, r: dict, quality_metric: str, quality: Option
         row.update(params_ratio=ratio(row["trainable_params"], int(full["trainable_params"])),
                    memory_ratio=ratio(peak, full_peak), step_time_ratio=ratio(row["step_seconds"], float(full[step_key])),
                    quality_delta=(quality - full_quality) if quality is not None and full_quality is not None else None)
+    row.update(quality_intervals(r, full))
     return row
+
+
+def quality_intervals(r: dict, full: Optional[dict] = None) -> dict:
+    """Bootstrap interval of a reward setting's validation pairwise accuracy from its per-pair scores,
+    and the paired interval of its difference to full tuning on the same pairs (the "within 1 point"
+    claim is read from that interval, not from two point estimates). Empty when the workload kept no
+    per-pair scores (results saved before it did) or the two settings scored different pairs."""
+    from perl_core.config import EvaluationConfig
+    from perl_core.evaluation import compare_pairwise, pairwise_intervals
+
+    pairs = (r.get("validation_rows") or {}).get("pairwise")
+    if r.get("validation_metric") != "pairwise_accuracy" or not pairs:
+        return {}
+    ev = EvaluationConfig()
+    ci = pairwise_intervals([p["chosen"] for p in pairs], [p["rejected"] for p in pairs], ev)
+    out = {"quality_ci_low": ci["pairwise_accuracy_ci_low"], "quality_ci_high": ci["pairwise_accuracy_ci_high"],
+           "quality_confidence": ev.confidence}
+    full_pairs = (full.get("validation_rows") or {}).get("pairwise") if full is not None and full is not r else None
+    if full_pairs and sorted(p["key"] for p in pairs) == sorted(p["key"] for p in full_pairs):
+        diff = compare_pairwise(pairs, full_pairs, ev)
+        out.update(quality_delta_ci_low=diff["pairwise_accuracy_diff_ci_low"],
+                   quality_delta_ci_high=diff["pairwise_accuracy_diff_ci_high"])
+    return out
+
+
+def _interval_cell(value: float, row: dict, name: str, fmt: Callable[[float], str]) -> str:
+    if row.get(f"{name}_ci_low") is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(row[f'{name}_ci_low'])}, {fmt(row[f'{name}_ci_high'])}]"
 
 
 def reward_rows(bench: dict) -> list[dict]:
@@ -338,12 +368,16 @@ def report_markdown(report: dict) -> str:
         table.append([r["stage"], r["setting"], r["trainable_params"], _ratio_cell(r.get("params_ratio")),
                       f"{r['peak_memory_mb']:.0f}", _ratio_cell(r.get("memory_ratio")), f"{r['step_seconds']:.3f}",
                       _ratio_cell(r.get("step_time_ratio")),
-                      f"{r['quality_metric']} = {R.fmt(r['quality'])}" if r["quality"] is not None else "not measured",
-                      "—" if r.get("quality_delta") is None else f"{r['quality_delta']:+.3f}"])
+                      f"{r['quality_metric']} = {_interval_cell(r['quality'], r, 'quality', R.fmt)}"
+                      if r["quality"] is not None else "not measured",
+                      "—" if r.get("quality_delta") is None
+                      else _interval_cell(r["quality_delta"], r, "quality_delta", lambda v: f"{v:+.3f}")])
     missing = [r for r in report.get("ranks_requested", []) if r not in {x["rank"] for x in report["rank_sweep"]}]
     lines += ["## PERL against full tuning", "", R.markdown_table(headers, table), "",
               *([f"Rank sweep: r = {', '.join(map(str, missing))} not measured in this run.", ""] if missing else []),
-              "Reward rows: validation pairwise accuracy after the same number of steps. Policy rows measure cost "
+              "Reward rows: validation pairwise accuracy after the same number of steps, with its 95% bootstrap "
+              "interval over the validation pairs; Δ vs full has the paired interval (both settings on the same "
+              "pairs). Policy rows measure cost "
               "only: the policy benchmark runs RLOO against a stand-in anchor and reward model (the production "
               "layout, untrained weights), so policy quality is compared in the TRL section and in "
               "`perl-rlhf eval policy`, not here.", ""]

@@ -9,6 +9,7 @@ validation metric. PERL's claim on a ~30M backbone: LoRA/full peak memory <= 0.5
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -121,6 +122,8 @@ def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)
+        # per-row validation scores: the report's interval of the quality and of LoRA - full
+        validation_rows = json.loads(result.artifacts["validation_scores"].read_text())["scores"]
     metric = "pairwise_accuracy" if cfg.reward.objective == "pairwise" else "roc_auc"
     median = median_step_seconds(steps)
     batch = cfg.reward.train.batch_size * cfg.reward.train.grad_accum
@@ -135,5 +138,6 @@ def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
         "examples_per_second": batch / median,
         "validation_metric": metric,
         "validation_value": float(result.metrics[f"validation/{metric}"]),
+        "validation_rows": validation_rows,
         "train_seconds": float(result.metrics["train_seconds"]),
     }
