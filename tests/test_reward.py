@@ -294,7 +294,7 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path):
     import reward_efficiency
 
     report = reward_efficiency.main(["--quick", "--out", str(tmp_path / "bench.json"),
-                                     "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.synthetic.n_prompts=40",
+                                     "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.synthetic.n_prompts=200",
                                      "--set", f"artifacts_dir={tmp_path / 'artifacts'}"])
     assert set(report["settings"]) == {"lora", "full"}
     lora, full = report["settings"]["lora"], report["settings"]["full"]
