@@ -34,12 +34,20 @@ RANKS = (1, 2, 4, 8, 16, 32)
 QUICK_RANKS = (1, 8)  # r=8 is the reward benchmark's own LoRA run by default: one process fewer in CI
 
 
+def _saved(path: Path) -> dict:
+    """A part an earlier run saved; one cut short (the run killed while writing it) is named, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}): delete it and --resume measures that part again") from None
+
+
 def _cached(path: Optional[Path], resume, run: Callable[[], dict]) -> Optional[dict]:
     """Every measured part is saved as it finishes; with `resume`, a part already on disk is read back
     instead of measured again (a long report interrupted on a shared machine continues where it stopped).
     `resume="saved-only"` measures nothing new: a missing part is None and reported as not measured."""
     if path is not None and resume and path.exists():
-        return json.loads(path.read_text())
+        return _saved(path)
     if resume == "saved-only":
         return None
     result = run()
@@ -260,13 +268,13 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     parts = out / "parts"
     reward_json, policy_json = out / "reward_efficiency.json", out / "policy_efficiency.json"
     if resume and reward_json.exists():
-        reward_bench = json.loads(reward_json.read_text())
+        reward_bench = _saved(reward_json)
     else:
         log("reward benchmark: LoRA vs full")
         reward_bench = reward_benchmark(preset, settings, quick=quick, log=log)
         R.write_json(reward_json, reward_bench)
     if resume and policy_json.exists():
-        policy_bench = json.loads(policy_json.read_text())
+        policy_bench = _saved(policy_json)
     elif resume == "saved-only":
         policy_bench = None
     else:
