@@ -5,6 +5,7 @@ pickled) carrying the project's own folder (adapter + tokenizer + manifest namin
 and, when that base is a local folder, the anchor it adapts. Load it either way:
 
     mlflow.pyfunc.load_model("models:/perl-reward-model@champion").predict(df)   # prompt, response -> score
+                                                   # (a reward-model ensemble: score and member_std)
     RewardScorer.load(registry.download("perl-reward-model", "champion"))          # the project's loader
 
 New versions get the alias `candidate`. The gate moves `champion` only when the candidate
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from perl_core.artifacts import MANIFEST, read_manifest
+from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, read_manifest
 from perl_core.errors import UserError
 
 CODE_FILE = Path(__file__).resolve().parent / "mlflow_model.py"
@@ -71,16 +72,16 @@ def download(name: str, alias_or_version: str = "champion", dst: Optional[str | 
 
 
 class PerlPyfunc:
-    """Instantiated by `flows/mlflow_model.py`; the bundled manifest says reward_model or policy."""
+    """Instantiated by `flows/mlflow_model.py`; the bundled manifest says reward_model, reward_ensemble or policy."""
 
     def load_context(self, context) -> None:
         anchor = context.artifacts.get("anchor")
         model_dir = relink(context.artifacts["model"], anchor)
         kind = read_manifest(model_dir)["kind"]
-        if kind == "reward_model":
-            from perl_core.reward import RewardScorer
+        if kind in REWARD_KINDS:
+            from perl_core.ensemble import load_reward_scorer
 
-            self.model = RewardScorer.load(str(model_dir))
+            self.model = load_reward_scorer(str(model_dir))
         else:
             from perl_core.generation import PolicyGenerator
 
@@ -92,6 +93,8 @@ class PerlPyfunc:
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         prompts = [str(p) for p in frame["prompt"]]
+        if self.kind == ENSEMBLE_KIND:
+            return ensemble_frame(self.model, prompts, [str(r) for r in frame["response"]], params or {})
         if self.kind == "reward_model":
             scores = self.model.score(prompts, [str(r) for r in frame["response"]])
             return pd.DataFrame({"score": [float(s) for s in scores]})
@@ -103,10 +106,29 @@ class PerlPyfunc:
         return pd.DataFrame({"response": list(responses)})
 
 
+def ensemble_frame(scorer, prompts: list[str], responses: list[str], params: dict):
+    """An ensemble's prediction: the aggregate (`aggregation`, `ensemble_lambda` params, else the policy
+    defaults) and the members' spread, per (prompt, response)."""
+    import pandas as pd
+
+    raw = scorer.member_scores(prompts, responses)
+    lam = params.get("ensemble_lambda")
+    score = scorer.combine(raw, params.get("aggregation"), None if lam is None else float(lam))
+    return pd.DataFrame({"score": [float(s) for s in score], "member_std": [float(s) for s in scorer.spread(raw)]})
+
+
 def _signature(kind: str):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    if kind == ENSEMBLE_KIND:
+        from perl_core.config import PolicyConfig
+
+        defaults = PolicyConfig()
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
+                              outputs=Schema([ColSpec("double", "score"), ColSpec("double", "member_std")]),
+                              params=ParamSchema([ParamSpec("aggregation", "string", defaults.ensemble_aggregation),
+                                                  ParamSpec("ensemble_lambda", "double", defaults.ensemble_lambda)]))
     if kind == "reward_model":
         return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
                               outputs=Schema([ColSpec("double", "score")]))
