@@ -7,6 +7,9 @@
 * LoRA policy, any other reward model (e.g. an encoder): the backbone carries the policy
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
+
+A reward-model ensemble (`perl_core.ensemble`) lays out member 0 as above and the others beside
+it: on one backbone, each member is a reward adapter (`reward_i`) with its own head.
 """
 from __future__ import annotations
 

@@ -431,3 +431,51 @@ def test_ensemble_training_bootstrap_metrics_and_resume(tmp_path, train_rows):
 def test_train_reward_ensemble_needs_a_size(tmp_path, train_rows):
     with pytest.raises(ConfigError, match="reward.ensemble.size is not set"):
         train_reward_ensemble(micro_cfg(tmp_path), tmp_path / "ens")
+
+
+# ---------------------------------------------------------------- the over-optimisation benchmark
+def load_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ensemble_overopt.py"
+    spec = importlib.util.spec_from_file_location("ensemble_overopt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_label_noise_flips_a_seeded_fraction_of_preferences():
+    bench = load_benchmark()
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    noisy = bench.flip_labels(rows, 0.25, seed=0)
+    flipped = [i for i, (a, b) in enumerate(zip(rows, noisy)) if a != b]
+    assert len(flipped) == 2 and noisy == bench.flip_labels(rows, 0.25, seed=0)
+    assert all(noisy[i] == {"prompt": f"p{i}", "chosen": f"bad {i}", "rejected": f"good {i}"} for i in flipped)
+    points = [{"prompt": "p", "response": "r", "label": i % 2} for i in range(4)]
+    assert sum(a["label"] != b["label"] for a, b in zip(points, bench.flip_labels(points, 0.5, seed=1))) == 2
+    assert bench.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_overopt_benchmark_quick_writes_gold_and_proxy_per_step(tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / "overopt.json"
+    bench.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}"])
+    report = json.loads(out.read_text())
+    assert list(report["runs"]) == ["single", "mean", "min", "mean_minus_std"] and report["members"] == 2
+    for name, run in report["runs"].items():
+        assert run["step"] == [1, 2]
+        assert all(0.0 <= g <= 1.0 for g in run["gold"]) and all(math.isfinite(p) for p in run["proxy"])
+        assert (run["member_std"] == [None, None]) == (name == "single")
+    assert report["runs"]["single"]["reward_model"].endswith("member_0")
+    # the single run's proxy on the ensemble's scale: member 0's raw reward less its offset
+    raw = [json.loads(line)["rl/reward"] for line in (tmp_path / "work" / "policy_single" / "steps.jsonl").open()]
+    offset = json.loads((tmp_path / "work" / "reward_ensemble" / "manifest.json").read_text())["members"][0]["offset"]
+    assert report["runs"]["single"]["proxy"] == pytest.approx([r - offset for r in raw])
+    assert "validation/member_1/pairwise_accuracy" in report["reward_models"]["validation"]
+    assert Path(report["plot"]).stat().st_size > 1000
+    # a second run reuses every stage: the curves come back from the step logs, not from new training
+    again = bench.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "again.json"),
+                        "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}",
+                        "--settings", "min"])
+    assert again["runs"]["min"]["gold"] == report["runs"]["min"]["gold"]
