@@ -77,8 +77,8 @@ def score(
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     spread = None
     if isinstance(scorer, EnsembleScorer):
-        raw = scorer.member_scores(prompts, responses, batch_size=batch_size)
-        rewards, spread = scorer.combine(raw), scorer.spread(raw).tolist()
+        rewards, spread = scorer.score_and_spread(prompts, responses, batch_size=batch_size)
+        spread = spread.tolist()
     else:
         rewards = scorer.score(prompts, responses, batch_size=batch_size)
     if jsonl is None:

@@ -93,8 +93,12 @@ class PerlPyfunc:
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         prompts = [str(p) for p in frame["prompt"]]
-        if self.kind == ENSEMBLE_KIND:
-            return ensemble_frame(self.model, prompts, [str(r) for r in frame["response"]], params or {})
+        if self.kind == ENSEMBLE_KIND:  # the aggregate and the members' spread
+            lam = (params or {}).get("ensemble_lambda")
+            score, spread = self.model.score_and_spread(prompts, [str(r) for r in frame["response"]],
+                                                        aggregation=(params or {}).get("aggregation"),
+                                                        lam=None if lam is None else float(lam))
+            return pd.DataFrame({"score": score.tolist(), "member_std": spread.tolist()})
         if self.kind == "reward_model":
             scores = self.model.score(prompts, [str(r) for r in frame["response"]])
             return pd.DataFrame({"score": [float(s) for s in scores]})
@@ -104,17 +108,6 @@ class PerlPyfunc:
                                         temperature=float(params.get("temperature", 1.0)),
                                         top_p=float(params.get("top_p", 1.0)))
         return pd.DataFrame({"response": list(responses)})
-
-
-def ensemble_frame(scorer, prompts: list[str], responses: list[str], params: dict):
-    """An ensemble's prediction: the aggregate (`aggregation`, `ensemble_lambda` params, else the policy
-    defaults) and the members' spread, per (prompt, response)."""
-    import pandas as pd
-
-    raw = scorer.member_scores(prompts, responses)
-    lam = params.get("ensemble_lambda")
-    score = scorer.combine(raw, params.get("aggregation"), None if lam is None else float(lam))
-    return pd.DataFrame({"score": [float(s) for s in score], "member_std": [float(s) for s in scorer.spread(raw)]})
 
 
 def _signature(kind: str):

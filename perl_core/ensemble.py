@@ -217,7 +217,8 @@ class EnsembleScorer:
         self.scorers, self.adapters, self.offsets = scorers, adapters, torch.as_tensor(offsets, dtype=torch.float32)
         self.aggregation = aggregation or defaults.ensemble_aggregation
         self.lam = defaults.ensemble_lambda if lam is None else lam
-        aggregate(torch.zeros(1, 1), self.aggregation)  # an unknown aggregation fails here, not at the first score
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"ensemble aggregation {self.aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
         first = scorers[0]
         self.tokenizer, self.max_length, self.encoder, self.truncation = (first.tokenizer, first.max_length,
                                                                            first.encoder, first.truncation)
@@ -276,6 +277,12 @@ class EnsembleScorer:
     def score(self, prompts, responses, batch_size: int = 32) -> torch.Tensor:
         """One aggregate reward per (prompt, response), like `RewardScorer.score`."""
         return self.combine(self.member_scores(prompts, responses, batch_size))
+
+    def score_and_spread(self, prompts, responses, batch_size: int = 32, aggregation: Optional[str] = None,
+                         lam: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The aggregate (this scorer's, or `aggregation`/`lam`) and the members' spread per (prompt, response)."""
+        raw = self.member_scores(prompts, responses, batch_size)
+        return self.combine(raw, aggregation, lam), self.spread(raw)
 
 
 def load_reward_scorer(path: str | Path, aggregation: Optional[str] = None, lam: Optional[float] = None,

@@ -479,3 +479,22 @@ def test_overopt_benchmark_quick_writes_gold_and_proxy_per_step(tmp_path):
                         "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}",
                         "--settings", "min"])
     assert again["runs"]["min"]["gold"] == report["runs"]["min"]["gold"]
+
+
+def test_cli_reward_score_on_an_ensemble_adds_the_members_spread(dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, ens = dirs
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in zip(PROMPTS[:3], RESPONSES)))
+    result = CliRunner().invoke(app, ["reward", "score", "--model", str(ens), "--jsonl", str(rows)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    raw = torch.stack([RewardScorer.load(ens / f"member_{i}").score(PROMPTS[:3], RESPONSES[:3]) for i in range(3)])
+    centred = raw - torch.tensor(OFFSETS)[:, None]
+    assert [x["reward"] for x in lines] == pytest.approx(centred.min(0).values.tolist(), abs=1e-4)
+    assert [x["member_std"] for x in lines] == pytest.approx(centred.std(0, unbiased=False).tolist(), abs=1e-4)
+    with pytest.raises(ConfigError, match="ensemble aggregation 'median'"):
+        load_reward_scorer(ens, aggregation="median")
