@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors
 
 app = typer.Typer(help="Evaluate trained models; writes JSON, Markdown and PNG into --out.", no_args_is_help=True)
 
@@ -30,6 +30,7 @@ def reward(
     from perl_core.evaluation import evaluate_reward_model
 
     cfg = cli_config(config, overrides)
+    check_model_dir(model, "reward_model")
     out_dir = out or Path(cfg.artifacts_dir) / "eval" / "reward_model"
     _print(evaluate_reward_model(cfg, model, out_dir, split=split), out_dir, "reward_eval.md")
 
@@ -49,6 +50,8 @@ def policy(
     from perl_core.evaluation import evaluate_policy
 
     cfg = cli_config(config, overrides)
+    for folder, kind in ((policy_dir, "policy"), (anchor, "anchor"), (reward_model, "reward_model")):
+        check_model_dir(folder, kind)
     out_dir = out or Path(cfg.artifacts_dir) / "eval" / "policy"
     _print(evaluate_policy(cfg, policy_dir, anchor, reward_model, out_dir, split=split), out_dir, "policy_eval.md")
 

@@ -71,6 +71,11 @@ class DataConfig(Section):
     tokenizer: Optional[str] = Field(
         None, description="tokenizer (path or hub name) that counts tokens for max_tokens; none = a word/punctuation proxy"
     )
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the backbone's tokenizer has a chat template, SFT, the reward model, RL and "
+        "evaluation render prompts with it (the response is the assistant turn); off: plain text, and the saved "
+        "anchor and reward-model tokenizers carry no template"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -148,8 +153,9 @@ class RewardConfig(Section):
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
     )
-    truncation: Literal["error", "left"] = Field(
-        "error", description="too-long examples: error, or drop the oldest prompt tokens (never the response)"
+    truncation: Literal["error", "left", "both"] = Field(
+        "error", description="examples over max_length: error; left = drop the oldest prompt tokens (never the "
+                             "response); both = also cut the response's end, the longer part giving way first (counted)"
     )
     class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
     eval_examples: Optional[int] = Field(
@@ -191,6 +197,9 @@ class PolicyConfig(Section):
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )
+    log_samples_every: int = Field(
+        25, ge=0, description="hand a step's completions (prompt, response, reward, gold score) to the samples "
+        "callback every N RL steps and at the last step; 0: never")
     ensemble_aggregation: Literal["mean", "min", "mean_minus_std"] = Field(
         "min", description="a reward-model ensemble's reward: the members' mean, their minimum (worst case), or "
         "mean - ensemble_lambda * std (uncertainty-weighted)")
@@ -274,8 +283,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def resolve_preset(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.exists()
+                                                        else "does not exist"))
         return path
     candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
@@ -309,8 +319,8 @@ def load_config(name_or_path: str | Path = "default", overrides: list[str] | Non
     """Load a preset (`default`, `taskmaster4`, ...) or a YAML path, then apply `key=value` overrides."""
     path = resolve_preset(name_or_path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")

@@ -51,12 +51,20 @@ def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra
     return json.loads(out.read_text())
 
 
+def _saved(path: Path) -> dict:
+    """A part an earlier run saved; one cut short (the run killed while writing it) is named, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}): delete it and --resume measures that part again") from None
+
+
 def _cached(path: Optional[Path], resume, run: Callable[[], dict]) -> Optional[dict]:
     """Every measured part is saved as it finishes; with `resume`, a part already on disk is read back
     instead of measured again (a long report interrupted on a shared machine continues where it stopped).
     `resume="saved-only"` measures nothing new: a missing part is None and reported as not measured."""
     if path is not None and resume and path.exists():
-        return json.loads(path.read_text())
+        return _saved(path)
     if resume == "saved-only":
         return None
     result = run()
@@ -292,10 +300,10 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     load = {"start": os.getloadavg()}
     parts = out / "parts"
     reward_json, policy_json = out / "reward_efficiency.json", out / "policy_efficiency.json"
-    reward_bench = json.loads(reward_json.read_text()) if resume and reward_json.exists() \
+    reward_bench = _saved(reward_json) if resume and reward_json.exists() \
         else _run_benchmark("reward_efficiency.py", reward_json, quick, config_file, extra=reward_extra)
     log("policy benchmark: PERL vs full")
-    policy_bench = json.loads(policy_json.read_text()) if resume and policy_json.exists() \
+    policy_bench = _saved(policy_json) if resume and policy_json.exists() \
         else None if resume == "saved-only" else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
                             extra=policy_extra + ["--work-dir", str(out / "policy_work")])
     sweep = rank_sweep(reward_bench, preset, overrides, ranks, log, parts, resume)

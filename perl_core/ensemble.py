@@ -37,7 +37,7 @@ from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
 from perl_core.generation import Samples
-from perl_core.modeling import load_sequence_scorer, load_tokenizer, pick_device, quiet_transformers
+from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, pick_device, quiet_transformers
 from perl_core.policy_models import OneBackbone, Roles, build_roles, load_reward_adapter, shares_backbone
 from perl_core.reward import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
                               train_reward_model)
@@ -79,11 +79,7 @@ def aggregate(scores: torch.Tensor, how: str, lam: float = 1.0) -> torch.Tensor:
 # ---------------------------------------------------------------- the artifact
 def read_reward_manifest(path: str | Path) -> dict:
     """The manifest of a reward model or a reward-model ensemble; anything else is refused by name."""
-    manifest = read_manifest(path)
-    if manifest.get("kind") not in REWARD_KINDS:
-        raise UserError(f"{Path(path) / MANIFEST}: expected a reward_model or {ENSEMBLE_KIND} artifact, "
-                        f"found kind={manifest.get('kind')!r}")
-    return manifest
+    return read_manifest(path, expect_kind=REWARD_KINDS)
 
 
 @dataclass
@@ -177,7 +173,7 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
     scorer = EnsembleScorer.from_members([out / m["folder"] for m in members], first["base_model"],
                                          aggregation="mean")
     rows, numbers = validation_rows(cfg)
-    examples = encode_rows(rows, scorer.tokenizer, cfg, scorer.encoder, "validation")
+    examples, _ = encode_rows(rows, scorer.tokenizer, cfg, scorer.encoder, "validation")
     raw = torch.stack([score_examples(s.model, examples, rcfg.objective, s.tokenizer.pad_token_id,
                                       rcfg.train.batch_size * 2) for s in scorer.each_member()])
     scorer.offsets = raw.mean(1) if rcfg.objective == "pairwise" else torch.zeros(size)
@@ -242,8 +238,8 @@ class EnsembleScorer:
         tokenizer = load_tokenizer(str(member_dirs[0]))
         adapters = [member_adapter(i) for i in range(len(member_dirs))]
         with quiet_transformers():
-            model = PeftModel.from_pretrained(load_sequence_scorer(base_model, tokenizer.pad_token_id),
-                                              str(member_dirs[0]), adapter_name=adapters[0])
+            base = fit_embeddings(load_sequence_scorer(base_model, tokenizer.pad_token_id), tokenizer)
+            model = PeftModel.from_pretrained(base, str(member_dirs[0]), adapter_name=adapters[0])
             for name, member_dir in zip(adapters[1:], member_dirs[1:]):
                 model.load_adapter(str(member_dir), adapter_name=name)
         model.to(device or pick_device())
@@ -262,9 +258,9 @@ class EnsembleScorer:
                 scorer.model.set_adapter(self.adapters[i])
             yield scorer
 
-    def member_scores(self, prompts, responses, batch_size: int = 32) -> torch.Tensor:
-        """Raw scores, [members, pairs]."""
-        return torch.stack([s.score(prompts, responses, batch_size) for s in self.each_member()])
+    def member_scores(self, prompts, responses, batch_size: int = 32, truncation: Optional[str] = None) -> torch.Tensor:
+        """Raw scores, [members, pairs], each member's from `RewardScorer.score` (same arguments)."""
+        return torch.stack([s.score(prompts, responses, batch_size, truncation) for s in self.each_member()])
 
     def combine(self, raw: torch.Tensor, aggregation: Optional[str] = None, lam: Optional[float] = None) -> torch.Tensor:
         """The aggregate of raw member scores [members, pairs]; `aggregation`/`lam` override this scorer's."""
@@ -274,9 +270,9 @@ class EnsembleScorer:
     def spread(self, raw: torch.Tensor) -> torch.Tensor:
         return member_std(centre(torch.as_tensor(raw), self.offsets))
 
-    def score(self, prompts, responses, batch_size: int = 32) -> torch.Tensor:
+    def score(self, prompts, responses, batch_size: int = 32, truncation: Optional[str] = None) -> torch.Tensor:
         """One aggregate reward per (prompt, response), like `RewardScorer.score`."""
-        return self.combine(self.member_scores(prompts, responses, batch_size))
+        return self.combine(self.member_scores(prompts, responses, batch_size, truncation))
 
     def score_and_spread(self, prompts, responses, batch_size: int = 32, aggregation: Optional[str] = None,
                          lam: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:

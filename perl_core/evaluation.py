@@ -28,19 +28,21 @@ from perl_core import reporting as R
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import encode_pair, encode_prompt, prompts_within
+from perl_core.modeling import encode_prompt, prompts_within
 
 
 # ---------------------------------------------------------------- reward model
-def _fits(scorer, prompt: str, response: str) -> bool:
-    """Whether the scorer reads (prompt, response) as it is (with its own truncation setting)."""
-    from perl_core.reward import encode_example
+def _cut(scorer, prompt: str, response: str) -> Optional[tuple[int, int]]:
+    """(prompt, response) tokens the scorer cuts to read the pair under its own truncation setting;
+    None when it cannot read it at all (too long for `error`, or for `left` when the response is)."""
+    from perl_core.reward import fit_example
 
     try:
-        encode_example(scorer.tokenizer, prompt, response, scorer.max_length, scorer.encoder, scorer.truncation)
-        return True
+        _, prompt_cut, response_cut = fit_example(scorer.tokenizer, prompt, response, scorer.max_length,
+                                                  scorer.encoder, scorer.truncation)
+        return prompt_cut, response_cut
     except ValueError:
-        return False
+        return None
 
 
 def pairwise_report(r_chosen, r_rejected, n_bins: int = 10) -> tuple[dict[str, float], list[dict]]:
@@ -155,12 +157,17 @@ def ensemble_report(scorer, raw: np.ndarray, view: str, labels=None, n_bins: int
     return out
 
 
-def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, plots: dict) -> str:
+def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, truncated: dict,
+                     plots: dict) -> str:
     lines = [f"# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
     lines.append(R.markdown_table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     if any(skipped.values()):
         lines += ["", "Rows longer than the model's max_length were left out: "
                   + ", ".join(f"{view}: {n}" for view, n in skipped.items() if n) + "."]
+    if any(n for cut in truncated.values() for n in cut.values()):
+        lines += ["", "Rows cut to fit the model's max_length (its truncation setting): "
+                  + ", ".join(f"{view}: {cut['prompts']} prompts, {cut['responses']} responses"
+                              for view, cut in truncated.items()) + "."]
     lines.append("")
     lines += [f"![{name}]({Path(p).name})" for name, p in plots.items()]
     return "\n".join(lines) + "\n"
@@ -185,6 +192,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     views = [objective] + [v for v in ("pairwise", "pointwise") if v != objective]
     metrics: dict[str, float] = {}
     skipped: dict[str, int] = {}
+    truncated: dict[str, dict[str, int]] = {}
     plots: dict[str, Path] = {}
     row_scores: dict[str, list[dict]] = {}
     for view in views:
@@ -194,13 +202,14 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
             if view == objective:
                 raise
             continue
-        if view == "pairwise":
-            numbers = [i + 1 for i, r in enumerate(rows) if _fits(scorer, r["prompt"], r["chosen"])
-                       and _fits(scorer, r["prompt"], r["rejected"])]
-        else:
-            numbers = [i + 1 for i, r in enumerate(rows) if _fits(scorer, r["prompt"], r["response"])]
+        fields = ("chosen", "rejected") if view == "pairwise" else ("response",)
+        cuts = [[_cut(scorer, r["prompt"], r[f]) for f in fields] for r in rows]
+        numbers = [i + 1 for i, c in enumerate(cuts) if None not in c]
         kept = [rows[i - 1] for i in numbers]
+        read = [c for c in cuts if None not in c]
         skipped[view] = len(rows) - len(kept)
+        truncated[view] = {"prompts": sum(any(p for p, _ in c) for c in read),
+                           "responses": sum(any(r for _, r in c) for c in read)}
         if not kept:
             if view == objective:
                 raise UserError(f"{view} {split} split: none of its {len(rows)} rows fits max_length={max_length}")
@@ -233,14 +242,18 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
                  "label 0 (thumbs down)": scores[np.asarray(labels) == 0]},
                 out / "reward_scores_pointwise.png", "RM score by label", "score")
         metrics.update(view_metrics)
+        if scorer.truncation != "error":
+            metrics.update({f"{view}_truncated_{part}": float(n) for part, n in truncated[view].items()})
         if members is not None:
             metrics.update(ensemble_report(scorer, members, view, labels if view == "pointwise" else None, n_bins))
 
     R.write_json(out / "reward_eval.json", {
         "reward_model": str(reward_model_dir), "objective": objective, "split": split, "metrics": metrics,
-        "skipped_too_long": skipped, "plots": {k: p.name for k, p in plots.items()}, "scores": row_scores,
+        "skipped_too_long": skipped, "truncated": truncated, "truncation": scorer.truncation,
+        "plots": {k: p.name for k, p in plots.items()}, "scores": row_scores,
     })
-    (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped, plots))
+    (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped,
+                                                         truncated, plots))
     return metrics
 
 
@@ -372,7 +385,8 @@ def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationC
 @torch.no_grad()
 def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, batch_size: int = 32):
     """Sample like :meth:`PolicyGenerator.generate` (same seed -> same text) but keep the token-level
-    samples, their summed log-probs under the generator's model, and their lengths in tokens.
+    samples, their summed log-probs under the generator's tempered model pi_T (the distribution
+    sampled from, `rl.token_logprobs`), and their lengths in tokens.
 
     Returns ``(texts, samples_per_batch, logp_sums, lengths)``.
     """
@@ -395,7 +409,8 @@ def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, 
 
 @torch.no_grad()
 def logprobs_of(generator, batches) -> np.ndarray:
-    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`."""
+    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`,
+    at the temperature they were sampled with."""
     from perl_core.rl import token_logprobs
 
     return torch.cat([token_logprobs(generator.model, s)[0].sum(-1) for s in batches]).numpy()
@@ -498,35 +513,10 @@ def _policy_markdown(paths: dict, m: dict, samples: list[dict], confidence: floa
 @torch.no_grad()
 def rm_scores(scorer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """Reward-model scores of generated text, which unlike training data may be empty (EOS sampled
-    first) or longer than the RM reads: an empty response is scored as `prompt + eos` (what the
-    one-backbone RL loop scores too), an over-long one loses its oldest prompt tokens, never
-    response tokens."""
-    from perl_core.reward import encode_example, score_sequences
-
-    tok, max_length = scorer.tokenizer, scorer.max_length
-    seqs = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if r or scorer.encoder:
-            seqs.append(encode_example(tok, p, r or " ", max_length, scorer.encoder, truncation="left"))
-            continue
-        ids, _ = encode_pair(tok, p, "", 10 ** 9)
-        keep = 1 if ids[0] == tok.bos_token_id else 0
-        seqs.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - max_length + keep:])
-    out = np.empty(len(seqs))
-    for start in range(0, len(seqs), batch_size):
-        out[start:start + batch_size] = score_sequences(scorer.model, seqs[start:start + batch_size],
-                                                        tok.pad_token_id).cpu().numpy()
-    return out
-
-
-def rm_rewards(scorer, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    """:func:`rm_scores`; for an ensemble the aggregate of its members', each scored that way."""
-    from perl_core.ensemble import EnsembleScorer
-
-    if isinstance(scorer, EnsembleScorer):
-        raw = np.stack([rm_scores(member, prompts, responses) for member in scorer.each_member()])
-        return scorer.combine(torch.as_tensor(raw)).numpy()
-    return rm_scores(scorer, prompts, responses)
+    first) or longer than the RM reads: an empty response is scored as prompt + end token (the
+    one rule of `perl_core.scoring`, as in RL), an over-long one loses its oldest prompt tokens,
+    never response tokens."""
+    return scorer.score(list(prompts), list(responses), batch_size=batch_size, truncation="left").numpy()
 
 
 def gold_oracle(cfg: PerlConfig) -> Optional[Callable[[str, str], float]]:
@@ -544,7 +534,8 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
 
     Both sample with `evaluation.seed` and `policy.generation`. KL(policy || anchor) is the
     Monte-Carlo estimate on the policy's own samples, sum over response tokens of
-    log pi(y_t) - log pi_anchor(y_t) (nats per response; at temperature 1 it is unbiased).
+    log pi_T(y_t) - log pi_anchor,T(y_t), both tempered by the sampling temperature T as in RL
+    (nats per response; unbiased for the tempered distributions when top_p is 1).
     Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
     """
     from perl_core.data import load_prompts
@@ -577,8 +568,8 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     del anchor
 
     scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda)
-    policy_rewards = rm_rewards(scorer, prompts, policy_responses)
-    anchor_rewards = rm_rewards(scorer, prompts, anchor_responses)
+    policy_rewards = rm_scores(scorer, prompts, policy_responses)
+    anchor_rewards = rm_scores(scorer, prompts, anchor_responses)
     del scorer
     oracle = gold_oracle(cfg)
     anchor_gold = policy_gold = None

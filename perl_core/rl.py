@@ -12,6 +12,8 @@ One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahm
     loss     = - mean_i  A_i * sum_t log pi(y_it | .)
     beta    <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * B*k / kl_horizon)    (adaptive_kl)
 
+pi and pi_anchor are the tempered distributions softmax(logits / T), T = `generation.temperature`:
+the policy samples from pi_T, so its gradient and the KL are taken for pi_T (:func:`token_logprobs`).
 Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline). The roles
 (policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
 ONE backbone (adapter on, adapters off, reward adapter + head).
@@ -34,28 +36,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
-from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
+from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
-from perl_core.generation import Samples, position_ids, sample_responses
+from perl_core.generation import Samples, sample_responses
 from perl_core.modeling import prompts_within
-from perl_core.training import (latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, require_finite,
-                                save_checkpoint, set_seed)
+from perl_core.scoring import position_ids
+from perl_core.training import make_optimizer, make_scheduler, require_finite, set_seed
 
 
 # ---------------------------------------------------------------- the math
 def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False):
-    """log pi(y_t | x, y_<t) and the policy entropy at every response position, [N, T] each.
+    """log pi_T(y_t | x, y_<t) and the entropy of pi_T at every response position, [N, T] each.
 
-    The forward uses the same left padding and position ids as `generate`, so these are the
-    log-probabilities of exactly the tokens that were sampled (before temperature/top-p).
+    pi_T = softmax(logits / T) with T = `samples.temperature`: the distribution the tokens were
+    drawn from, so the policy gradient, the KL (policy and anchor both under T, as TRL does) and
+    the entropy are those of what was sampled (top-p truncation is not modelled). The forward uses
+    the same left padding and position ids as `generate`, so these are exactly the sampled tokens.
     """
     p = samples.prompt_width
     out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
                 position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
                 use_cache=False)
     logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
-    logp_all = F.log_softmax(logits, dim=-1)
+    logp_all = F.log_softmax(logits / samples.temperature, dim=-1)
     logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # a metric: keeping its graph would hold two more [N, T, vocab] tensors through backward
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -171,8 +176,12 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
 
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
-            gold_score: Optional[Callable[[str, str], float]] = None) -> RLResult:
-    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring)."""
+            gold_score: Optional[Callable[[str, str], float]] = None,
+            samples_callback: SamplesCallback = null_samples) -> RLResult:
+    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
+
+    Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
+    """
     from perl_core.generation import decode_responses
 
     check_policy_config(cfg)
@@ -185,13 +194,13 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
     optimizer, scheduler = make_optimizer(trainable, tc), None
     scheduler = make_scheduler(optimizer, tc)
-    kl_coef, baseline, moments, step = cfg.kl_coef, None, RunningMoments(), 0
+    kl_coef, baseline, moments, step, extra = cfg.kl_coef, None, RunningMoments(), 0, {}
     if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
         meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
         step, extra = meta["step"], meta["extra"]
         kl_coef, baseline = extra["kl_coef"], extra["baseline"]
         moments = RunningMoments(**extra["moments"])
-    result = RLResult(step=step)
+    result = RLResult(step=step, history=extra.get("history", []))
     started = time.perf_counter()
     roles.policy.train()
     while step < tc.max_steps:
@@ -271,18 +280,32 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             metrics["value_loss"] = float(value_loss.detach())
         if member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
             metrics["reward_member_std"] = float(member_std.mean())
-        if gold_score is not None:
-            metrics["gold_score"] = sum(gold_score(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
+        gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
+        if gold is not None:
+            metrics["gold_score"] = sum(gold) / len(gold)
         if cfg.adaptive_kl:
             kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses), cfg.kl_horizon)
         callback({f"rl/{name}": v for name, v in metrics.items()}, step)
+        every = cfg.log_samples_every
+        if every and (step % every == 0 or step == tc.max_steps):
+            samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
-                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments)})
+                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
+                                   "history": result.history})  # the stage's summary averages the last steps
     roles.policy.eval()
     result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
     return result
+
+
+def completion_rows(prompts: list[str], responses: list[str], rewards: list[float],
+                    gold: Optional[list[float]] = None) -> list[dict]:
+    """One row per completion: the reward model's raw score (before normalisation) and the gold score if known."""
+    rows = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, rewards)]
+    for row, g in zip(rows, gold or []):
+        row["gold_score"] = float(g)
+    return rows
 
 
 # ---------------------------------------------------------------- the stage
@@ -293,7 +316,8 @@ def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float
 
 
 def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
-                 callback: MetricsCallback = null_callback, resume: bool = False) -> StageResult:
+                 callback: MetricsCallback = null_callback, resume: bool = False,
+                 samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
     from perl_core.data import load_prompts
     from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
@@ -310,7 +334,8 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     if cfg.data.source == "synthetic":
         from perl_core.data.synthetic import gold_score as gold
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
-                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold)
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
+                     samples_callback=samples_callback)
     roles.save_policy(out_dir)
     from perl_core.sft import _data_version
 

@@ -235,8 +235,17 @@ def test_a_broken_ensemble_folder_is_named(dirs, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(ens, broken)
     shutil.rmtree(broken / "member_1")
-    with pytest.raises(UserError, match="member_1 is not a PERL artifact"):
+    with pytest.raises(UserError, match="member_1 does not exist"):
         load_reward_scorer(broken)
+    from flows.cli_common import check_model_dir
+
+    (broken / "member_0" / "adapter_model.safetensors").unlink()
+    shutil.copytree(ens / "member_1", broken / "member_1")
+    check_model_dir(ens, "reward_model")  # an ensemble is a reward model on the command line
+    with pytest.raises(UserError, match=r"member_0 is not a complete reward_model artifact: no \*.safetensors"):
+        check_model_dir(broken, "reward_model")
+    with pytest.raises(UserError, match="expected an anchor artifact, found kind='reward_ensemble'"):
+        check_model_dir(broken, "anchor")
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "members": []}))
     with pytest.raises(UserError, match="`members` must list the member folders"):
@@ -284,12 +293,12 @@ def test_eval_reward_reports_the_aggregate_each_member_and_the_disagreement(dirs
 
 
 def test_policy_evaluation_scores_with_the_members_aggregate(dirs):
-    from perl_core.evaluation import rm_rewards, rm_scores
+    from perl_core.evaluation import rm_scores
 
     _, ens = dirs
     scorer = load_reward_scorer(ens, aggregation="mean_minus_std", lam=2.0)
     responses = RESPONSES[:5] + [""]  # generated text may be empty
-    got = rm_rewards(scorer, PROMPTS[:6], responses)
+    got = rm_scores(scorer, PROMPTS[:6], responses)
     raw = np.stack([rm_scores(RewardScorer.load(ens / f"member_{i}"), PROMPTS[:6], responses) for i in range(3)])
     centred = raw - np.array(OFFSETS)[:, None]
     assert got == pytest.approx(centred.mean(0) - 2.0 * centred.std(0), abs=1e-4)
@@ -299,9 +308,10 @@ def test_serving_an_ensemble_returns_the_aggregate_and_the_spread(dirs):
     import pandas as pd
 
     from flows import registry
+    from flows.mlflow_model import PerlModel
 
     _, ens = dirs
-    model = registry.PerlPyfunc()
+    model = PerlModel()
     model.load_context(SimpleNamespace(artifacts={"model": str(ens)}, model_config={}))
     frame = pd.DataFrame({"prompt": PROMPTS[:6], "response": RESPONSES})
     raw = torch.stack([RewardScorer.load(ens / f"member_{i}").score(PROMPTS[:6], RESPONSES) for i in range(3)])

@@ -1,11 +1,12 @@
 """Policy RL on scratch:llama-micro: log-probs, KL, the one-backbone layout, RLOO, resume, guards."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from perl_core.artifacts import write_manifest
+from perl_core.artifacts import read_manifest, write_manifest
 from perl_core.callbacks import collect
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
 from perl_core.errors import NonFiniteError
@@ -13,9 +14,10 @@ from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
 from perl_core import rl
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
-                          rl_loop, rloo_advantages, row_chunks, token_logprobs)
-from perl_core.training import latest_checkpoint, make_optimizer
+                          rl_loop, rloo_advantages, row_chunks, token_logprobs, train_policy)
+from perl_core.training import make_optimizer
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
            for d in ("latte", "mocha") for m in ("oat", "soy")]
@@ -79,6 +81,48 @@ def test_sequence_logprobs_match_a_manual_unpadded_forward(dirs):
         expected = [float(manual[t - 1, ids[t]]) for t in range(n_prompt, len(ids))]
         got = logp[i][samples.response_mask[i].bool()].tolist()
         assert got == pytest.approx(expected, abs=1e-4)
+
+
+def manual_logprobs(model, samples, temperature):
+    """log_softmax(logits / T) of each row's response tokens from an unpadded forward (positions 0..L-1)."""
+    rows = []
+    for i in range(len(samples.sequences)):
+        keep = samples.attention_mask[i].bool()
+        ids = samples.sequences[i][keep]
+        n_prompt = int(samples.attention_mask[i, :samples.prompt_width].sum())
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None]).logits[0].float() / temperature, -1)
+        rows.append(torch.stack([logp[t - 1, ids[t]] for t in range(n_prompt, len(ids))]))
+    return rows
+
+
+def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
+    from types import SimpleNamespace
+
+    from perl_core.config import GenerationConfig
+    from perl_core.evaluation import logprobs_of, sample_with_logprobs
+
+    roles = roles_for(dirs)  # a fresh adapter: policy == anchor
+    torch.manual_seed(0)
+    ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS[:4]]
+    samples = sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6, temperature=0.7)
+    assert samples.temperature == 0.7
+    with torch.no_grad():
+        logp, entropy = token_logprobs(roles.policy, samples)
+        anchor = roles.anchor_logprobs(samples)
+    base = load_causal_lm(str(dirs[0]))
+    tempered, plain = manual_logprobs(base, samples, 0.7), manual_logprobs(base, samples, 1.0)
+    for i, keep in enumerate(samples.response_mask.bool()):
+        torch.testing.assert_close(logp[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(anchor[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
+        assert (logp[i][keep] - plain[i]).abs().max() > 1e-2  # T = 0.7 really differs from T = 1
+    # evaluation's KL reads its samples the same way, for the policy and for the anchor
+    generator = SimpleNamespace(model=base, tokenizer=roles.tokenizer)
+    _, batches, sums, _ = sample_with_logprobs(generator, PROMPTS[:4], 0, GenerationConfig(temperature=0.7,
+                                                                                             max_new_tokens=6))
+    expected = torch.stack([r.sum() for r in manual_logprobs(base, batches[0], 0.7)])
+    torch.testing.assert_close(torch.from_numpy(sums), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(logprobs_of(generator, batches)), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_kl_is_zero_when_policy_is_anchor(dirs):
@@ -258,30 +302,47 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "reinforce"])
-def test_resume_after_a_stop_gives_the_same_next_step_loss(dirs, tmp_path, algorithm):
-    over = {"algorithm": algorithm, "baseline": "value_head"} if algorithm == "reinforce" else {}
-    cfg = policy_cfg(adaptive_kl=True, **over)
-    straight = []
-    roles = roles_for(dirs, cfg)
-    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(straight), checkpoint_dir=tmp_path / "a")
+def comparable_manifest(folder) -> dict:
+    """The manifest less what differs between two identical runs: its timestamp and timings."""
+    manifest = read_manifest(folder)
+    del manifest["created"]
+    return manifest | {"metrics": {k: v for k, v in manifest["metrics"].items() if "second" not in k}}
 
-    def stop_at_3(metrics, step):
-        if step == 3:
-            raise Stop
 
-    with pytest.raises(Stop):
-        roles = roles_for(dirs, cfg)
-        rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=stop_at_3, checkpoint_dir=tmp_path / "b")
-    assert latest_checkpoint(tmp_path / "b").name == "step-000002"
-    resumed = []
-    torch.manual_seed(1234)  # a different seed: everything must come from the checkpoint
-    roles = roles_for(dirs, cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 7})}))
-    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(resumed), checkpoint_dir=tmp_path / "b",
-            resume=True)
-    assert [s for s, _ in resumed] == [3]
-    for key in ("rl/policy_loss", "rl/reward", "rl/kl", "rl/kl_coef"):
-        assert resumed[0][1][key] == straight[2][1][key], key
+ALGORITHMS = {"rloo": {"algorithm": "rloo"}, "moving_average": {"algorithm": "reinforce", "baseline": "moving_average"},
+              "value_head": {"algorithm": "reinforce", "baseline": "value_head"}}
+
+
+@pytest.mark.parametrize("algorithm, stop_at", [("rloo", 4), ("moving_average", 4), ("value_head", 4),
+                                                ("rloo", "after the last checkpoint")])
+def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypatch, algorithm, stop_at):
+    import perl_core.data
+
+    monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
+    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    anchor, rm = dirs
+    # the baseline (moving average or value head), the running reward moments and the adaptive kl_coef all
+    # carry from step to step: the checkpoint must hold them
+    cfg = build_config({"policy": policy_cfg(adaptive_kl=True, **ALGORITHMS[algorithm], train={
+        "batch_size": 3, "max_steps": 5, "checkpoint_every": 2, "learning_rate": 0.02, "warmup_ratio": 0.0,
+    }).model_dump()})
+    straight = train_policy(cfg, tmp_path / "straight", anchor, rm)
+    if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
+        shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
+    else:  # stopped before the checkpoint of step 4: it resumes from step 2
+
+        def stop(metrics, step):
+            if step == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            train_policy(cfg, tmp_path / "stopped", anchor, rm, callback=stop)
+    resumed = train_policy(cfg, tmp_path / "stopped", anchor, rm, resume=True)
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+    # the manifest's summary averages the last steps, those before the interruption included
+    assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert resumed.metrics["final_kl_coef"] == straight.metrics["final_kl_coef"] != cfg.policy.kl_coef
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(dirs, tmp_path):
@@ -353,6 +414,27 @@ def test_policy_artifact_round_trips_through_policy_generator(dirs, tmp_path):
     live = decode_responses(roles.tokenizer, sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6,
                                                               temperature=0))
     assert gen.generate(PROMPTS[:3], temperature=0, max_new_tokens=6) == live
+
+
+def test_sample_completions_reach_the_samples_callback_every_n_steps_and_at_the_end(dirs):
+    roles = roles_for(dirs)
+    metrics, tables = [], []
+    cfg = policy_cfg(log_samples_every=2, train={"max_steps": 5, "batch_size": 3})
+    rl_loop(roles, roles.tokenizer, PROMPTS, cfg, callback=collect(metrics), gold_score=lambda p, r: len(r) / 100,
+            samples_callback=lambda rows, step: tables.append((step, rows)))
+    assert [step for step, _ in tables] == [2, 4, 5]
+    reward_at = {step: m["rl/reward"] for step, m in metrics}
+    for step, rows in tables:
+        assert len(rows) == 3 * 2 and all(set(r) == {"prompt", "response", "reward", "gold_score"} for r in rows)
+        assert all(r["prompt"] in PROMPTS for r in rows)
+        assert [r["prompt"] for r in rows[::2]] == [r["prompt"] for r in rows[1::2]]  # k=2 consecutive per prompt
+        assert [r["gold_score"] for r in rows] == [len(r["response"]) / 100 for r in rows]
+        assert sum(r["reward"] for r in rows) / len(rows) == pytest.approx(reward_at[step], abs=1e-6)
+
+    tables.clear()
+    rl_loop(roles, roles.tokenizer, PROMPTS, policy_cfg(log_samples_every=0, train={"max_steps": 1}),
+            samples_callback=lambda rows, step: tables.append((step, rows)))
+    assert tables == []
 
 
 def test_policy_efficiency_quick_reports_both_layouts(tmp_path):
