@@ -7,6 +7,9 @@
 * LoRA policy, any other reward model (e.g. an encoder): the backbone carries the policy
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
+
+A reward-model ensemble (`perl_core.ensemble`) lays out member 0 as above and the others beside
+it: on one backbone, each member is a reward adapter (`reward_i`) with its own head.
 """
 from __future__ import annotations
 
@@ -79,6 +82,11 @@ class Roles:
         # prompt + end token, like every other path: perl_core.scoring)
         return self.scorer.score(prompts, responses).float().cpu()
 
+    def reward_and_spread(self, samples: Samples, prompts: list[str],
+                          responses: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The reward, and per sample the spread of a reward-model ensemble's members (None for one reward model)."""
+        return self.reward(samples, prompts, responses), None
+
     def save_policy(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.tuning == "lora":
@@ -97,14 +105,14 @@ class OneBackbone(Roles):
 
     one_backbone = True
 
-    def __init__(self, policy: nn.Module, tokenizer, reward_head: nn.Linear):
+    def __init__(self, policy: nn.Module, tokenizer, reward_head: nn.Linear, reward_adapter: str = REWARD_ADAPTER):
         super().__init__(policy, tokenizer, anchor=None, scorer=None, tuning="lora")
-        self.reward_head = reward_head
+        self.reward_head, self.reward_adapter = reward_head, reward_adapter
 
     @torch.no_grad()
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
         ids, mask = with_final_eos(samples, response_end_id(self.tokenizer), self.tokenizer.pad_token_id)
-        self.policy.set_adapter(REWARD_ADAPTER, inference_mode=True)
+        self.policy.set_adapter(self.reward_adapter, inference_mode=True)
         try:
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
             return read_scores(self.policy.get_base_model().base_model, self.reward_head, ids, mask)
@@ -112,8 +120,9 @@ class OneBackbone(Roles):
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
 
 
-def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int) -> nn.Linear:
-    """Put the RM's LoRA weights on `model` as the frozen adapter "reward" and return its score head."""
+def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int,
+                        adapter_name: str = REWARD_ADAPTER) -> nn.Linear:
+    """Put the RM's LoRA weights on `model` as the frozen adapter `adapter_name` and return its score head."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import set_peft_model_state_dict
 
@@ -121,14 +130,14 @@ def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: i
     peft_cfg = PeftLoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], lora_dropout=0.0,
                               target_modules=adapter_cfg["target_modules"], task_type="CAUSAL_LM",
                               bias=adapter_cfg.get("bias", "none"), inference_mode=True)
-    model.add_adapter(REWARD_ADAPTER, peft_cfg)
+    model.add_adapter(adapter_name, peft_cfg)
     state = load_file(str(reward_model_dir / "adapter_model.safetensors"))
     head_state = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if f".{head}." in k and "lora_" not in k}
     lora_state = {k: v for k, v in state.items() if "lora_" in k}
     if "weight" not in head_state or not lora_state:
         raise ConfigError(f"reward model {reward_model_dir}: adapter_model.safetensors must hold LoRA weights and the "
                           f"score head {head!r}; found keys like {sorted(state)[:4]}")
-    loaded = set_peft_model_state_dict(model, lora_state, adapter_name=REWARD_ADAPTER)
+    loaded = set_peft_model_state_dict(model, lora_state, adapter_name=adapter_name)
     missing = [k for k in loaded.unexpected_keys if "lora_" in k]
     if missing:
         raise ConfigError(f"reward model {reward_model_dir}: LoRA weights {missing[:3]} do not fit the anchor; "
@@ -160,7 +169,7 @@ def placed(roles: Roles, cfg: PolicyConfig) -> Roles:
 
 
 def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sample_texts: list[str] = (),
-                dtype: str = "float32") -> Roles:
+                dtype: str = "float32", reward_adapter: str = REWARD_ADAPTER) -> Roles:
     """The roles of `cfg` on :func:`perl_core.devices.run_device`: fp32 weights whose forwards
     `policy.train.precision` autocasts (sampling, scoring and the update, in `rl_loop`)."""
     anchor_dir, reward_model_dir = Path(anchor_dir), Path(reward_model_dir)
@@ -179,8 +188,8 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
         policy = attach_lora(fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer), cfg.lora,
                              task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
         head = load_reward_adapter(policy, reward_model_dir, rm_manifest.get("head", "score"),
-                                   policy.config.hidden_size)
-        return placed(OneBackbone(policy, tokenizer, head), cfg)
+                                   policy.config.hidden_size, reward_adapter)
+        return placed(OneBackbone(policy, tokenizer, head, reward_adapter), cfg)
 
     from perl_core.reward import RewardScorer
 
