@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
@@ -18,6 +19,23 @@ SetOpt = typer.Option(None, "--set", "-s", help="override a setting, e.g. --set 
 
 def cli_config(config: str, overrides: Optional[List[str]]) -> PerlConfig:
     return load_config(config, list(overrides or []))
+
+
+def check_model_dir(path: Path, *kinds: str) -> None:
+    """A model folder named on the command line: its manifest, kind and files, checked before any loading."""
+    from perl_core.artifacts import check_model_files, read_manifest
+
+    check_model_files(path, read_manifest(path, expect_kind=kinds))
+
+
+def read_text_file(path: Path, option: str) -> str:
+    """A UTF-8 text file named by `option`, or a UserError saying what is wrong with it."""
+    from perl_core.data.local import decode_utf8
+    from perl_core.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{option} {path} " + ("is a folder, not a file" if path.exists() else "does not exist"))
+    return decode_utf8(path.read_bytes(), str(path))
 
 
 def friendly_errors(fn: Callable) -> Callable:

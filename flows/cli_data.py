@@ -79,12 +79,17 @@ def status(repo: Path = typer.Option(Path("."), "--repo", help="repository holdi
     data = repo / "data"
     if data.is_dir():
         from perl_core.data.card import read_card
+        from perl_core.errors import DataError
 
         for folder in sorted(p for p in data.iterdir() if p.is_dir()):
-            card = read_card(folder)
+            try:
+                card = read_card(folder)
+            except DataError as err:
+                out.print(f"  {folder.name}: [yellow]{err}[/]", highlight=False)
+                continue
             if card:
-                kept = ", ".join(f"{v} {info['kept']}" for v, info in sorted(card["views"].items()))
-                out.print(f"  {folder.name}: {kept} rows (content {card['content_hash'][:12]})")
+                kept = ", ".join(f"{v} {info.get('kept', '?')}" for v, info in sorted(card["views"].items()))
+                out.print(f"  {folder.name}: {kept} rows (content {str(card.get('content_hash'))[:12]})")
 
 
 @app.command()

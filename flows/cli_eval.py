@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors
 
 app = typer.Typer(help="Evaluate trained models; writes JSON, Markdown and PNG into --out.", no_args_is_help=True)
 
@@ -30,6 +30,7 @@ def reward(
     from perl_core.evaluation import evaluate_reward_model
 
     cfg = cli_config(config, overrides)
+    check_model_dir(model, "reward_model")
     out_dir = out or Path(cfg.artifacts_dir) / "eval" / "reward_model"
     _print(evaluate_reward_model(cfg, model, out_dir, split=split), out_dir, "reward_eval.md")
 
@@ -49,6 +50,8 @@ def policy(
     from perl_core.evaluation import evaluate_policy
 
     cfg = cli_config(config, overrides)
+    for folder, kind in ((policy_dir, "policy"), (anchor, "anchor"), (reward_model, "reward_model")):
+        check_model_dir(folder, kind)
     out_dir = out or Path(cfg.artifacts_dir) / "eval" / "policy"
     _print(evaluate_policy(cfg, policy_dir, anchor, reward_model, out_dir, split=split), out_dir, "policy_eval.md")
 
@@ -61,9 +64,17 @@ def compare_reward(
     config: str = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
 ) -> None:
-    """ROC-AUC of two reward models on the same pointwise rows, and the bootstrap interval of A - B."""
+    """Two reward models on the same test rows: pairwise accuracy and margin (pairwise data), ROC-AUC
+    (pointwise data), each with the paired bootstrap interval of A - B."""
     from perl_core.evaluation import compare_reward_evals
 
     cfg = cli_config(config, overrides)
-    for key, value in compare_reward_evals(a, b, cfg.evaluation).items():
+    out = compare_reward_evals(a, b, cfg.evaluation)
+    for key, value in out.items():
         console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    pct = f"{out['confidence']:.0%}"
+    for name, n in (("pairwise_accuracy", "n_pairs"), ("roc_auc", "n")):
+        if f"{name}_diff" in out:
+            console.print(f"{name} A - B: {out[f'{name}_diff']:+.4f}, {pct} paired bootstrap interval "
+                          f"[{out[f'{name}_diff_ci_low']:+.4f}, {out[f'{name}_diff_ci_high']:+.4f}] on {out[n]} "
+                          f"{'pairs' if n == 'n_pairs' else 'rows'}")

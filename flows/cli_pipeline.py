@@ -1,6 +1,7 @@
 """`perl-rlhf run`, `perl-rlhf serve`, `perl-rlhf registry list|promote|rollback`."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import List, Optional
@@ -128,6 +129,26 @@ def serve(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
 
 
 # ---------------------------------------------------------------- registry
+def _registry_errors(fn):
+    """What the registry commands ask MLflow about is the user's to fix (a version that does not exist,
+    nothing registered yet, a store that is not an MLflow database): one line, not MLflow's traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as err:
+            raise UserError(f"model registry at {mlflow.get_tracking_uri()}: {err.message}") from None
+        except SQLAlchemyError as err:
+            reason = getattr(err, "orig", None) or err
+            raise UserError(f"MLflow store {mlflow.get_tracking_uri()} cannot be read: {reason}") from None
+
+    return wrapper
+
+
 def _tracking_cfg(config: str, overrides):
     from flows import tracking
 
@@ -138,6 +159,7 @@ def _tracking_cfg(config: str, overrides):
 
 @registry_app.command("list")
 @friendly_errors
+@_registry_errors
 def registry_list(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Versions of the reward model and the policy, with aliases and the promotion metric."""
     cfg = _tracking_cfg(config, overrides)
@@ -146,6 +168,7 @@ def registry_list(config: str = ConfigOpt, overrides: Optional[List[str]] = SetO
 
 @registry_app.command("promote")
 @friendly_errors
+@_registry_errors
 def registry_promote(version: str = typer.Argument(..., help="policy version to promote"),
                      force: bool = typer.Option(False, "--force", help="skip the gate (manual override, recorded)"),
                      config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
@@ -167,6 +190,7 @@ def registry_promote(version: str = typer.Argument(..., help="policy version to 
 
 @registry_app.command("rollback")
 @friendly_errors
+@_registry_errors
 def registry_rollback(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Move `champion` back to the previous champion (policy and its reward model)."""
     from flows import registry

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, read_text_file
 
 app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
                   no_args_is_help=True)
@@ -41,8 +41,10 @@ def train(
         if step % every == 0 or step == 1:
             _log_line(metrics, step)
 
-    result = train_policy(cfg, out or root / "policy", anchor or root / "anchor", reward_model or root / "reward_model",
-                          callback=show, resume=resume)
+    anchor, reward_model = anchor or root / "anchor", reward_model or root / "reward_model"
+    check_model_dir(anchor, "anchor")
+    check_model_dir(reward_model, "reward_model")
+    result = train_policy(cfg, out or root / "policy", anchor, reward_model, callback=show, resume=resume)
     console.print(f"policy saved to {result.out_dir}")
     for key, value in sorted(result.metrics.items()):
         console.print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
@@ -65,13 +67,13 @@ def generate(
 
     prompts = list(prompt or [])
     if prompts_file is not None:
-        if not prompts_file.exists():
-            raise UserError(f"--prompts {prompts_file} does not exist")
-        prompts += [line.replace("\\n", "\n") for line in prompts_file.read_text().splitlines() if line.strip()]
+        text = read_text_file(prompts_file, "--prompts")
+        prompts += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_model_dir(model, "anchor", "policy")
     generator = PolicyGenerator.load(model)
     responses = generator.generate(prompts, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors
 
 app = typer.Typer(help="Reward models: LoRA or full, pairwise (Bradley-Terry) or pointwise (thumbs up/down).",
                   no_args_is_help=True)
@@ -31,6 +31,8 @@ def train(
     from perl_core.reward import train_reward_model
 
     cfg = cli_config(config, overrides)
+    if base_model is not None:
+        check_model_dir(Path(base_model), "anchor")
     out_dir = out or Path(cfg.artifacts_dir) / "reward_model"
     result = train_reward_model(cfg, out_dir, resume=resume, base_model=base_model)
     console.print(f"reward model saved to {result.out_dir}")
@@ -47,28 +49,31 @@ def score(
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
     """Score one (prompt, response) or every row of a JSONL file."""
+    from perl_core.data.local import read_jsonl
+    from perl_core.data.schema import Reject
     from perl_core.errors import DataError, UserError
     from perl_core.reward import RewardScorer
 
     if jsonl is None and (prompt is None or response is None):
         raise UserError("give --prompt and --response, or --jsonl FILE")
     if jsonl is not None:
-        if not jsonl.exists():
-            raise UserError(f"--jsonl {jsonl} does not exist")
+        if not jsonl.is_file():
+            raise UserError(f"--jsonl {jsonl} " + ("is a folder, not a file" if jsonl.exists() else "does not exist"))
         rows = []
-        for i, line in enumerate(jsonl.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON ({err.msg})", file=str(jsonl), row=i) from None
+        for item in read_jsonl(jsonl):
+            if isinstance(item, Reject):
+                raise item.as_error()
+            i, row = item
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object with prompt and response, got {type(row).__name__}",
+                                file=str(jsonl), row=i)
             for key in ("prompt", "response"):
                 if not isinstance(row.get(key), str):
                     raise DataError(f"needs a string {key!r}", file=str(jsonl), row=i, field=key)
             rows.append(row)
     else:
         rows = [{"prompt": prompt, "response": response}]
+    check_model_dir(model, "reward_model")
     scorer = RewardScorer.load(model)
     rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
     if jsonl is None:

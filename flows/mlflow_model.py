@@ -1,11 +1,92 @@
-"""MLflow "model from code" for PERL's reward models and policies: no pickle in the registry."""
+"""MLflow "model from code" for PERL's reward models and policies: nothing pickled in the registry.
+
+A registered version carries this file, `perl_core` (its `code_paths`) and pinned requirements,
+so it loads wherever those are installed: this file imports nothing else from the project (no
+flows, no Prefect). The anchor a policy (or an anchor-initialised reward model) adapts is not
+copied into the version: `model_config["anchor_uri"]` names the run artifact the anchor stage
+logged once, and loading downloads it from there (the tracking server must be reachable).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
 import mlflow
 
-from flows.registry import PerlPyfunc
+from perl_core.artifacts import MANIFEST, read_manifest
+
+ANCHOR_URI = "anchor_uri"
 
 
-class PerlModel(PerlPyfunc, mlflow.pyfunc.PythonModel):
-    pass
+def bundled_base(manifest: dict) -> Optional[str]:
+    """The folder a registered model needs besides its own: the policy's anchor, the RM's base."""
+    return manifest.get("anchor") or manifest.get("base_model")
+
+
+def anchor_folder(artifacts: dict, model_config: Optional[dict]) -> Optional[str]:
+    """The local anchor of a registered model: downloaded from its URI, or bundled (older versions, other bases)."""
+    uri = (model_config or {}).get(ANCHOR_URI)
+    if uri:
+        return mlflow.artifacts.download_artifacts(uri)
+    return artifacts.get("anchor")
+
+
+def relink(model_dir: str | Path, anchor_dir: Optional[str | Path]) -> Path:
+    """A registered copy names its anchor by the path it was trained at; point it at the downloaded copy.
+
+    The manifest is what `RewardScorer.load` (`base_model`) and `PolicyGenerator.load` (`anchor`)
+    read; `adapter_config.json` is fixed too so plain `PeftModel.from_pretrained` agrees.
+    """
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    original = bundled_base(manifest)
+    if anchor_dir is None or not original or Path(original).exists() or not Path(anchor_dir).exists():
+        return model_dir
+    out = Path(tempfile.mkdtemp(prefix="perl-relinked-")) / model_dir.name
+    shutil.copytree(model_dir, out)
+    manifest = {k: (str(anchor_dir) if v == original else v) for k, v in manifest.items()}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    adapter_cfg = out / "adapter_config.json"
+    if adapter_cfg.exists():
+        conf = json.loads(adapter_cfg.read_text())
+        conf["base_model_name_or_path"] = str(anchor_dir)
+        adapter_cfg.write_text(json.dumps(conf, indent=2))
+    return out
+
+
+class PerlModel(mlflow.pyfunc.PythonModel):
+    """The bundled manifest says reward_model (prompt, response -> score) or policy (prompt -> response)."""
+
+    def load_context(self, context) -> None:
+        anchor = anchor_folder(context.artifacts, context.model_config)
+        model_dir = relink(context.artifacts["model"], anchor)
+        self.kind = read_manifest(model_dir)["kind"]
+        if self.kind == "reward_model":
+            from perl_core.reward import RewardScorer
+
+            self.model = RewardScorer.load(str(model_dir))
+        else:
+            from perl_core.generation import PolicyGenerator
+
+            self.model = PolicyGenerator.load(str(model_dir))
+
+    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        prompts = [str(p) for p in frame["prompt"]]
+        if self.kind == "reward_model":
+            scores = self.model.score(prompts, [str(r) for r in frame["response"]])
+            return pd.DataFrame({"score": [float(s) for s in scores]})
+        params = params or {}
+        responses = self.model.generate(prompts, seed=int(params.get("seed", 0)),
+                                        max_new_tokens=int(params.get("max_new_tokens", 32)),
+                                        temperature=float(params.get("temperature", 1.0)),
+                                        top_p=float(params.get("top_p", 1.0)))
+        return pd.DataFrame({"response": list(responses)})
 
 
 mlflow.models.set_model(PerlModel())

@@ -64,7 +64,8 @@ def _run_stage(stage: str, task, done: Optional[Path], log_model_dir: bool = Tru
     refresh = done is not None and not done.exists()
     with tracking.stage_run(stage) as run:
         metrics_log = tracking.MetricsLog(run.info.run_id)
-        extra = {"callback": metrics_log} if "callback" in inspect.signature(task.fn).parameters else {}
+        hooks = {"callback": metrics_log, "samples_callback": metrics_log.samples}
+        extra = {name: hook for name, hook in hooks.items() if name in inspect.signature(task.fn).parameters}
         state = task.with_options(refresh_cache=refresh)(run_id=run.info.run_id, return_state=True, **kwargs, **extra)
         result = state.result()
         metrics_log.flush()
@@ -161,11 +162,11 @@ def evaluate_flow(cfg: PerlConfig, data: dict, anchor: dict, reward_model: dict,
 
 
 @flow(name="perl-register", log_prints=True)
-def register_flow(cfg: PerlConfig, data: dict, reward_model: dict, policy: dict, evaluation: dict) -> dict:
+def register_flow(cfg: PerlConfig, data: dict, anchor: dict, reward_model: dict, policy: dict, evaluation: dict) -> dict:
     import mlflow
 
     with tracking.stage_run("register"):
-        result = tasks.register(cfg, reward_model, policy, evaluation, data["data_version"])
+        result = tasks.register(cfg, anchor, reward_model, policy, evaluation, data["data_version"])
         mlflow.set_tags({"perl.promoted": str(result["promoted"]).lower(), "perl.gate_reason": result["reason"][:5000],
                          "perl.policy_version": result["policy_version"],
                          "perl.reward_model_version": result["reward_model_version"]})
@@ -209,7 +210,7 @@ def perl_pipeline(cfg: PerlConfig = PerlConfig()) -> dict:
         reward_model = reward_model_flow(cfg, data, anchor)
         policy = policy_flow(cfg, data, anchor, reward_model)
         evaluation = evaluate_flow(cfg, data, anchor, reward_model, policy)
-        registration = register_flow(cfg, data, reward_model, policy, evaluation)
+        registration = register_flow(cfg, data, anchor, reward_model, policy, evaluation)
     return {"run_id": parent.info.run_id, "experiment_id": parent.info.experiment_id,
             "tracking_uri": tracking.tracking_uri(cfg), "data_version": data["data_version"],
             "stages": {name: {"key": r.get("key"), "cached": r.get("cached", False), "out_dir": r.get("out_dir")}

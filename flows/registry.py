@@ -1,8 +1,10 @@
 """The MLflow model registry: reward model and policy as MLflow models, a promotion gate, rollback.
 
 Each registered version is a pyfunc "model from code" (`flows/mlflow_model.py`, nothing
-pickled) carrying the project's own folder (adapter + tokenizer + manifest naming its base)
-and, when that base is a local folder, the anchor it adapts. Load it either way:
+pickled) carrying the project's own folder (adapter + tokenizer + manifest naming its base),
+`perl_core` as code and pinned requirements. The anchor it adapts is stored once, by the
+anchor stage's run; a version references it (`model_config["anchor_uri"]`, tag
+`perl.anchor_uri`) and loading downloads it. Load it either way:
 
     mlflow.pyfunc.load_model("models:/perl-reward-model@champion").predict(df)   # prompt, response -> score
     RewardScorer.load(registry.download("perl-reward-model", "champion"))          # the project's loader
@@ -14,48 +16,34 @@ trained against move together (the policy's version tag `perl.reward_model_versi
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from perl_core.artifacts import MANIFEST, read_manifest
+import perl_core
+from perl_core.artifacts import read_manifest
 from perl_core.errors import UserError
 
 CODE_FILE = Path(__file__).resolve().parent / "mlflow_model.py"
 HISTORY_TAG = "perl.champion_history"
 METRIC_TAG = "metric."
+# What a registered model imports when it loads and predicts (mlflow_model.py and perl_core's
+# scoring/generation path). Each is pinned to the installed version: an environment built from
+# the model's own requirements.txt then matches the one it was trained in.
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "numpy",
+                    "pandas", "pydantic", "pyyaml")
 
 
 # ---------------------------------------------------------------- loading back
-def relink(model_dir: str | Path, anchor_dir: Optional[str | Path]) -> Path:
-    """A registered copy names its anchor by the path it was trained at; point it at the bundled copy.
+def __getattr__(name: str):
+    # Versions registered before the pyfunc moved into mlflow_model.py import it from here.
+    if name == "PerlPyfunc":
+        from flows.mlflow_model import PerlModel
 
-    The manifest is what `RewardScorer.load` (`base_model`) and `PolicyGenerator.load` (`anchor`)
-    read; `adapter_config.json` is fixed too so plain `PeftModel.from_pretrained` agrees.
-    """
-    model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    original = bundled_base(manifest)
-    if anchor_dir is None or not original or Path(original).exists() or not Path(anchor_dir).exists():
-        return model_dir
-    out = Path(tempfile.mkdtemp(prefix="perl-relinked-")) / model_dir.name
-    shutil.copytree(model_dir, out)
-    manifest = {k: (str(anchor_dir) if v == original else v) for k, v in manifest.items()}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    adapter_cfg = out / "adapter_config.json"
-    if adapter_cfg.exists():
-        conf = json.loads(adapter_cfg.read_text())
-        conf["base_model_name_or_path"] = str(anchor_dir)
-        adapter_cfg.write_text(json.dumps(conf, indent=2))
-    return out
-
-
-def bundled_base(manifest: dict) -> Optional[str]:
-    """The folder a registered model needs besides its own: the policy's anchor, the RM's base."""
-    return manifest.get("anchor") or manifest.get("base_model")
+        return PerlModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def download(name: str, alias_or_version: str = "champion", dst: Optional[str | Path] = None) -> Path:
@@ -63,44 +51,33 @@ def download(name: str, alias_or_version: str = "champion", dst: Optional[str | 
     import mlflow
     from mlflow.models import Model
 
+    from flows.mlflow_model import anchor_folder, relink
+
     ref = f"models:/{name}/{alias_or_version}" if str(alias_or_version).isdigit() else f"models:/{name}@{alias_or_version}"
     root = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(dst) if dst else None))
-    paths = Model.load(str(root / "MLmodel")).flavors["python_function"]["artifacts"]
-    anchor = root / paths["anchor"]["path"] if "anchor" in paths else None
-    return relink(root / paths["model"]["path"], anchor)
+    conf = Model.load(str(root / "MLmodel")).flavors["python_function"]
+    paths = {k: str(root / v["path"]) for k, v in conf.get("artifacts", {}).items()}
+    return relink(paths["model"], anchor_folder(paths, conf.get("config")))
 
 
-class PerlPyfunc:
-    """Instantiated by `flows/mlflow_model.py`; the bundled manifest says reward_model or policy."""
+def stage_artifact_uri(result: dict, stage: str) -> Optional[str]:
+    """Where `tracking.log_stage_result` logged a stage's folder: `runs:/<run that produced it>/<stage>`."""
+    run_id = result.get("produced_by_run")
+    return f"runs:/{run_id}/{stage}" if run_id else None
 
-    def load_context(self, context) -> None:
-        anchor = context.artifacts.get("anchor")
-        model_dir = relink(context.artifacts["model"], anchor)
-        kind = read_manifest(model_dir)["kind"]
-        if kind == "reward_model":
-            from perl_core.reward import RewardScorer
 
-            self.model = RewardScorer.load(str(model_dir))
-        else:
-            from perl_core.generation import PolicyGenerator
+def pinned_requirements() -> list[str]:
+    """`SERVING_PACKAGES` at their installed versions (a local label such as torch's `+cpu` dropped)."""
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
-            self.model = PolicyGenerator.load(str(model_dir))
-        self.kind = kind
 
-    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None):
-        import pandas as pd
+def _holds_manifest(uri: str) -> bool:
+    import mlflow
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        prompts = [str(p) for p in frame["prompt"]]
-        if self.kind == "reward_model":
-            scores = self.model.score(prompts, [str(r) for r in frame["response"]])
-            return pd.DataFrame({"score": [float(s) for s in scores]})
-        params = params or {}
-        responses = self.model.generate(prompts, seed=int(params.get("seed", 0)),
-                                        max_new_tokens=int(params.get("max_new_tokens", 32)),
-                                        temperature=float(params.get("temperature", 1.0)),
-                                        top_p=float(params.get("top_p", 1.0)))
-        return pd.DataFrame({"response": list(responses)})
+    try:
+        return any(Path(a.path).name == "manifest.json" for a in mlflow.artifacts.list_artifacts(uri))
+    except Exception:  # the run or its artifacts are gone
+        return False
 
 
 def _signature(kind: str):
@@ -133,31 +110,43 @@ def find_version(name: str, key: str):
 
 
 def register_model(kind: str, name: str, model_dir: str | Path, key: str, metrics: dict[str, float],
-                   tags: Optional[dict[str, str]] = None) -> tuple[str, bool]:
+                   tags: Optional[dict[str, str]] = None, anchor_dir: Optional[str | Path] = None,
+                   anchor_uri: Optional[str] = None) -> tuple[str, bool]:
     """Log `model_dir` as a pyfunc model in the active run and register it with alias `candidate`.
 
+    `anchor_dir` was logged once at `anchor_uri` (see `stage_artifact_uri`): a model built on it
+    references that URI. Any other local base folder is carried inside the version.
     Returns (version, created). Idempotent on `key`: the version that already carries it is returned.
     """
     import mlflow
+
+    from flows.mlflow_model import ANCHOR_URI, bundled_base
 
     existing = find_version(name, key)
     if existing is not None:
         return str(existing.version), False
     manifest = read_manifest(model_dir, expect_kind=kind)
-    artifacts = {"model": str(model_dir)}
+    artifacts, model_config = {"model": str(model_dir)}, {}
     base = bundled_base(manifest)
     if base and Path(base).is_dir():
-        artifacts["anchor"] = str(base)
+        on_anchor = anchor_dir is not None and Path(base).resolve() == Path(anchor_dir).resolve()
+        if on_anchor and anchor_uri and _holds_manifest(anchor_uri):
+            model_config[ANCHOR_URI] = anchor_uri
+        else:
+            artifacts["anchor"] = str(base)
     with warnings.catch_warnings():  # "no input example": one would load the model at logging time
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
-            name=kind, python_model=str(CODE_FILE), artifacts=artifacts, signature=_signature(kind),
-            registered_model_name=name, pip_requirements=["perl-rlhf", "torch", "transformers", "peft", "pandas"],
+            name=kind, python_model=str(CODE_FILE), artifacts=artifacts, model_config=model_config or None,
+            code_paths=[str(Path(perl_core.__file__).resolve().parent)], signature=_signature(kind),
+            registered_model_name=name, pip_requirements=pinned_requirements(),
         )
     version = str(info.registered_model_version)
     client = _client()
     version_tags = {"perl.stage_key": key, "perl.kind": kind, "perl.base_model": str(base),
                     "perl.tuning": str(manifest.get("tuning")), **(tags or {})}
+    if ANCHOR_URI in model_config:
+        version_tags["perl.anchor_uri"] = model_config[ANCHOR_URI]
     version_tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})
     for tag, value in version_tags.items():
         client.set_model_version_tag(name, version, tag, value)

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
 
 # The library functions behind the tasks; tests swap entries for tiny fakes.
@@ -124,9 +124,10 @@ def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str 
 
 @task(name="train_policy", **CACHED)
 def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, reward_model_dir: str, run_id: str = "",
-                 callback: MetricsCallback = null_callback) -> dict:
+                 callback: MetricsCallback = null_callback, samples_callback: SamplesCallback = null_samples) -> dict:
     cb = with_progress(callback, "policy", cfg.policy.train.max_steps)
-    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True)
+    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True,
+                                     samples_callback=samples_callback)
     return _as_dict(result, key, run_id)
 
 
@@ -145,17 +146,22 @@ def evaluate(cfg: PerlConfig, key: str, out_dir: str, policy_dir: str, anchor_di
 
 
 @task(name="register", **RETRIES)
-def register(cfg: PerlConfig, reward_model: dict, policy: dict, evaluation: dict, data_version: dict) -> dict:
-    """Register both models (alias `candidate`) and run the promotion gate. Idempotent on the stage keys."""
+def register(cfg: PerlConfig, anchor: dict, reward_model: dict, policy: dict, evaluation: dict,
+             data_version: dict) -> dict:
+    """Register both models (alias `candidate`) and run the promotion gate. Idempotent on the stage keys.
+
+    Both reference the anchor where its stage logged it instead of carrying a copy each.
+    """
     from flows import registry
 
     tr = cfg.tracking
     common = {"perl.data_version": str(data_version.get("md5")), "perl.data_git_rev": str(data_version.get("git_rev"))}
+    on_anchor = {"anchor_dir": anchor["out_dir"], "anchor_uri": registry.stage_artifact_uri(anchor, "anchor")}
     rm_version, rm_new = registry.register_model("reward_model", tr.reward_model_name, reward_model["out_dir"],
-                                                 reward_model["key"], evaluation["metrics"], common)
+                                                 reward_model["key"], evaluation["metrics"], common, **on_anchor)
     policy_tags = {**common, "perl.reward_model_version": rm_version, "perl.evaluation_key": evaluation["key"]}
     policy_version, policy_new = registry.register_model("policy", tr.policy_name, policy["out_dir"], policy["key"],
-                                                         evaluation["metrics"], policy_tags)
+                                                         evaluation["metrics"], policy_tags, **on_anchor)
     decision = registry.promotion_gate(tr.policy_name, policy_version, tr.promotion_metric, tr.promotion_mode)
     if not policy_new and not decision.promoted:
         decision.reason = f"v{policy_version} was registered by an earlier run with these inputs; {decision.reason}"

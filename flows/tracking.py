@@ -25,6 +25,8 @@ from perl_core.errors import UserError
 
 # Folders inside a stage's output that are not the model (resume checkpoints).
 SKIP_DIRS = {"checkpoints", "checkpoint"}
+# RL's sample completions, appended to every `policy.log_samples_every` steps (MLflow UI: Artifacts).
+SAMPLES_TABLE = "samples/rl_samples.json"
 
 
 class ServerUnreachable(UserError):
@@ -116,6 +118,12 @@ class MetricsLog:
         while self.pending:
             chunk, self.pending = self.pending[:1000], self.pending[1000:]
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def samples(self, rows: list[dict], step: int) -> None:
+        """The perl_core samples callback: completions go into one table (`SAMPLES_TABLE`), a `step` column apart."""
+        if rows:
+            table = {key: [row.get(key) for row in rows] for key in rows[0]}
+            self.client.log_table(self.run_id, {"step": [int(step)] * len(rows), **table}, SAMPLES_TABLE)
 
 
 # ---------------------------------------------------------------- runs

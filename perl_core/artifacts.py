@@ -43,11 +43,47 @@ def write_manifest(out_dir: str | Path, *, kind: str, base_model: str, tuning: s
     return path
 
 
-def read_manifest(model_dir: str | Path, expect_kind: Optional[str] = None) -> dict:
-    path = Path(model_dir) / MANIFEST
+def read_manifest(model_dir: str | Path, expect_kind: Optional[str | tuple[str, ...]] = None) -> dict:
+    folder = Path(model_dir)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserError(f"{model_dir} " + ("is a file, not an artifact folder" if folder.exists()
+                                          else "does not exist"))
     if not path.exists():
         raise UserError(f"{model_dir} is not a PERL artifact: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
-    if expect_kind and manifest.get("kind") != expect_kind:
-        raise UserError(f"{path}: expected a {expect_kind} artifact, found kind={manifest.get('kind')!r}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}); retrain the artifact or restore the folder") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object with 'kind', got {type(manifest).__name__}")
+    kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
+    if kinds and manifest.get("kind") not in kinds:
+        wanted = " or ".join(kinds)
+        raise UserError(f"{path}: expected {'an' if wanted[0] in 'aeiou' else 'a'} {wanted} artifact, "
+                        f"found kind={manifest.get('kind')!r}")
     return manifest
+
+
+def check_model_files(model_dir: str | Path, manifest: dict) -> None:
+    """The files a loader reads next to the manifest (tokenizer, model or adapter config, safetensors
+    weights), and the base an adapter needs: a clear error now instead of a loader's traceback later."""
+    folder = Path(model_dir)
+    need = {"tokenizer_config.json": "the tokenizer",
+            "adapter_config.json" if (folder / "adapter_config.json").exists() else "config.json": "the model config"}
+    for name, what in need.items():
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{folder} is not a complete {manifest.get('kind', 'PERL')} artifact: {name} "
+                            f"({what}) is missing; retrain it or restore the folder") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{folder / name} is damaged ({err}); retrain the artifact or restore the folder") from None
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} is not a complete {manifest.get('kind', 'PERL')} artifact: no *.safetensors "
+                        "weights; retrain it or restore the folder")
+    if (folder / "adapter_config.json").exists():
+        base = manifest.get("anchor") or manifest.get("base_model")
+        if base and Path(base).is_absolute() and not Path(base).exists():
+            raise UserError(f"{folder / MANIFEST}: the adapter's base model {base} is missing; "
+                            "restore that folder or retrain this artifact")

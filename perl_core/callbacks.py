@@ -1,14 +1,24 @@
 """How training code reports: a callable it is handed. It never knows who listens (MLflow, Prefect, a test)."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 
 class MetricsCallback(Protocol):
     def __call__(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+class SamplesCallback(Protocol):
+    """What RL generated at `step`: one row per response (`prompt`, `response`, `reward`, `gold_score` if known)."""
+
+    def __call__(self, rows: list[dict[str, Any]], step: int) -> None: ...
+
+
 def null_callback(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+def null_samples(rows: list[dict[str, Any]], step: int) -> None:
     return None
 
 

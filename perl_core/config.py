@@ -71,6 +71,11 @@ class DataConfig(Section):
     tokenizer: Optional[str] = Field(
         None, description="tokenizer (path or hub name) that counts tokens for max_tokens; none = a word/punctuation proxy"
     )
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the backbone's tokenizer has a chat template, SFT, the reward model, RL and "
+        "evaluation render prompts with it (the response is the assistant turn); off: plain text, and the saved "
+        "anchor and reward-model tokenizers carry no template"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -148,8 +153,9 @@ class RewardConfig(Section):
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
     )
-    truncation: Literal["error", "left"] = Field(
-        "error", description="too-long examples: error, or drop the oldest prompt tokens (never the response)"
+    truncation: Literal["error", "left", "both"] = Field(
+        "error", description="examples over max_length: error; left = drop the oldest prompt tokens (never the "
+                             "response); both = also cut the response's end, the longer part giving way first (counted)"
     )
     class_balance: bool = Field(False, description="pointwise: weight the loss so both labels count equally")
     eval_examples: Optional[int] = Field(
@@ -161,6 +167,12 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PolicyTrainConfig(TrainConfig):
+    micro_batch_size: Optional[int] = Field(
+        None, ge=1, description="samples per forward/backward in an RL step (same gradient, memory bounded by this "
+        "instead of batch_size x k); none = all batch_size x k samples in one pass")
 
 
 class PolicyConfig(Section):
@@ -180,10 +192,13 @@ class PolicyConfig(Section):
     normalize_rewards: bool = True
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
-    train: TrainConfig = TrainConfig(learning_rate=1e-3, batch_size=8, max_steps=100, eval_every=25)
+    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=1e-3, batch_size=8, max_steps=100, eval_every=25)
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )
+    log_samples_every: int = Field(
+        25, ge=0, description="hand a step's completions (prompt, response, reward, gold score) to the samples "
+        "callback every N RL steps and at the last step; 0: never")
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":
@@ -262,8 +277,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
 def resolve_preset(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} " + ("is a folder, not a YAML file" if path.exists()
+                                                        else "does not exist"))
         return path
     candidate = PRESET_DIR / f"{name_or_path}.yaml"
     if not candidate.exists():
@@ -297,8 +313,8 @@ def load_config(name_or_path: str | Path = "default", overrides: list[str] | Non
     """Load a preset (`default`, `taskmaster4`, ...) or a YAML path, then apply `key=value` overrides."""
     path = resolve_preset(name_or_path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")

@@ -135,6 +135,8 @@ def reward_workload(preset: str = "default", overrides: Sequence[str] = (), out_
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)
+        # per-row validation scores: the report's interval of the quality and of LoRA - full
+        validation_rows = json.loads(result.artifacts["validation_scores"].read_text())["scores"]
     metric = "pairwise_accuracy" if cfg.reward.objective == "pairwise" else "roc_auc"
     median = median_step_seconds(steps)
     batch = cfg.reward.train.batch_size * cfg.reward.train.grad_accum
@@ -149,6 +151,7 @@ def reward_workload(preset: str = "default", overrides: Sequence[str] = (), out_
         "examples_per_second": batch / median,
         "validation_metric": metric,
         "validation_value": float(result.metrics[f"validation/{metric}"]),
+        "validation_rows": validation_rows,
         "train_seconds": float(result.metrics["train_seconds"]),
     }
 

@@ -51,12 +51,20 @@ def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra
     return json.loads(out.read_text())
 
 
+def _saved(path: Path) -> dict:
+    """A part an earlier run saved; one cut short (the run killed while writing it) is named, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}): delete it and --resume measures that part again") from None
+
+
 def _cached(path: Optional[Path], resume, run: Callable[[], dict]) -> Optional[dict]:
     """Every measured part is saved as it finishes; with `resume`, a part already on disk is read back
     instead of measured again (a long report interrupted on a shared machine continues where it stopped).
     `resume="saved-only"` measures nothing new: a missing part is None and reported as not measured."""
     if path is not None and resume and path.exists():
-        return json.loads(path.read_text())
+        return _saved(path)
     if resume == "saved-only":
         return None
     result = run()
@@ -97,7 +105,37 @@ def _row(stage: str, setting: str, r: dict, quality_metric: str, quality: Option
         row.update(params_ratio=ratio(row["trainable_params"], int(full["trainable_params"])),
                    memory_ratio=ratio(peak, full_peak), step_time_ratio=ratio(row["step_seconds"], float(full[step_key])),
                    quality_delta=(quality - full_quality) if quality is not None and full_quality is not None else None)
+    row.update(quality_intervals(r, full))
     return row
+
+
+def quality_intervals(r: dict, full: Optional[dict] = None) -> dict:
+    """Bootstrap interval of a reward setting's validation pairwise accuracy from its per-pair scores,
+    and the paired interval of its difference to full tuning on the same pairs (the "within 1 point"
+    claim is read from that interval, not from two point estimates). Empty when the workload kept no
+    per-pair scores (results saved before it did) or the two settings scored different pairs."""
+    from perl_core.config import EvaluationConfig
+    from perl_core.evaluation import compare_pairwise, pairwise_intervals
+
+    pairs = (r.get("validation_rows") or {}).get("pairwise")
+    if r.get("validation_metric") != "pairwise_accuracy" or not pairs:
+        return {}
+    ev = EvaluationConfig()
+    ci = pairwise_intervals([p["chosen"] for p in pairs], [p["rejected"] for p in pairs], ev)
+    out = {"quality_ci_low": ci["pairwise_accuracy_ci_low"], "quality_ci_high": ci["pairwise_accuracy_ci_high"],
+           "quality_confidence": ev.confidence}
+    full_pairs = (full.get("validation_rows") or {}).get("pairwise") if full is not None and full is not r else None
+    if full_pairs and sorted(p["key"] for p in pairs) == sorted(p["key"] for p in full_pairs):
+        diff = compare_pairwise(pairs, full_pairs, ev)
+        out.update(quality_delta_ci_low=diff["pairwise_accuracy_diff_ci_low"],
+                   quality_delta_ci_high=diff["pairwise_accuracy_diff_ci_high"])
+    return out
+
+
+def _interval_cell(value: float, row: dict, name: str, fmt: Callable[[float], str]) -> str:
+    if row.get(f"{name}_ci_low") is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(row[f'{name}_ci_low'])}, {fmt(row[f'{name}_ci_high'])}]"
 
 
 def reward_rows(bench: dict) -> list[dict]:
@@ -262,10 +300,10 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     load = {"start": os.getloadavg()}
     parts = out / "parts"
     reward_json, policy_json = out / "reward_efficiency.json", out / "policy_efficiency.json"
-    reward_bench = json.loads(reward_json.read_text()) if resume and reward_json.exists() \
+    reward_bench = _saved(reward_json) if resume and reward_json.exists() \
         else _run_benchmark("reward_efficiency.py", reward_json, quick, config_file, extra=reward_extra)
     log("policy benchmark: PERL vs full")
-    policy_bench = json.loads(policy_json.read_text()) if resume and policy_json.exists() \
+    policy_bench = _saved(policy_json) if resume and policy_json.exists() \
         else None if resume == "saved-only" else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
                             extra=policy_extra + ["--work-dir", str(out / "policy_work")])
     sweep = rank_sweep(reward_bench, preset, overrides, ranks, log, parts, resume)
@@ -354,12 +392,16 @@ def report_markdown(report: dict) -> str:
         table.append([r["stage"], r["setting"], r["trainable_params"], _ratio_cell(r.get("params_ratio")),
                       f"{r['peak_memory_mb']:.0f}", _ratio_cell(r.get("memory_ratio")), f"{r['step_seconds']:.3f}",
                       _ratio_cell(r.get("step_time_ratio")),
-                      f"{r['quality_metric']} = {R.fmt(r['quality'])}" if r["quality"] is not None else "not measured",
-                      "—" if r.get("quality_delta") is None else f"{r['quality_delta']:+.3f}"])
+                      f"{r['quality_metric']} = {_interval_cell(r['quality'], r, 'quality', R.fmt)}"
+                      if r["quality"] is not None else "not measured",
+                      "—" if r.get("quality_delta") is None
+                      else _interval_cell(r["quality_delta"], r, "quality_delta", lambda v: f"{v:+.3f}")])
     missing = [r for r in report.get("ranks_requested", []) if r not in {x["rank"] for x in report["rank_sweep"]}]
     lines += ["## PERL against full tuning", "", R.markdown_table(headers, table), "",
               *([f"Rank sweep: r = {', '.join(map(str, missing))} not measured in this run.", ""] if missing else []),
-              "Reward rows: validation pairwise accuracy after the same number of steps. Policy rows measure cost "
+              "Reward rows: validation pairwise accuracy after the same number of steps, with its 95% bootstrap "
+              "interval over the validation pairs; Δ vs full has the paired interval (both settings on the same "
+              "pairs). Policy rows measure cost "
               "only: the policy benchmark runs RLOO against a stand-in anchor and reward model (the production "
               "layout, untrained weights), so policy quality is compared in the TRL section and in "
               "`perl-rlhf eval policy`, not here.", ""]

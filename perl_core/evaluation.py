@@ -1,8 +1,10 @@
 """Evaluation of the two trained stages, written as files (JSON, Markdown, PNG) into `out_dir`.
 
-* :func:`evaluate_reward_model` scores the test split: pairwise accuracy and the Bradley-Terry
-  loss on pairwise rows; ROC-AUC, (balanced) accuracy, ECE and the cross-entropy on pointwise
-  rows; reward mean/std; a reliability diagram and score histograms by label.
+* :func:`evaluate_reward_model` scores the test split: pairwise accuracy and mean margin (with
+  bootstrap intervals) and the Bradley-Terry loss on pairwise rows; ROC-AUC, (balanced) accuracy,
+  ECE and the cross-entropy on pointwise rows; reward mean/std; a reliability diagram and score
+  histograms by label. Per-row scores are kept, so :func:`compare_reward_evals` can put two
+  reward models (LoRA, full tuning) side by side on the same rows with paired intervals.
 * :func:`evaluate_policy` samples the anchor and the policy on held-out prompts with the same
   seed and compares them: RM reward (bootstrap CIs, paired gain), win rate under the RM with
   ties apart, KL(policy || anchor), the gold oracle where the data has one, response length,
@@ -24,19 +26,21 @@ from perl_core import reporting as R
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import encode_pair, encode_prompt, prompts_within
+from perl_core.modeling import encode_prompt, prompts_within
 
 
 # ---------------------------------------------------------------- reward model
-def _fits(scorer, prompt: str, response: str) -> bool:
-    """Whether the scorer reads (prompt, response) as it is (with its own truncation setting)."""
-    from perl_core.reward import encode_example
+def _cut(scorer, prompt: str, response: str) -> Optional[tuple[int, int]]:
+    """(prompt, response) tokens the scorer cuts to read the pair under its own truncation setting;
+    None when it cannot read it at all (too long for `error`, or for `left` when the response is)."""
+    from perl_core.reward import fit_example
 
     try:
-        encode_example(scorer.tokenizer, prompt, response, scorer.max_length, scorer.encoder, scorer.truncation)
-        return True
+        _, prompt_cut, response_cut = fit_example(scorer.tokenizer, prompt, response, scorer.max_length,
+                                                  scorer.encoder, scorer.truncation)
+        return prompt_cut, response_cut
     except ValueError:
-        return False
+        return None
 
 
 def pairwise_report(r_chosen, r_rejected, n_bins: int = 10) -> tuple[dict[str, float], list[dict]]:
@@ -59,6 +63,47 @@ def pairwise_report(r_chosen, r_rejected, n_bins: int = 10) -> tuple[dict[str, f
         "n_pairs": float(c.size),
     }
     return metrics, M.reliability_bins(probs, labels, n_bins)
+
+
+def pairwise_intervals(r_chosen, r_rejected, ev: EvaluationConfig) -> dict[str, float]:
+    """Bootstrap intervals of the pairwise accuracy (each pair's credit 1 / 0.5 / 0 resampled) and of
+    the mean margin r_c - r_r: on 156 pairs an accuracy is uncertain by several points."""
+    kw = dict(n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
+    margin = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
+    out: dict[str, float] = {}
+    for name, values in (("pairwise_accuracy", M.pairwise_credit(r_chosen, r_rejected)), ("pairwise_margin_mean", margin)):
+        _, out[f"{name}_ci_low"], out[f"{name}_ci_high"] = M.bootstrap_ci(values, **kw)
+    return out
+
+
+def compare_pairwise(rows_a: Sequence[dict], rows_b: Sequence[dict], ev: EvaluationConfig = EvaluationConfig()) -> dict:
+    """Two reward models on the same preference pairs (per-pair rows with `key`, `chosen`, `rejected`,
+    in any order): each one's pairwise accuracy and mean margin with intervals, and the paired
+    bootstrap interval of the differences a - b (pairs resampled, both models on each resampled
+    pair, so pair difficulty cancels). Margins are on each model's own reward scale."""
+    by = _match_by(rows_a, rows_b)
+    b_by_key = {r[by]: r for r in rows_b}
+    keys = [r[by] for r in rows_a]
+    if len(keys) != len(b_by_key) or any(k not in b_by_key for k in keys):
+        raise ValueError("compare_pairwise needs the same pairs on both sides (check with same_rows first)")
+    ca = np.array([r["chosen"] for r in rows_a], dtype=np.float64)
+    ra = np.array([r["rejected"] for r in rows_a], dtype=np.float64)
+    cb = np.array([b_by_key[k]["chosen"] for k in keys], dtype=np.float64)
+    rb = np.array([b_by_key[k]["rejected"] for k in keys], dtype=np.float64)
+    kw = dict(n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
+    credit_a, credit_b = M.pairwise_credit(ca, ra), M.pairwise_credit(cb, rb)
+    out: dict = {"n_pairs": len(keys), "confidence": ev.confidence,
+                 # the discordant pairs are all the difference is made of
+                 "pairs_only_a_right": int(np.sum((credit_a == 1) & (credit_b < 1))),
+                 "pairs_only_b_right": int(np.sum((credit_b == 1) & (credit_a < 1)))}
+    for name, credit, margin in (("a", credit_a, ca - ra), ("b", credit_b, cb - rb)):
+        for metric, values in (("pairwise_accuracy", credit), ("pairwise_margin_mean", margin)):
+            out[f"{metric}_{name}"], out[f"{metric}_{name}_ci_low"], out[f"{metric}_{name}_ci_high"] = \
+                M.bootstrap_ci(values, **kw)
+    for metric, a, b in (("pairwise_accuracy", credit_a, credit_b), ("pairwise_margin", ca - ra, cb - rb)):
+        out[f"{metric}_diff"], out[f"{metric}_diff_ci_low"], out[f"{metric}_diff_ci_high"] = \
+            M.paired_bootstrap_ci(a, b, **kw)
+    return out
 
 
 def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float], list[dict]]:
@@ -84,12 +129,17 @@ def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float]
     return metrics, M.reliability_bins(probs, y, n_bins)
 
 
-def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, plots: dict) -> str:
+def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, truncated: dict,
+                     plots: dict) -> str:
     lines = [f"# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
     lines.append(R.markdown_table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     if any(skipped.values()):
         lines += ["", "Rows longer than the model's max_length were left out: "
                   + ", ".join(f"{view}: {n}" for view, n in skipped.items() if n) + "."]
+    if any(n for cut in truncated.values() for n in cut.values()):
+        lines += ["", "Rows cut to fit the model's max_length (its truncation setting): "
+                  + ", ".join(f"{view}: {cut['prompts']} prompts, {cut['responses']} responses"
+                              for view, cut in truncated.items()) + "."]
     lines.append("")
     lines += [f"![{name}]({Path(p).name})" for name, p in plots.items()]
     return "\n".join(lines) + "\n"
@@ -100,7 +150,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     """Score `split` of every preference view the dataset has (pairwise and/or pointwise) with the
     reward model in `reward_model_dir`; write `reward_eval.{json,md}` and PNG plots into `out_dir`."""
     from perl_core.data import load_rows
-    from perl_core.reward import RewardScorer
+    from perl_core.reward import RewardScorer, score_rows
 
     manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
     objective = manifest.get("objective") or cfg.reward.objective
@@ -113,6 +163,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     views = [objective] + [v for v in ("pairwise", "pointwise") if v != objective]
     metrics: dict[str, float] = {}
     skipped: dict[str, int] = {}
+    truncated: dict[str, dict[str, int]] = {}
     plots: dict[str, Path] = {}
     row_scores: dict[str, list[dict]] = {}
     for view in views:
@@ -122,12 +173,14 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
             if view == objective:
                 raise
             continue
-        if view == "pairwise":
-            kept = [r for r in rows if _fits(scorer, r["prompt"], r["chosen"])
-                    and _fits(scorer, r["prompt"], r["rejected"])]
-        else:
-            kept = [r for r in rows if _fits(scorer, r["prompt"], r["response"])]
+        fields = ("chosen", "rejected") if view == "pairwise" else ("response",)
+        cuts = [[_cut(scorer, r["prompt"], r[f]) for f in fields] for r in rows]
+        numbers = [i + 1 for i, c in enumerate(cuts) if None not in c]
+        kept = [rows[i - 1] for i in numbers]
+        read = [c for c in cuts if None not in c]
         skipped[view] = len(rows) - len(kept)
+        truncated[view] = {"prompts": sum(any(p for p, _ in c) for c in read),
+                           "responses": sum(any(r for _, r in c) for c in read)}
         if not kept:
             if view == objective:
                 raise UserError(f"{view} {split} split: none of its {len(rows)} rows fits max_length={max_length}")
@@ -138,6 +191,8 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
             scores = scores.detach().float().cpu().numpy()
             chosen, rejected = scores[: len(kept)], scores[len(kept):]
             view_metrics, bins = pairwise_report(chosen, rejected, n_bins)
+            view_metrics.update(pairwise_intervals(chosen, rejected, cfg.evaluation))
+            row_scores["pairwise"] = score_rows(kept, scores, "pairwise", numbers)
             plots["pairwise reliability"] = R.reliability_plot(
                 bins, out / "reward_reliability_pairwise.png", "P(chosen > rejected) = sigmoid(r_c - r_r)")
             plots["pairwise scores"] = R.histograms({"chosen": chosen, "rejected": rejected},
@@ -150,8 +205,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
                 _, view_metrics["roc_auc_ci_low"], view_metrics["roc_auc_ci_high"] = M.auc_bootstrap_ci(
                     scores, labels, n=cfg.evaluation.bootstrap_samples, confidence=cfg.evaluation.confidence,
                     seed=cfg.evaluation.seed)
-            row_scores["pointwise"] = [{"id": r.get("id", str(i)), "label": y, "score": float(x)}
-                                       for i, (r, y, x) in enumerate(zip(kept, labels, scores))]
+            row_scores["pointwise"] = score_rows(kept, scores, "pointwise", numbers)
             plots["pointwise reliability"] = R.reliability_plot(
                 bins, out / "reward_reliability_pointwise.png", "P(label = 1) = sigmoid(score)")
             plots["pointwise scores"] = R.histograms(
@@ -159,35 +213,98 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
                  "label 0 (thumbs down)": scores[np.asarray(labels) == 0]},
                 out / "reward_scores_pointwise.png", "RM score by label", "score")
         metrics.update(view_metrics)
+        if scorer.truncation != "error":
+            metrics.update({f"{view}_truncated_{part}": float(n) for part, n in truncated[view].items()})
 
     R.write_json(out / "reward_eval.json", {
         "reward_model": str(reward_model_dir), "objective": objective, "split": split, "metrics": metrics,
-        "skipped_too_long": skipped, "plots": {k: p.name for k, p in plots.items()}, "scores": row_scores,
+        "skipped_too_long": skipped, "truncated": truncated, "truncation": scorer.truncation,
+        "plots": {k: p.name for k, p in plots.items()}, "scores": row_scores,
     })
-    (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped, plots))
+    (out / "reward_eval.md").write_text(_reward_markdown(str(reward_model_dir), objective, metrics, skipped,
+                                                         truncated, plots))
     return metrics
 
 
-def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationConfig = EvaluationConfig()) -> dict:
-    """ROC-AUC of two reward models scored on the same pointwise rows (two `reward_eval.json` files),
-    with the paired, stratified bootstrap interval of the difference a - b (LoRA vs full tuning)."""
+EVAL_FILE = "reward_eval.json"
+_ROW_FIELDS = {"pairwise": ("chosen", "rejected"), "pointwise": ("label", "score")}
+
+
+def read_reward_eval(path: str | Path) -> tuple[Path, dict]:
+    """A `perl-rlhf eval reward` result: its folder or its reward_eval.json, checked enough that a
+    comparison never fails half way with a traceback."""
     import json
 
-    runs = []
-    for path in (Path(eval_a), Path(eval_b)):
-        path = path / "reward_eval.json" if path.is_dir() else path
-        rows = json.loads(path.read_text()).get("scores", {}).get("pointwise")
-        if not rows:
-            raise UserError(f"{path}: no per-row pointwise scores (re-run `perl-rlhf eval reward` on pointwise data)")
-        runs.append((path, {r["id"]: r for r in rows}))
-    (path_a, a), (path_b, b) = runs
-    if set(a) != set(b) or any(a[i]["label"] != b[i]["label"] for i in a):
-        raise UserError(f"{path_a} and {path_b} scored different rows or labels: evaluate both on the same split")
-    ids = sorted(a)
-    labels = [a[i]["label"] for i in ids]
-    sa, sb = [a[i]["score"] for i in ids], [b[i]["score"] for i in ids]
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; expected the --out folder of `perl-rlhf eval reward` "
+                        f"(or the {EVAL_FILE} in it)")
+    file = path / EVAL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path} has no {EVAL_FILE}: is it the --out folder of `perl-rlhf eval reward`?")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}); re-run `perl-rlhf eval reward`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
+        raise UserError(f"{file} is not a reward evaluation (no 'scores' object); re-run `perl-rlhf eval reward`")
+    for view, rows in data["scores"].items():
+        fields = _ROW_FIELDS.get(view)
+        if fields is None or not isinstance(rows, list):
+            raise UserError(f"{file}: scores.{view} is not a list of pairwise or pointwise rows")
+        for i, row in enumerate(rows):
+            missing = [f for f in fields if not isinstance(row, dict) or not isinstance(row.get(f), (int, float))]
+            if missing or not (row.get("key") or row.get("id") is not None):
+                raise UserError(f"{file}: scores.{view}[{i}] lacks {', '.join(missing) or 'a key or id'} "
+                                f"(expected {', '.join(fields)} and a row key); re-run `perl-rlhf eval reward`")
+    return file, data
+
+
+def _match_by(rows_a: Sequence[dict], rows_b: Sequence[dict]) -> str:
+    """Rows match by their text's `key`; files written before keys existed match by `id`."""
+    return "key" if all(r.get("key") for r in (*rows_a, *rows_b)) else "id"
+
+
+def _row_name(row: dict) -> str:
+    parts = [f"row {row['row']}" if row.get("row") else "", f"id {row['id']!r}" if row.get("id") is not None else "",
+             f"key {row['key']}" if row.get("key") else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def same_rows(file_a: Path, rows_a: Sequence[dict], file_b: Path, rows_b: Sequence[dict], view: str,
+              note: str = "") -> None:
+    """Refuse two evaluations that did not score the same rows, naming how many differ and one of them
+    (rows match as in :func:`_match_by`); pointwise rows must agree on the label too."""
+    by = _match_by(rows_a, rows_b)
+    a, b = {r[by]: r for r in rows_a}, {r[by]: r for r in rows_b}
+    only_a, only_b = [k for k in a if k not in b], [k for k in b if k not in a]
+    what = "pairs" if view == "pairwise" else "rows"
+    if len(a) != len(rows_a) or len(b) != len(rows_b):
+        raise UserError(f"{file_a if len(a) != len(rows_a) else file_b}: two {view} rows share one {by}; "
+                        "re-run `perl-rlhf eval reward` (it keys rows by their text)")
+    if only_a or only_b:
+        example = a[only_a[0]] if only_a else b[only_b[0]]
+        raise UserError(
+            f"{file_a} and {file_b} did not score the same {view} {what}: {len(only_a)} of A's {len(a)} are not in B "
+            f"and {len(only_b)} of B's {len(b)} are not in A (e.g. {_row_name(example)}, only in "
+            f"{'A' if only_a else 'B'}); evaluate both models on the same split of the same data{note}")
+    if view == "pointwise":
+        differ = [k for k in a if a[k]["label"] != b[k]["label"]]
+        if differ:
+            raise UserError(f"{file_a} and {file_b} scored the same rows with different labels ({len(differ)} rows, "
+                            f"e.g. {_row_name(a[differ[0]])}: {a[differ[0]]['label']} in A, {b[differ[0]]['label']} in B); "
+                            "evaluate both models on the same data version")
+
+
+def compare_pointwise(rows_a: Sequence[dict], rows_b: Sequence[dict], ev: EvaluationConfig = EvaluationConfig()) -> dict:
+    """ROC-AUC of two reward models on the same pointwise rows, with the paired, stratified bootstrap
+    interval of the difference a - b."""
+    by = _match_by(rows_a, rows_b)
+    b_by = {r[by]: r for r in rows_b}
+    labels = [int(r["label"]) for r in rows_a]
+    sa, sb = [r["score"] for r in rows_a], [b_by[r[by]]["score"] for r in rows_a]
     kw = dict(n=ev.bootstrap_samples, confidence=ev.confidence, seed=ev.seed)
-    out = {"n": len(ids), "n_negative": labels.count(0), "confidence": ev.confidence}
+    out = {"n": len(labels), "n_negative": labels.count(0), "confidence": ev.confidence}
     for name, scores in (("a", sa), ("b", sb)):
         out[f"roc_auc_{name}"], out[f"roc_auc_{name}_ci_low"], out[f"roc_auc_{name}_ci_high"] = \
             M.auc_bootstrap_ci(scores, labels, **kw)
@@ -197,11 +314,48 @@ def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationC
     return out
 
 
+def compare_reward_evals(eval_a: str | Path, eval_b: str | Path, ev: EvaluationConfig = EvaluationConfig()) -> dict:
+    """Two reward models (LoRA against full tuning) evaluated on the same rows: every view both
+    `reward_eval.json` files hold, the objective's view required. Pairwise: accuracy and mean margin
+    with the paired bootstrap interval of a - b (:func:`compare_pairwise`); pointwise: ROC-AUC and
+    the paired, stratified interval of its difference (:func:`compare_pointwise`)."""
+    (file_a, a), (file_b, b) = read_reward_eval(eval_a), read_reward_eval(eval_b)
+    obj_a, obj_b = a.get("objective"), b.get("objective")
+    if obj_a and obj_b and obj_a != obj_b:
+        raise UserError(f"{file_a} evaluates a {obj_a} reward model and {file_b} a {obj_b} one: "
+                        "compare two evaluations of the same objective")
+    objective = obj_a or obj_b
+    views = [v for v in ("pairwise", "pointwise") if a["scores"].get(v) and b["scores"].get(v)]
+    if objective and objective not in views:
+        lacking = file_a if not a["scores"].get(objective) else file_b
+        raise UserError(f"{lacking}: no per-row {objective} scores (re-run `perl-rlhf eval reward` on {objective} data)")
+    if not views:
+        raise UserError(f"{file_a} and {file_b} share no per-row scores (re-run `perl-rlhf eval reward` for both)")
+    skipped = [x.get("skipped_too_long") or {} for x in (a, b)]
+    out: dict = {"objective": objective or views[0]}
+    for view in views:
+        note = "" if not any(s.get(view) for s in skipped) else (
+            f" (rows longer than a model's max_length are left out: A skipped {skipped[0].get(view, 0)}, "
+            f"B skipped {skipped[1].get(view, 0)})")
+        same_rows(file_a, a["scores"][view], file_b, b["scores"][view], view, note)
+        if view == "pairwise":
+            out.update(compare_pairwise(a["scores"][view], b["scores"][view], ev))
+            continue
+        labels = {int(r["label"]) for r in a["scores"][view]}
+        if labels != {0, 1}:
+            if view == objective:
+                raise UserError(f"{file_a}: the pointwise rows hold only label {labels.pop()}; ROC-AUC needs both labels")
+            continue
+        out.update(compare_pointwise(a["scores"][view], b["scores"][view], ev))
+    return out
+
+
 # ---------------------------------------------------------------- policy
 @torch.no_grad()
 def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, batch_size: int = 32):
     """Sample like :meth:`PolicyGenerator.generate` (same seed -> same text) but keep the token-level
-    samples, their summed log-probs under the generator's model, and their lengths in tokens.
+    samples, their summed log-probs under the generator's tempered model pi_T (the distribution
+    sampled from, `rl.token_logprobs`), and their lengths in tokens.
 
     Returns ``(texts, samples_per_batch, logp_sums, lengths)``.
     """
@@ -224,7 +378,8 @@ def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, 
 
 @torch.no_grad()
 def logprobs_of(generator, batches) -> np.ndarray:
-    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`."""
+    """Summed log-probs of already sampled responses (another model's samples) under `generator.model`,
+    at the temperature they were sampled with."""
     from perl_core.rl import token_logprobs
 
     return torch.cat([token_logprobs(generator.model, s)[0].sum(-1) for s in batches]).numpy()
@@ -327,25 +482,10 @@ def _policy_markdown(paths: dict, m: dict, samples: list[dict], confidence: floa
 @torch.no_grad()
 def rm_scores(scorer, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """Reward-model scores of generated text, which unlike training data may be empty (EOS sampled
-    first) or longer than the RM reads: an empty response is scored as `prompt + eos` (what the
-    one-backbone RL loop scores too), an over-long one loses its oldest prompt tokens, never
-    response tokens."""
-    from perl_core.reward import encode_example, score_sequences
-
-    tok, max_length = scorer.tokenizer, scorer.max_length
-    seqs = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if r or scorer.encoder:
-            seqs.append(encode_example(tok, p, r or " ", max_length, scorer.encoder, truncation="left"))
-            continue
-        ids, _ = encode_pair(tok, p, "", 10 ** 9)
-        keep = 1 if ids[0] == tok.bos_token_id else 0
-        seqs.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - max_length + keep:])
-    out = np.empty(len(seqs))
-    for start in range(0, len(seqs), batch_size):
-        out[start:start + batch_size] = score_sequences(scorer.model, seqs[start:start + batch_size],
-                                                        tok.pad_token_id).cpu().numpy()
-    return out
+    first) or longer than the RM reads: an empty response is scored as prompt + end token (the
+    one rule of `perl_core.scoring`, as in RL), an over-long one loses its oldest prompt tokens,
+    never response tokens."""
+    return scorer.score(list(prompts), list(responses), batch_size=batch_size, truncation="left").numpy()
 
 
 def gold_oracle(cfg: PerlConfig) -> Optional[Callable[[str, str], float]]:
@@ -363,7 +503,8 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
 
     Both sample with `evaluation.seed` and `policy.generation`. KL(policy || anchor) is the
     Monte-Carlo estimate on the policy's own samples, sum over response tokens of
-    log pi(y_t) - log pi_anchor(y_t) (nats per response; at temperature 1 it is unbiased).
+    log pi_T(y_t) - log pi_anchor,T(y_t), both tempered by the sampling temperature T as in RL
+    (nats per response; unbiased for the tempered distributions when top_p is 1).
     Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
     """
     from perl_core.data import load_prompts

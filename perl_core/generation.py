@@ -14,18 +14,24 @@ import torch
 
 from perl_core.artifacts import read_manifest
 from perl_core.errors import UserError
-from perl_core.modeling import encode_prompt, load_causal_lm, load_tokenizer
+from perl_core.modeling import encode_prompt, fit_embeddings, load_causal_lm, load_tokenizer, response_end_id
 
 
 @dataclass
 class Samples:
-    """`sequences` = left-padded prompt (width `prompt_width`) followed by the sampled response tokens."""
+    """`sequences` = left-padded prompt (width `prompt_width`) followed by the sampled response tokens.
+
+    EOS here is the token that ends a response (`modeling.response_end_id`: eos, or the chat
+    template's end-of-turn). `temperature` is the T of the distribution pi_T = softmax(logits / T)
+    the tokens were drawn from; log-probs of these samples are taken under it (`rl.token_logprobs`).
+    """
 
     sequences: torch.Tensor        # [N, P + T]
     attention_mask: torch.Tensor   # [N, P + T]; 0 on left padding and after the first EOS
     response_mask: torch.Tensor    # [N, T]; 1 on response tokens up to and including the first EOS
     prompt_width: int
     finished: torch.Tensor         # [N] bool: the response ended with EOS (not cut by max_new_tokens)
+    temperature: float = 1.0       # greedy samples carry 1.0: their log-probs are the untempered model's
 
     @property
     def responses(self) -> torch.Tensor:
@@ -42,12 +48,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, exactly as `generate` computes them (so log-probs match sampling)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0) -> Samples:
@@ -56,7 +56,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
 
     if max_new_tokens < 1:
         raise UserError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = response_end_id(tokenizer), tokenizer.pad_token_id
     ids, mask = left_pad(prompt_ids, pad)
     device = next(model.parameters()).device
     greedy = temperature == 0
@@ -81,13 +81,13 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     finished = is_eos.any(-1)
     sequences = torch.cat([ids, response.masked_fill(after_eos, pad)], dim=1)
     attention_mask = torch.cat([mask, response_mask], dim=1)
-    return Samples(sequences, attention_mask, response_mask, width, finished)
+    return Samples(sequences, attention_mask, response_mask, width, finished, 1.0 if greedy else float(temperature))
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:
-    texts = []
+    texts, end = [], response_end_id(tokenizer)
     for row, m in zip(samples.responses, samples.response_mask):
-        ids = [int(t) for t, keep in zip(row, m) if keep and int(t) != tokenizer.eos_token_id]
+        ids = [int(t) for t, keep in zip(row, m) if keep and int(t) != end]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
 
@@ -116,9 +116,10 @@ class PolicyGenerator:
             if not (anchor / "config.json").exists():
                 raise UserError(f"{path}/manifest.json: the policy adapter's anchor {anchor} is missing; "
                                 "copy the anchor folder there or retrain the policy")
-            model = PeftModel.from_pretrained(load_causal_lm(str(anchor), dtype), str(path)).merge_and_unload()
+            base = fit_embeddings(load_causal_lm(str(anchor), dtype), tokenizer)
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         else:
-            model = load_causal_lm(str(path), dtype)
+            model = fit_embeddings(load_causal_lm(str(path), dtype), tokenizer)
         model.eval()
         return cls(model, tokenizer, manifest, path)
 

@@ -143,13 +143,20 @@ def pairwise_accuracy(r_chosen, r_rejected, ties: str = "half") -> float:
     consistent with ROC-AUC: a tied pair is a coin flip) or ``"wrong"`` (the strict reading: a
     model that scores everything equal gets 0, not 0.5).
     """
+    return float(np.mean(pairwise_credit(r_chosen, r_rejected, ties)))
+
+
+def pairwise_credit(r_chosen, r_rejected, ties: str = "half") -> np.ndarray:
+    """Each pair's share of :func:`pairwise_accuracy`: 1 chosen scored higher, 0 lower, a tie
+    0.5 (``ties="half"``) or 0 (``"wrong"``). Its mean is the accuracy, so the bootstrap helpers
+    below give the accuracy's interval, and on the same pairs the paired interval of a difference."""
     c = _as_array(r_chosen, "r_chosen")
     r = _as_array(r_rejected, "r_rejected")
     _same_length(c, r, "r_chosen and r_rejected")
     if ties not in ("half", "wrong"):
         raise ValueError(f"ties must be 'half' or 'wrong', got {ties!r}")
     tie_credit = 0.5 if ties == "half" else 0.0
-    return float(np.mean(np.where(c > r, 1.0, np.where(c == r, tie_credit, 0.0))))
+    return np.where(c > r, 1.0, np.where(c == r, tie_credit, 0.0))
 
 
 def win_rate(a, b, tol: float = 0.0) -> dict[str, float]:

@@ -15,8 +15,14 @@ directory (or hub name) that ``from_pretrained`` reads:
   re-dequantises on every load and cannot save the result), then loaded like a local model;
 * a hub name (``Qwen/Qwen2.5-0.5B``), read through the normal cache (``HF_HUB_OFFLINE=1`` honoured).
 
-Every stage joins text the same way: ``bos + prompt_ids + response_ids + eos``, prompt and
-response tokenised separately so the response boundary is exact (:func:`encode_pair`).
+Every stage joins text the same way: ``prompt_ids + response_ids + end``, prompt and response
+tokenised separately so the response boundary is exact (:func:`encode_pair`). Without a chat
+template the prompt is ``bos + text`` and ``end`` is eos. When the tokenizer has a chat template
+(and ``data.chat_template`` is not ``off``) the prompt is the conversation rendered with
+``add_generation_prompt=True`` (:func:`prompt_messages` reads our transcript formats back into
+messages), the response is the assistant turn's content, and ``end`` is the template's
+end-of-turn token (:func:`response_end_id`): exactly the ids the policy samples and the reward
+model reads.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -33,6 +41,7 @@ import torch
 from torch import nn
 
 from perl_core.config import BackboneConfig, ConfigError, LoraConfig
+from perl_core.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -94,38 +103,162 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
     return fast
 
 
-def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+def load_tokenizer(name_or_path: str, padding_side: str = "right", chat_template: str = "auto"):
+    """The tokenizer every stage uses, with a pad token, and with its chat template removed when
+    `chat_template="off"` (`data.chat_template`), so artifacts saved with it read plain text too.
+
+    A tokenizer without a pad token gets a distinct one rather than eos (which the model must keep
+    generating and reading): a special token already named as a pad (Llama 3.1's
+    `<|finetune_right_pad_id|>`), else unk, else a new `<pad>`, for which :func:`fit_embeddings`
+    grows the model's embeddings by one row. The pad's value never matters to a score or a
+    log-prob (every position comes from the attention mask, see `perl_core.scoring`), so a
+    tokenizer that ships pad == eos (SmolLM2, Qwen2.5) keeps it.
+    """
     from transformers import AutoTokenizer
 
+    if chat_template not in ("auto", "off"):
+        raise ConfigError(f"data.chat_template must be auto or off, got {chat_template!r}")
     tok = AutoTokenizer.from_pretrained(name_or_path)
     if tok.pad_token is None:
-        # decoder-only hub models often ship without a pad token; eos is the usual stand-in
-        tok.pad_token = tok.eos_token or tok.unk_token
+        named = [t.content for t in tok.added_tokens_decoder.values() if t.special and "pad" in t.content.lower()]
+        if named:
+            tok.pad_token = named[0]
+        elif tok.unk_token is not None and tok.unk_token != tok.eos_token:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": SPECIAL_TOKENS["pad_token"]})
+    if chat_template == "off":
+        tok.chat_template = None
     tok.padding_side = padding_side
     return tok
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True) -> tuple[list[int], int]:
-    """Token ids of `prompt + response` and the index where the response starts.
-
-    Raises ValueError when the sequence is longer than `max_length` (callers filter or report;
-    silent truncation would score a different text than the one asked about).
-    """
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if add_eos and tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    ids = prompt_ids + response_ids
-    if len(ids) > max_length:
-        raise ValueError(f"sequence of {len(ids)} tokens is longer than max_length={max_length}")
-    return ids, len(prompt_ids)
+def fit_embeddings(model: nn.Module, tokenizer) -> nn.Module:
+    """Give `model` an embedding row for every token of `tokenizer` (the `<pad>` that
+    :func:`load_tokenizer` may add). The new row is transformers' mean of the old ones; it is
+    only ever read at masked positions. The resized model is what the anchor saves, so every
+    later stage (and the one-backbone layout, whose reward adapter is trained on the anchor)
+    loads the same vocabulary; a LoRA adapter on a resized hub backbone also stores the
+    embeddings (PEFT does so when the vocabulary changed)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
 
 
+# ---------------------------------------------------------------- chat templates
+def uses_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """`apply_chat_template` as text (tokenised afterwards with add_special_tokens=False, as TRL does)."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja raises its own errors, e.g. "roles must alternate user/assistant"
+        roles = [m["role"] for m in messages]
+        raise UserError(f"the tokenizer's chat template cannot render the roles {roles}: {err}; "
+                        "set data.chat_template=off to feed plain text") from None
+
+
+_PROBE = "perl-end-of-turn-probe"
+_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def response_end_id(tokenizer) -> Optional[int]:
+    """The token that ends a response: the chat template's end-of-turn (`<|im_end|>`, `<|eot_id|>`)
+    when the tokenizer has a template, else eos. Generation stops on it, SFT learns it, and the
+    reward model reads its score there."""
+    if not uses_chat_template(tokenizer):
+        return tokenizer.eos_token_id
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is not None and cached[0] == tokenizer.chat_template:
+        return cached[1]
+    # what the template writes right after an assistant message's content
+    full = render_chat(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}],
+                       add_generation_prompt=False)
+    tail = full[full.rfind(_PROBE) + len(_PROBE):]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    end = ids[0] if ids and ids[0] in tokenizer.all_special_ids else tokenizer.eos_token_id
+    _END_OF_TURN[tokenizer] = (tokenizer.chat_template, end)
+    return end
+
+
+# our prompts are transcripts: HH-RLHF's "Human: ...\n\nAssistant: ...\n\nAssistant:" (also what
+# TRL-style conversational rows become, see data/schema.py), or role lines ending in the agent cue,
+# as Taskmaster-4 ("User:/Agent:/API:") and the synthetic task ("Customer:") write them
+_TRANSCRIPT = re.compile(r"\n\n(System|Human|Assistant):")
+_TRANSCRIPT_ROLES = {"System": "system", "Human": "user", "Assistant": "assistant"}
+_LINE_ROLES = {"User": "user", "Customer": "user", "Agent": "assistant", "API": "user"}
+_ROLE_LINE = re.compile(r"(User|Customer|Agent|API):(?: |$)")
+
+
+def prompt_messages(prompt: str) -> list[dict]:
+    """The conversation a prompt's text holds, as chat messages ending with a user turn; the final
+    assistant cue is what `add_generation_prompt` renders instead. A Taskmaster-4 API result stays a
+    user turn prefixed "API:" (templates such as Mistral's accept only user/assistant), and
+    consecutive turns of one role are joined by newlines. Text in no known format is one user turn."""
+    text = prompt.strip()
+    messages: list[dict] = []
+    if re.match(r"(System|Human):", text) and "\n\nAssistant:" in text:
+        parts = _TRANSCRIPT.split("\n\n" + text)
+        messages = [{"role": _TRANSCRIPT_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    elif _ROLE_LINE.match(text) and (text == "Agent:" or text.endswith("\nAgent:")):
+        for line in text.split("\n"):
+            m = _ROLE_LINE.match(line)
+            if m is None:  # a continuation line (a payload kept verbatim)
+                messages[-1]["content"] += "\n" + line
+                continue
+            content = line[m.end():].strip()
+            messages.append({"role": _LINE_ROLES[m.group(1)], "content": f"API: {content}" if m.group(1) == "API" else content})
+    else:
+        return [{"role": "user", "content": text}]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the cue
+    merged: list[dict] = []
+    for m in messages:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1]["content"] += "\n" + m["content"]
+        else:
+            merged.append(dict(m))
+    return merged
+
+
+# ---------------------------------------------------------------- encoding
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids a model is given before its response: the rendered chat turns up to the assistant
+    header when the tokenizer has a chat template, else bos + the text."""
+    if uses_chat_template(tokenizer):
+        text = render_chat(tokenizer, prompt_messages(prompt), add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+def encode_response(tokenizer, response: str) -> list[int]:
+    """A response's own ids (no end token). As an assistant turn its content is stripped: our data
+    writes " reply" after a text cue, and templates such as Llama 3's trim message content."""
+    text = response.strip() if uses_chat_template(tokenizer) else response
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True) -> tuple[list[int], int]:
+    """Token ids of `prompt + response + end` and the index where the response starts.
+
+    `end` is :func:`response_end_id` (eos, or the template's end-of-turn). Raises ValueError when
+    the sequence is longer than `max_length` (callers filter or report; silent truncation would
+    score a different text than the one asked about).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    response_ids = encode_response(tokenizer, response)
+    end = response_end_id(tokenizer)
+    if add_eos and end is not None:
+        response_ids = response_ids + [end]
+    ids = prompt_ids + response_ids
+    if len(ids) > max_length:
+        raise ValueError(f"sequence of {len(ids)} tokens is longer than max_length={max_length}")
+    return ids, len(prompt_ids)
 
 
 def prompts_within(tokenizer, prompts, max_prompt_length: int) -> list[tuple[str, list[int]]]:
@@ -346,8 +479,9 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
 
 
 def load_sequence_scorer(name_or_path: str, pad_token_id: Optional[int], dtype: str = "float32"):
-    """`AutoModelForSequenceClassification` with one output: for causal LMs (Llama, Qwen, ...) the
-    score is read at the last non-pad token; for encoders (BERT, MiniLM) from the pooled [CLS]."""
+    """`AutoModelForSequenceClassification` with one output: its `score` head (causal LMs: Llama,
+    Qwen, ...) is read at the last attended position by `perl_core.scoring`, not by the class's own
+    pad-id rule; encoders (BERT, MiniLM) read the pooled [CLS]."""
     from transformers import AutoModelForSequenceClassification
 
     with quiet_transformers():

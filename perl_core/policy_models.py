@@ -2,8 +2,8 @@
 
 * LoRA policy, reward model = a LoRA adapter on the anchor (PERL's default): ONE backbone.
   The anchor's weights carry the trainable policy adapter, the frozen reward adapter (+ its
-  score head, a plain linear layer on the last non-pad hidden state), and with adapters
-  disabled they ARE the anchor.
+  score head, a plain linear layer read as `perl_core.scoring` reads every reward model), and
+  with adapters disabled they ARE the anchor.
 * LoRA policy, any other reward model (e.g. an encoder): the backbone carries the policy
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
@@ -19,9 +19,11 @@ from torch import nn
 
 from perl_core.artifacts import read_manifest
 from perl_core.config import ConfigError, PolicyConfig
-from perl_core.generation import Samples, position_ids
-from perl_core.modeling import attach_lora, load_causal_lm, load_tokenizer, parameter_counts
+from perl_core.generation import Samples
+from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
+                                response_end_id)
 from perl_core.rl import token_logprobs
+from perl_core.scoring import read_scores
 from perl_core.training import set_seed
 
 # PEFT saves an adapter named "default" at the top of the folder and any other name in a
@@ -31,7 +33,8 @@ REWARD_ADAPTER = "reward"
 
 
 def with_final_eos(samples: Samples, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RM was trained on `prompt + response + eos`; responses cut by max_new_tokens get their EOS here."""
+    """The RM was trained on `prompt + response + end` (`response_end_id`: eos or the chat template's
+    end-of-turn); responses cut by max_new_tokens get that token here."""
     n = samples.sequences.shape[0]
     ids = torch.cat([samples.sequences, torch.full((n, 1), pad_id, dtype=torch.long)], dim=1)
     mask = torch.cat([samples.attention_mask, torch.zeros((n, 1), dtype=torch.long)], dim=1)
@@ -70,14 +73,9 @@ class Roles:
             return token_logprobs(self.policy, samples)[0]
 
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        # a separate reward model reads text; it refuses empty responses, which score as the batch's worst
-        keep = [i for i, r in enumerate(responses) if r.strip()]
-        scores = torch.zeros(len(responses))
-        if keep:
-            scores[keep] = self.scorer.score([prompts[i] for i in keep], [responses[i] for i in keep]).float().cpu()
-            floor = scores[keep].min()
-            scores[[i for i in range(len(responses)) if i not in set(keep)]] = floor
-        return scores
+        # a separate reward model reads the decoded text in its own format (an empty response as
+        # prompt + end token, like every other path: perl_core.scoring)
+        return self.scorer.score(prompts, responses).float().cpu()
 
     def save_policy(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,17 +101,13 @@ class OneBackbone(Roles):
 
     @torch.no_grad()
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        ids, mask = with_final_eos(samples, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        ids, mask = with_final_eos(samples, response_end_id(self.tokenizer), self.tokenizer.pad_token_id)
         self.policy.set_adapter(REWARD_ADAPTER, inference_mode=True)
         try:
-            # the RM is a sequence classifier: its head reads the final (normed) hidden state
-            body = self.policy.get_base_model().base_model
-            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                          use_cache=False).last_hidden_state
+            # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
+            return read_scores(self.policy.get_base_model().base_model, self.reward_head, ids, mask)
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
-        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last non-pad position (left padding)
-        return self.reward_head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)
 
 
 def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int) -> nn.Linear:
@@ -159,8 +153,12 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
         if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"reward model {reward_model_dir} adapts the anchor but its tokenizer differs from "
                               f"{anchor_dir}'s; retrain the reward model from this anchor")
-        policy = attach_lora(load_causal_lm(str(anchor_dir), dtype), cfg.lora, task_type="CAUSAL_LM",
-                             adapter_name=POLICY_ADAPTER)
+        if rm_tokenizer.chat_template != tokenizer.chat_template:
+            raise ConfigError(f"reward model {reward_model_dir} and anchor {anchor_dir} were trained with different "
+                              "chat templates (data.chat_template differed between the stages); retrain the reward "
+                              "model from this anchor with the same setting")
+        policy = attach_lora(fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer), cfg.lora,
+                             task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
         head = load_reward_adapter(policy, reward_model_dir, rm_manifest.get("head", "score"),
                                    policy.config.hidden_size)
         return OneBackbone(policy, tokenizer, head)
@@ -175,9 +173,9 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
                           f"policy.max_prompt_length + policy.generation.max_new_tokens + EOS = {longest}; "
                           "lower policy.max_prompt_length or retrain the reward model with a larger max_length")
     if cfg.tuning == "lora":
-        policy = attach_lora(load_causal_lm(str(anchor_dir), dtype), cfg.lora, task_type="CAUSAL_LM",
-                             adapter_name=POLICY_ADAPTER)
+        policy = attach_lora(fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer), cfg.lora,
+                             task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
         return Roles(policy, tokenizer, anchor=None, scorer=scorer, tuning="lora")
-    policy = load_causal_lm(str(anchor_dir), dtype)
-    anchor = load_causal_lm(str(anchor_dir), dtype).requires_grad_(False).eval()
+    policy = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer)
+    anchor = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer).requires_grad_(False).eval()
     return Roles(policy, tokenizer, anchor=anchor, scorer=scorer, tuning="full")

@@ -4,10 +4,10 @@
     pointwise  L = BCE(sigma(r(x, y)), label),  label = 1 for thumbs up, 0 for thumbs down
 
 PERL trains it with LoRA on the attention projections while the score head trains fully
-(peft `modules_to_save`): a causal LM reads the score at its last non-pad token (`score`
-head), an encoder at its pooled [CLS] (`classifier` head). Chosen and rejected go through ONE
-batched forward pass; batches are right-padded and length-bucketed, and padding never changes
-a score (causal attention never looks right; encoders mask the pads).
+(peft `modules_to_save`): a causal LM reads the score at the token that ends the response, its
+last attended position (`score` head, :mod:`perl_core.scoring`), an encoder at its pooled [CLS]
+(`classifier` head). Chosen and rejected go through ONE batched forward pass; batches are
+right-padded and length-bucketed, and padding never changes a score.
 
 The artifact folder is a PEFT adapter whose saved modules include the head (`tuning: lora`)
 or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `manifest.json`.
@@ -15,6 +15,7 @@ or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `mani
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,8 +29,9 @@ from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig
 from perl_core.errors import DataError, UserError
-from perl_core.modeling import (attach_lora, encode_pair, load_sequence_scorer, load_tokenizer, parameter_counts,
-                                pick_device, quiet_transformers, resolve_backbone)
+from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
+                                parameter_counts, pick_device, quiet_transformers, resolve_backbone, response_end_id)
+from perl_core.scoring import pad_right, sequence_scores
 from perl_core.training import set_seed, train_loop
 
 HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
@@ -84,15 +86,24 @@ def max_positions(model: nn.Module) -> Optional[int]:
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int, encoder: bool,
                    truncation: str = "error") -> list[int]:
-    """Token ids the reward model reads for (prompt, response).
+    """Token ids the reward model reads for (prompt, response); see `fit_example`."""
+    return fit_example(tokenizer, prompt, response, max_length, encoder, truncation)[0]
 
-    Causal LMs: `encode_pair` (bos + prompt + response + eos), so the reward model reads exactly
-    what the policy writes. Encoders read their score at position 0, so they take the
-    tokenizer's own pair template ([CLS] prompt [SEP] response [SEP]). With
-    `truncation="left"` the oldest prompt tokens are dropped to fit; the response never is.
+
+def fit_example(tokenizer, prompt: str, response: str, max_length: int, encoder: bool,
+                truncation: str = "error") -> tuple[list[int], int, int]:
+    """Token ids the reward model reads for (prompt, response), and how many prompt and response
+    tokens were cut to fit `max_length`.
+
+    Causal LMs: `encode_pair` (prompt + response + end, chat-rendered when the tokenizer has a
+    template), so the reward model reads exactly what the policy writes. Encoders read their
+    score at position 0, so they take the tokenizer's own pair template ([CLS] prompt [SEP]
+    response [SEP]). An empty response is read as it was written: no response tokens. Too long:
+    `truncation="error"` raises ValueError; "left" drops the oldest prompt tokens, never the
+    response; "both" also cuts the response's end (as TRL does), the longer of the two giving
+    way first, so each keeps at least half the room when it needs it. The framing tokens
+    (bos and the end token, [CLS]/[SEP]) always stay: the score is read where training read it.
     """
-    if not response:
-        raise ValueError("the response is empty")
     if encoder:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -100,45 +111,33 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, encod
         sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         if cls is None or sep is None:
             raise ValueError("the encoder's tokenizer has no [CLS]/[SEP] (or bos/eos) token to frame the pair")
-        overflow = len(p) + len(r) + 3 - max_length
-        if overflow > 0 and truncation == "left" and overflow <= len(p):
-            p = p[overflow:]
-        ids = [cls] + p + [sep] + r + [sep]
+        head, mid, tail = [cls], [sep], [sep]
     else:
-        try:
-            ids, _ = encode_pair(tokenizer, prompt, response, max_length)
-        except ValueError:
-            if truncation != "left":
-                raise
-            full, start = encode_pair(tokenizer, prompt, response, 10**9)
-            overflow = len(full) - max_length
-            keep = 1 if full[0] == tokenizer.bos_token_id else 0  # keep bos, drop the oldest prompt tokens
-            if overflow > start - keep:
-                raise
-            ids = full[:keep] + full[keep + overflow:]
-    if len(ids) > max_length:
-        raise ValueError(f"sequence of {len(ids)} tokens is longer than max_length={max_length}")
-    return ids
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence; returns (input_ids, attention_mask)."""
-    if not sequences:
-        raise UserError("cannot score an empty batch")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+        full, start = encode_pair(tokenizer, prompt, response, 10**9)
+        head = full[:1] if start and full[0] == tokenizer.bos_token_id else []
+        tail = full[-1:] if response_end_id(tokenizer) is not None else []  # encode_pair's end token
+        p, r, mid = full[len(head):start], full[start:len(full) - len(tail)], []
+    room = max_length - len(head) - len(mid) - len(tail)
+    if len(p) + len(r) <= room:
+        keep_p, keep_r = len(p), len(r)
+    elif truncation == "left" and len(r) <= room:
+        keep_p, keep_r = room - len(r), len(r)
+    elif truncation == "both":
+        keep_p = min(len(p), max(room - len(r), room // 2))
+        keep_r = min(len(r), room - keep_p)
+    else:
+        whole = max_length - room + len(p) + len(r)
+        detail = f" (the response alone takes {len(r)})" if truncation == "left" else ""
+        raise ValueError(f"sequence of {whole} tokens is longer than max_length={max_length}{detail}")
+    ids = head + p[len(p) - keep_p:] + mid + r[:keep_r] + tail
+    return ids, len(p) - keep_p, len(r) - keep_r
 
 
 def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """One forward pass over right-padded `sequences`; one float32 score each."""
+    """One forward pass over right-padded `sequences`; one float32 score each (`scoring.sequence_scores`)."""
     device = next(model.parameters()).device
-    ids, mask = pad_batch(sequences, pad_id, device)
-    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    ids, mask = pad_right(sequences, pad_id, device)
+    return sequence_scores(model, ids, mask)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
@@ -163,32 +162,72 @@ def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: 
 
 
 # ---------------------------------------------------------------- data
+def row_keys(rows: Sequence[dict], view: str) -> list[str]:
+    """Each preference row's identity from its text: a dataset's `id` may be missing or shared by
+    several pairs of one conversation, the text is not. A repeated row gets `#2`, `#3`, ... in order,
+    so two evaluations of the same split agree on every key."""
+    import hashlib
+
+    fields = ("prompt", "chosen", "rejected") if view == "pairwise" else ("prompt", "response", "label")
+    keys, seen = [], {}
+    for row in rows:
+        key = hashlib.sha1("\x1f".join(str(row[f]) for f in fields).encode("utf-8")).hexdigest()[:16]
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return keys
+
+
+def score_rows(rows: Sequence[dict], scores, view: str, row_numbers: Optional[Sequence[int]] = None) -> list[dict]:
+    """Per-row scores as evaluations save them: pairwise `scores` are [chosen..., rejected...] (what
+    :func:`score_examples` returns), pointwise one per row. `row` is the 1-based line in the split file."""
+    s = [float(x) for x in (scores.detach().float().cpu().tolist() if hasattr(scores, "detach") else scores)]
+    numbers = list(row_numbers) if row_numbers is not None else range(1, len(rows) + 1)
+    n = len(rows)
+    out = []
+    for i, (row, key, number) in enumerate(zip(rows, row_keys(rows, view), numbers)):
+        entry = {"row": int(number), "id": row.get("id"), "key": key}
+        if view == "pairwise":
+            entry.update(chosen=s[i], rejected=s[n + i])
+        else:
+            entry.update(label=int(row["label"]), score=s[i])
+        out.append(entry)
+    return out
+
+
 def _split_file(cfg: PerlConfig, view: str, split: str) -> str:
     return str(Path(cfg.data.data_dir) / (cfg.data.name or cfg.data.source) / view / f"{split}.jsonl")
 
 
-def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, split: str) -> list[tuple]:
-    """Pairwise rows -> (chosen_ids, rejected_ids); pointwise rows -> (ids, label). Errors name file/row/field."""
+def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, split: str) -> tuple[list[tuple], dict]:
+    """Pairwise rows -> (chosen_ids, rejected_ids); pointwise rows -> (ids, label). Errors name file/row/field.
+
+    Also returns how many rows `reward.truncation` cut: {"prompts": n, "responses": n} (a pair counts
+    once when either of its sequences was cut)."""
     rcfg = cfg.reward
     view = rcfg.objective
     file = _split_file(cfg, view, split)
     fields = ("chosen", "rejected") if view == "pairwise" else ("response",)
-    out = []
+    out, truncated = [], {"prompts": 0, "responses": 0}
     for i, row in enumerate(rows):
         for key in ("prompt",) + fields + (("label",) if view == "pointwise" else ()):
             if key not in row:
                 raise DataError(f"missing {key!r}; {view} rows need prompt, {', '.join(fields)}"
                                 + (", label" if view == "pointwise" else ""), file=file, row=i + 1, field=key)
-        encoded = []
+        encoded, cut_prompt, cut_response = [], 0, 0
         for key in fields:
             if not isinstance(row[key], str) or not row[key].strip():
                 raise DataError("empty response: every reward example needs a non-empty reply", file=file, row=i + 1, field=key)
             try:
-                encoded.append(encode_example(tokenizer, row["prompt"], row[key], rcfg.max_length, encoder, rcfg.truncation))
+                ids, cut_p, cut_r = fit_example(tokenizer, row["prompt"], row[key], rcfg.max_length, encoder,
+                                                rcfg.truncation)
             except ValueError as err:
-                raise DataError(f"{err}; raise reward.max_length (the model allows {rcfg.max_length}), set "
-                                "reward.truncation=left, or filter long rows with data.max_tokens",
+                raise DataError(f"{err}; raise reward.max_length, set reward.truncation=left (cut the prompt's start) "
+                                "or both (the response's end too), or filter long rows with data.max_tokens",
                                 file=file, row=i + 1, field=key) from None
+            encoded.append(ids)
+            cut_prompt, cut_response = cut_prompt + cut_p, cut_response + cut_r
+        truncated["prompts"] += cut_prompt > 0
+        truncated["responses"] += cut_response > 0
         if view == "pointwise":
             label = row["label"]
             if label not in (0, 1):
@@ -197,7 +236,7 @@ def encode_rows(rows: list[dict], tokenizer, cfg: PerlConfig, encoder: bool, spl
         out.append(tuple(encoded))
     if not out:
         raise DataError(f"the {split} split is empty", file=file)
-    return out
+    return out, truncated
 
 
 # ---------------------------------------------------------------- building and evaluating
@@ -206,7 +245,7 @@ def build_reward_model(base: str, cfg: PerlConfig, tokenizer) -> tuple[nn.Module
     rcfg = cfg.reward
     set_seed(rcfg.train.seed)  # the fresh head's init is part of the run's seed
     with quiet_transformers():
-        model = load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype)
+        model = fit_embeddings(load_sequence_scorer(base, tokenizer.pad_token_id, rcfg.backbone.dtype), tokenizer)
     limit = max_positions(model)
     if limit is not None and rcfg.max_length > limit:
         raise ConfigError(f"reward.max_length={rcfg.max_length} is longer than {base} allows ({limit} positions)")
@@ -267,13 +306,15 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     else:
         corpus = data_api.corpus(cfg.data) if rcfg.backbone.name.startswith("scratch:") else None
         base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     model, head = build_reward_model(base, cfg, tokenizer)
     encoder = head == "classifier"
-    train = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
-    val = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    train, train_cut = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
+    val, val_cut = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
+    val_numbers = list(range(len(val)))
     if rcfg.eval_examples is not None and len(val) > rcfg.eval_examples:
-        val = [val[i] for i in sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))]
+        val_numbers = sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))
+        val = [val[i] for i in val_numbers]
     pad_id = tokenizer.pad_token_id
     bs = rcfg.train.batch_size
 
@@ -300,21 +341,33 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     eval_metric = "pairwise_accuracy" if objective == "pairwise" else "roc_auc"
 
+    last_scores: list[torch.Tensor] = []  # the latest validation pass, saved per row with the model
+
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        return reward_metrics(score_examples(m, val, objective, pad_id, bs * 2), val, objective, rcfg.margin)
+        last_scores[:] = [score_examples(m, val, objective, pad_id, bs * 2)]
+        return reward_metrics(last_scores[0], val, objective, rcfg.margin)
 
     result = train_loop(model, batches, loss_fn, rcfg.train, eval_fn=eval_fn, eval_metric=eval_metric,
                         callback=callback, checkpoint_dir=out / "checkpoints", resume=resume, desc="reward model")
     # the loop evaluated the final step; only restored (earlier, better) weights need a new pass
-    final = result.last_eval if result.best_step in (None, result.step) and result.last_eval else eval_fn(model)
+    final = result.last_eval if result.best_step in (None, result.step) and result.last_eval and last_scores \
+        else eval_fn(model)
     counts = parameter_counts(model)
     metrics = {f"validation/{k}": v for k, v in final.items()}
     metrics.update(trainable_params=counts["trainable"], total_params=counts["total"], steps=result.step,
                    train_seconds=result.seconds)
     if result.best_step is not None:
         metrics["best_step"] = result.best_step
+    if rcfg.truncation != "error":  # rows that were cut to fit reward.max_length, whole splits
+        for split, cut in (("train", train_cut), ("validation", val_cut)):
+            metrics.update({f"{split}/truncated_{part}": float(n) for part, n in cut.items()})
     save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
-    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out})
+    # per-row validation scores: the validation metric's interval, and paired comparisons of two
+    # training runs on the same rows (the efficiency report's LoRA against full tuning)
+    scores_file = out / "validation_scores.json"
+    scores_file.write_text(json.dumps({"split": "validation", "objective": objective, "scores": {objective: score_rows(
+        [val_rows[i] for i in val_numbers], last_scores[0], objective, [i + 1 for i in val_numbers])}}))
+    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out, "validation_scores": scores_file})
 
 
 def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *, base: str, head: str,
@@ -353,17 +406,22 @@ class RewardScorer:
             if (path / "adapter_config.json").exists():
                 from peft import PeftModel
 
-                base = load_sequence_scorer(manifest["base_model"], tokenizer.pad_token_id)
+                base = fit_embeddings(load_sequence_scorer(manifest["base_model"], tokenizer.pad_token_id), tokenizer)
                 model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
             else:
-                model = load_sequence_scorer(str(path), tokenizer.pad_token_id)
+                model = fit_embeddings(load_sequence_scorer(str(path), tokenizer.pad_token_id), tokenizer)
         model.to(device or pick_device())
         return cls(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
                    manifest.get("truncation", "error"))
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """One float32 reward per (prompt, response), in input order, on the CPU."""
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
+              truncation: Optional[str] = None) -> torch.Tensor:
+        """One float32 reward per (prompt, response), in input order, on the CPU.
+
+        An empty response is scored as prompt + end token (`perl_core.scoring`). `truncation`
+        overrides the model's own setting (evaluation reads generated text with "left").
+        """
         if len(prompts) != len(responses):
             raise UserError(f"score got {len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
@@ -371,7 +429,8 @@ class RewardScorer:
         seqs = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             try:
-                seqs.append(encode_example(self.tokenizer, p, r, self.max_length, self.encoder, self.truncation))
+                seqs.append(encode_example(self.tokenizer, p, r, self.max_length, self.encoder,
+                                           truncation or self.truncation))
             except ValueError as err:
                 raise UserError(f"example {i}: {err} (this reward model reads at most {self.max_length} tokens)") from None
         examples = [(s,) for s in seqs]

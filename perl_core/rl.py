@@ -11,16 +11,22 @@ One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahm
     loss     = - mean_i  A_i * sum_t log pi(y_it | .)
     beta    <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * B*k / kl_horizon)    (adaptive_kl)
 
+pi and pi_anchor are the tempered distributions softmax(logits / T), T = `generation.temperature`:
+the policy samples from pi_T, so its gradient and the KL are taken for pi_T (:func:`token_logprobs`).
 Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline). The roles
 (policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
 ONE backbone (adapter on, adapters off, reward adapter + head).
+
+With `policy.train.micro_batch_size` the B*k samples go through the reward model, the anchor and
+the policy's forward/backward in chunks, each chunk's loss weighted by its share of the mean: the
+same gradient, with memory set by the chunk instead of B*k (sampling stays one `generate`).
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,28 +35,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
-from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
+from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.errors import UserError
-from perl_core.generation import Samples, position_ids, sample_responses
+from perl_core.generation import Samples, sample_responses
 from perl_core.modeling import prompts_within
-from perl_core.training import (latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, require_finite,
-                                save_checkpoint, set_seed)
+from perl_core.scoring import position_ids
+from perl_core.training import make_optimizer, make_scheduler, require_finite, set_seed
 
 
 # ---------------------------------------------------------------- the math
 def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False):
-    """log pi(y_t | x, y_<t) and the policy entropy at every response position, [N, T] each.
+    """log pi_T(y_t | x, y_<t) and the entropy of pi_T at every response position, [N, T] each.
 
-    The forward uses the same left padding and position ids as `generate`, so these are the
-    log-probabilities of exactly the tokens that were sampled (before temperature/top-p).
+    pi_T = softmax(logits / T) with T = `samples.temperature`: the distribution the tokens were
+    drawn from, so the policy gradient, the KL (policy and anchor both under T, as TRL does) and
+    the entropy are those of what was sampled (top-p truncation is not modelled). The forward uses
+    the same left padding and position ids as `generate`, so these are exactly the sampled tokens.
     """
     p = samples.prompt_width
     out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
                 position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
                 use_cache=False)
     logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
-    logp_all = F.log_softmax(logits, dim=-1)
+    logp_all = F.log_softmax(logits / samples.temperature, dim=-1)
     logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # a metric: keeping its graph would hold two more [N, T, vocab] tensors through backward
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -65,6 +74,21 @@ def kl_penalised_reward(reward: torch.Tensor, policy_logp: torch.Tensor, anchor_
     """R = r - beta * KL, with KL the summed per-token log-ratio of the sampled response (masked inputs)."""
     kl = (policy_logp - anchor_logp).sum(-1)
     return reward - kl_coef * kl, kl
+
+
+def clip_reward(reward: torch.Tensor, limit: Optional[float]) -> torch.Tensor:
+    """clip(r, -limit, limit) (policy.reward_clip); no limit leaves r as it is."""
+    return reward if limit is None else reward.clamp(-limit, limit)
+
+
+def moving_average(baseline: Optional[float], value: float, decay: float) -> float:
+    """b <- decay * b + (1 - decay) * value: the reinforce baseline; the first value starts it."""
+    return value if baseline is None else decay * baseline + (1 - decay) * value
+
+
+def policy_loss(advantage: torch.Tensor, policy_logp: torch.Tensor) -> torch.Tensor:
+    """- mean_i A_i * sum_t log pi(y_it | .): REINFORCE, the advantage held constant."""
+    return -(advantage.detach() * policy_logp.sum(-1)).mean()
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,6 +124,25 @@ class RunningMoments:
         return (x - self.mean) / math.sqrt(self.var + 1e-8)
 
 
+# ---------------------------------------------------------------- micro-batches
+def row_chunks(n: int, size: Optional[int]) -> list[slice]:
+    """Consecutive row ranges of at most `size` rows covering 0..n-1 (one range when size is None)."""
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def sample_rows(samples: Samples, rows: slice) -> Samples:
+    """The samples of `rows`, with the batch's padding (so every row's forward is the one it has in the whole batch)."""
+    return replace(samples, sequences=samples.sequences[rows], attention_mask=samples.attention_mask[rows],
+                   response_mask=samples.response_mask[rows], finished=samples.finished[rows])
+
+
+def chunked_logprobs(model: nn.Module, samples: Samples, chunks: list[slice], with_hidden: bool = False):
+    """`token_logprobs` of `chunks` in turn, concatenated: the whole batch's values, one chunk's activations at a time."""
+    parts = [token_logprobs(model, sample_rows(samples, rows), with_hidden=with_hidden) for rows in chunks]
+    return tuple(torch.cat(values) for values in zip(*parts))
+
+
 # ---------------------------------------------------------------- checks before any work
 def check_policy_config(cfg: PolicyConfig) -> None:
     if cfg.algorithm == "rloo" and cfg.k < 2:
@@ -108,7 +151,8 @@ def check_policy_config(cfg: PolicyConfig) -> None:
         raise ConfigError(f"policy.generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
     if cfg.train.grad_accum != 1:
         raise ConfigError("policy.train.grad_accum must be 1: an RL step is already policy.train.batch_size prompts "
-                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum})")
+                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum}); to bound its memory, set "
+                          "policy.train.micro_batch_size")
 
 
 # ---------------------------------------------------------------- the loop
@@ -131,8 +175,12 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
 
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
-            gold_score: Optional[Callable[[str, str], float]] = None) -> RLResult:
-    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring)."""
+            gold_score: Optional[Callable[[str, str], float]] = None,
+            samples_callback: SamplesCallback = null_samples) -> RLResult:
+    """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
+
+    Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
+    """
     from perl_core.generation import decode_responses
 
     check_policy_config(cfg)
@@ -145,13 +193,13 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
     optimizer, scheduler = make_optimizer(trainable, tc), None
     scheduler = make_scheduler(optimizer, tc)
-    kl_coef, baseline, moments, step = cfg.kl_coef, None, RunningMoments(), 0
+    kl_coef, baseline, moments, step, extra = cfg.kl_coef, None, RunningMoments(), 0, {}
     if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
         meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
         step, extra = meta["step"], meta["extra"]
         kl_coef, baseline = extra["kl_coef"], extra["baseline"]
         moments = RunningMoments(**extra["moments"])
-    result = RLResult(step=step)
+    result = RLResult(step=step, history=extra.get("history", []))
     started = time.perf_counter()
     roles.policy.train()
     while step < tc.max_steps:
@@ -167,37 +215,44 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         t1 = time.perf_counter()
 
         # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
+        chunks = row_chunks(len(responses), tc.micro_batch_size)
         with torch.no_grad():
-            rm_reward = roles.reward(samples, batch_prompts, responses).float().cpu()
-            anchor_logp = roles.anchor_logprobs(samples)
+            rm_reward = torch.cat([roles.reward(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
+                                   .float().cpu() for rows in chunks])
+            anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
         require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
         t2 = time.perf_counter()
 
-        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss
-        if value_head is not None:
-            policy_logp, entropy, hidden = token_logprobs(roles.policy, samples, with_hidden=True)
-        else:
-            policy_logp, entropy = token_logprobs(roles.policy, samples)
+        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss. In one pass, the
+        #    forward that gives the KL also carries the gradient. Micro-batched, the KL needs every
+        #    sample's log-probs before any advantage exists, so a no-grad pass comes first and each
+        #    chunk runs again with gradients: only one chunk's activations are alive at a time.
+        one_pass = len(chunks) == 1
+        with torch.set_grad_enabled(one_pass):
+            policy_logp, entropy, *hidden = chunked_logprobs(roles.policy, samples, chunks, value_head is not None)
         moments.update(rm_reward)
-        reward = moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward
-        if cfg.reward_clip is not None:
-            reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+        reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
         total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
         value_loss = torch.zeros(())
         if cfg.algorithm == "rloo":
             advantage = rloo_advantages(total, k)
         elif value_head is not None:
-            value = value_head(hidden.detach().float()).squeeze(-1)
+            value = value_head(hidden[0].detach().float()).squeeze(-1)
             value_loss = F.mse_loss(value, total)
             advantage = total - value.detach()
+            require_finite(value_loss, "value loss", step + 1, checkpoint_dir)
+            value_loss.backward()  # a graph of its own: the value head reads detached hidden states
         else:
             advantage = total - (baseline if baseline is not None else float(total.mean()))
-            baseline = float(total.mean()) if baseline is None else \
-                cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * float(total.mean())
-        policy_loss = -(advantage.detach() * policy_logp.sum(-1)).mean()
-        loss = policy_loss + value_loss
-        require_finite(loss, "policy loss", step + 1, checkpoint_dir)
-        loss.backward()
+            baseline = moving_average(baseline, float(total.mean()), cfg.baseline_decay)
+        loss = 0.0
+        for rows in chunks:
+            logp = policy_logp if one_pass else token_logprobs(roles.policy, sample_rows(samples, rows))[0]
+            # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
+            part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
+            require_finite(part, "policy loss", step + 1, checkpoint_dir)
+            part.backward()
+            loss += float(part.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trainable.parameters() if p.requires_grad],
                                                    tc.max_grad_norm)
         require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
@@ -212,26 +267,40 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         metrics = {
             "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
             "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
-            "entropy": float(entropy.detach().sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
-            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": float(policy_loss.detach()),
+            "entropy": float(entropy.sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
+            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
             "advantage_std": float(advantage.std()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
             "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
         }
         if value_head is not None:
             metrics["value_loss"] = float(value_loss.detach())
-        if gold_score is not None:
-            metrics["gold_score"] = sum(gold_score(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
+        gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
+        if gold is not None:
+            metrics["gold_score"] = sum(gold) / len(gold)
         if cfg.adaptive_kl:
             kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses), cfg.kl_horizon)
         callback({f"rl/{name}": v for name, v in metrics.items()}, step)
+        every = cfg.log_samples_every
+        if every and (step % every == 0 or step == tc.max_steps):
+            samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
-                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments)})
+                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
+                                   "history": result.history})  # the stage's summary averages the last steps
     roles.policy.eval()
     result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
     return result
+
+
+def completion_rows(prompts: list[str], responses: list[str], rewards: list[float],
+                    gold: Optional[list[float]] = None) -> list[dict]:
+    """One row per completion: the reward model's raw score (before normalisation) and the gold score if known."""
+    rows = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, rewards)]
+    for row, g in zip(rows, gold or []):
+        row["gold_score"] = float(g)
+    return rows
 
 
 # ---------------------------------------------------------------- the stage
@@ -242,7 +311,8 @@ def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float
 
 
 def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
-                 callback: MetricsCallback = null_callback, resume: bool = False) -> StageResult:
+                 callback: MetricsCallback = null_callback, resume: bool = False,
+                 samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
     from perl_core.data import load_prompts
     from perl_core.policy_models import build_roles
@@ -257,7 +327,8 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     if cfg.data.source == "synthetic":
         from perl_core.data.synthetic import gold_score as gold
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
-                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold)
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
+                     samples_callback=samples_callback)
     roles.save_policy(out_dir)
     from perl_core.sft import _data_version
 

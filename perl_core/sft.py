@@ -2,7 +2,10 @@
 
     loss = - (1 / #response tokens) * sum_{t in response} log pi(y_t | prompt, y_<t)
 
-Prompt tokens and padding carry no loss (the model learns to answer, not to ask). `full`
+Prompt tokens and padding carry no loss (the model learns to answer, not to ask); the token that
+ends the response (eos, or the chat template's end-of-turn when the backbone has a template and
+`data.chat_template` is auto) does, so the anchor learns to stop where RL and the reward model
+expect it (`modeling.encode_pair`). `full`
 tuning is the default for scratch backbones, which start random; `lora` trains an adapter
 and saves MERGED weights, so the anchor is always a plain Hugging Face causal-LM folder that
 the reward model and the policy can both start from.
@@ -21,9 +24,9 @@ from perl_core.artifacts import StageResult, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import PerlConfig
 from perl_core.errors import UserError
-from perl_core.modeling import (attach_lora, encode_pair, load_causal_lm, load_tokenizer, parameter_counts,
-                                resolve_backbone)
-from perl_core.training import train_loop
+from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
+                                parameter_counts, resolve_backbone)
+from perl_core.training import set_seed, train_loop
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tuple[list[int], int]], int]:
@@ -99,8 +102,9 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     out_dir = Path(out_dir)
     sft = cfg.sft
     base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
-    tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base, sft.backbone.dtype)
+    tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
+    set_seed(sft.train.seed)  # a new pad row and the fresh adapter's initialisation are part of the run's seed
+    model = fit_embeddings(load_causal_lm(base, sft.backbone.dtype), tokenizer)
     metrics: dict[str, float] = {}
     if sft.enabled:
         train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)

@@ -1,20 +1,14 @@
-"""The supervised training loop shared by the reward model and the anchor (SFT), and the
-checkpoint format every long run uses (RL included).
+"""The supervised training loop shared by the reward model and the anchor (SFT).
 
 One loop, top to bottom: AdamW, warmup then linear/cosine decay, gradient accumulation and
 clipping, autocast where the device supports it, validation every N steps with early
-stopping, checkpoints every N steps, a stop on a non-finite loss that keeps the last good
-checkpoint. Metrics go to the callback it is handed.
-
-Checkpoints are folders ``step-000123/`` holding safetensors (trainable weights, optimizer
-tensors) and JSON (step, scheduler, RNG, optimizer hyper-parameters): nothing is pickled.
+stopping, checkpoints every N steps (`perl_core.checkpoints`), a stop on a non-finite loss
+that keeps the last good checkpoint. Metrics go to the callback it is handed.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +17,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from perl_core.callbacks import MetricsCallback, null_callback
+from perl_core.checkpoints import (latest_checkpoint, load_best_state, load_checkpoint, load_trainable_state,
+                                   save_checkpoint, trainable_state)
 from perl_core.config import TrainConfig
 from perl_core.errors import NonFiniteError, UserError
 
@@ -93,104 +88,6 @@ def require_finite(value: torch.Tensor | float, what: str, step: int, checkpoint
         )
 
 
-# ---------------------------------------------------------------- checkpoints
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise UserError(f"checkpoint does not fit this model: unknown parameters {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _rng_state() -> dict:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _set_rng_state(rng: dict, torch_states: dict[str, torch.Tensor]) -> None:
-    py = rng["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = rng["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(torch_states["torch"])
-    if "cuda" in torch_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch_states["cuda"])
-
-
-def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, extra: Optional[dict] = None, keep: int = 2) -> Path:
-    """Write `checkpoint_dir/step-XXXXXX/` atomically (a temp folder renamed into place), keep the last `keep`."""
-    checkpoint_dir = Path(checkpoint_dir)
-    final = checkpoint_dir / f"step-{step:06d}"
-    tmp = checkpoint_dir / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng_tensors["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": _rng_state(), "extra": extra or {}}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(checkpoint_dir.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(checkpoint_dir: Optional[Path]) -> Optional[Path]:
-    if checkpoint_dir is None or not Path(checkpoint_dir).exists():
-        return None
-    done = sorted(p for p in Path(checkpoint_dir).glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the JSON state (step, extra)."""
-    path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-    if scheduler is not None and meta["scheduler"] is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    _set_rng_state(meta["rng"], load_file(str(path / "rng.safetensors")))
-    return meta
-
-
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -244,19 +141,17 @@ def train_loop(
     scheduler = make_scheduler(optimizer, cfg)
 
     step, micro_done, extra = 0, 0, {}
-    if resume:
-        ckpt = latest_checkpoint(checkpoint_dir)
-        if ckpt is not None:
-            meta = load_checkpoint(ckpt, model, optimizer, scheduler)
-            step, extra = meta["step"], meta["extra"]
-            micro_done = extra.get("micro_done", step * cfg.grad_accum)
+    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, extra = meta["step"], meta["extra"]
+        micro_done = extra.get("micro_done", step * cfg.grad_accum)
     best = extra.get("best_metric")
     best_step = extra.get("best_step")
     patience_left = extra.get("patience_left", cfg.early_stopping_patience)
-    best_state = trainable_state(model) if (best is not None and eval_fn) else None
-    result = TrainResult(step=step, best_metric=best, best_step=best_step)
-    if step >= cfg.max_steps:
-        return result
+    best_state = load_best_state(ckpt, best_step, model) if (best_step is not None and eval_fn) else None
+    result = TrainResult(step=step, best_metric=best, best_step=best_step,
+                         stopped_early=extra.get("stopped_early", False), last_eval=extra.get("last_eval", {}))
 
     def _batches_from(micro: int) -> Iterator[Any]:
         epoch, seen = 0, 0
@@ -275,7 +170,7 @@ def train_loop(
     model.train()
     stream = _batches_from(micro_done)
     try:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not result.stopped_early:
             t0 = time.perf_counter()
             totals: dict[str, float] = {}
             n_examples = 0
@@ -330,11 +225,12 @@ def train_loop(
                         if patience_left <= 0:
                             result.stopped_early = True
             if checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps or result.stopped_early):
+                # everything the rest of the run and its summary read, so a resume from here ends identically
                 save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
                                 extra={"micro_done": micro_done, "best_metric": best, "best_step": best_step,
-                                       "patience_left": patience_left})
-            if result.stopped_early:
-                break
+                                       "patience_left": patience_left, "stopped_early": result.stopped_early,
+                                       "last_eval": result.last_eval},
+                                best=best_state if best_step not in (None, step) else None)
     finally:
         if bar:
             bar.stop()

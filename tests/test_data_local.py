@@ -129,3 +129,50 @@ def test_load_rows_before_import_says_what_to_run(tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(DataError, match=r"run `perl-rlhf data import synthetic`"):
         load_rows(cfg.data, "pairwise", "train")
+
+
+# ---------------------------------------------------------------- encodings and damaged files
+def test_byte_order_marks_are_not_part_of_the_data(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(bom + GOOD.encode())
+    (tmp_path / "in" / "b.json").write_bytes(bom + json.dumps([{"prompt": "Q\nAgent:", "response": " s", "label": 0}]).encode())
+    (tmp_path / "in" / "c.csv").write_bytes(bom + b"prompt,response,label\nR,t,1\n")
+    cfg = make_cfg(tmp_path, source="local", path=str(tmp_path / "in"), format="pointwise")
+    prepare_dataset(cfg)
+    assert sorted(r["prompt"] for r in all_rows(cfg, "pointwise")) == ["P\nAgent:", "Q\nAgent:", "R"]
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("array.json", b'[\n{"prompt": "P", "response": " r", "label": 1},\n{"prompt": "caf\xe9"}\n]',
+     r"array.json: not UTF-8: byte 0xe9 on line 3 \(save the file as UTF-8\)"),
+    ("rows.parquet", b"PAR1 this is not parquet", r"rows.parquet: not a readable Parquet file"),
+    ("header.csv", b"pr\xf6mpt,response,label\nP,r,1\n", r"header.csv: header: not UTF-8: byte 0xf6 at character 3 of line 1"),
+])
+def test_unreadable_files_are_named(tmp_path, name, data, expected):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=expected):
+        prepare_dataset(make_cfg(tmp_path, source="local", path=str(tmp_path / name), format="pointwise"))
+
+
+def test_unpaired_surrogate_escapes_are_rejected_and_the_rejects_file_is_still_utf8(tmp_path):
+    text = GOOD + '{"prompt": "Q\\ud83d", "response": " s", "label": 0}\n' \
+        + '{"prompt": "R", "response": " t", "label": 1, "note": "x\\udc80"}\n' + line(prompt="S", response=" u", label=0)
+    cfg = make_cfg(tmp_path, source="local", path=write(tmp_path, "escapes.jsonl", text), format="pointwise",
+                   on_error="skip")
+    prepare_dataset(cfg)
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "local" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["row"], r["field"], r["reason"][:45]) for r in rejects] == [
+        (2, "prompt", "not valid Unicode: unpaired surrogate U+D83D "), (3, "note", "not valid Unicode: unpaired surrogate U+DC80 ")]
+    assert rejects[0]["raw"]["prompt"] == "Q\ufffd"
+    assert sorted(r["prompt"] for r in all_rows(cfg, "pointwise")) == ["P\nAgent:", "S"]
+
+
+def test_csv_row_the_csv_module_cannot_read(tmp_path):
+    text = "prompt,response,label\nP,r,1\nQ," + "x" * 140_000 + ",0\nR,t,0\n"
+    path = write(tmp_path, "huge.csv", text)
+    with pytest.raises(DataError, match=r"huge.csv, row 2: unreadable CSV row: field larger than field limit"):
+        prepare_dataset(make_cfg(tmp_path, source="local", path=path, format="pointwise"))
+    cfg = make_cfg(tmp_path, source="local", path=path, format="pointwise", on_error="skip")
+    assert prepare_dataset(cfg).metrics["rejected"] == 1
+    assert sorted(r["prompt"] for r in all_rows(cfg, "pointwise")) == ["P", "R"]

@@ -45,3 +45,36 @@ def test_quick_efficiency_report_is_well_formed(tmp_path):
         assert "Side by side with Hugging Face TRL" in md and "RLOOTrainer" in md
     else:
         assert "Not measured: trl is not installed" in md
+
+
+def test_reward_rows_carry_the_accuracy_interval_and_the_paired_delta():
+    """The quality column from per-pair validation scores: LoRA 7 of 10 pairs, full 8 of 10, on the same pairs."""
+    from perl_core.efficiency_report import reward_rows, report_markdown
+
+    def setting(margins, params):
+        pairs = [{"row": i + 1, "id": None, "key": f"k{i}", "chosen": float(m), "rejected": 0.0}
+                 for i, m in enumerate(margins)]
+        return {"trainable_params": params, "memory": {"peak_rss_mb": 100.0, "ratio_basis": "peak_rss_mb"},
+                "median_step_seconds": 0.1, "validation_metric": "pairwise_accuracy",
+                "validation_value": sum(m > 0 for m in margins) / len(margins),
+                "validation_rows": {"pairwise": pairs}}
+
+    full = setting([1, 1, 1, 1, 1, 1, 1, 1, -1, -1], 1000)
+    lora = setting([1, 1, 1, 1, 1, 1, 1, -1, -1, -1], 10)
+    bench = {"settings": {"full": full, "lora": lora}, "args": {"lora_rank": 8}}
+    full_row, lora_row = reward_rows(bench)
+    assert full_row["quality_ci_low"] < 0.8 < full_row["quality_ci_high"] and "quality_delta_ci_low" not in full_row
+    assert lora_row["quality_delta"] == pytest.approx(-0.1)
+    # the pairs differ only where LoRA is wrong and full right: the paired interval lies in [-0.4, 0]
+    assert -0.4 <= lora_row["quality_delta_ci_low"] < -0.1 < lora_row["quality_delta_ci_high"] <= 0.0
+    report = {"command": "perl-rlhf report efficiency", "resumed": False, "seconds": 60.0, "quick": False,
+              "machine": {"platform": "test", "cpu_count": 2, "torch_threads": 2,
+                          "load_average_1_5_15min": {"start": [0, 0, 0], "end": [0, 0, 0]}},
+              "rows": [full_row, lora_row], "rank_sweep": [], "ranks_requested": [], "benchmarks": {},
+              "trl_raw": {"skipped": "--no-trl"}, "trl": []}
+    md = report_markdown(report)
+    lo, hi = lora_row["quality_delta_ci_low"], lora_row["quality_delta_ci_high"]
+    assert f"| -0.100 [{lo:+.3f}, {hi:+.3f}] |" in md
+    # results saved before per-pair scores were kept: the point values alone, as before
+    del full["validation_rows"], lora["validation_rows"]
+    assert "quality_ci_low" not in reward_rows(bench)[1]

@@ -62,6 +62,145 @@ def test_policy_report_flags_reward_hacking_and_counts_ties():
     assert "gold_score_mean" not in m3 and "reward_hacking" not in m3
 
 
+# ---------------------------------------------------------------- pairwise: intervals and LoRA vs full
+def pair_rows(margins, keys=None):
+    """Per-pair rows as `eval reward` saves them; the margin's sign decides right (+), tie (0), wrong (-)."""
+    keys = keys or [f"k{i}" for i in range(len(margins))]
+    return [{"row": i + 1, "id": None, "key": k, "chosen": float(m), "rejected": 0.0}
+            for i, (k, m) in enumerate(zip(keys, margins))]
+
+
+def test_pairwise_intervals_by_hand():
+    ev = EvaluationConfig(bootstrap_samples=500)
+    m = E.pairwise_intervals([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], ev)
+    # every pair right by a margin of 1: nothing to resample
+    assert (m["pairwise_accuracy_ci_low"], m["pairwise_accuracy_ci_high"]) == (1.0, 1.0)
+    assert (m["pairwise_margin_mean_ci_low"], m["pairwise_margin_mean_ci_high"]) == (1.0, 1.0)
+    m = E.pairwise_intervals([2.0, 0.0, 1.0, 3.0], [1.0, 0.0, 3.0, 0.0], ev)  # credit 1, .5, 0, 1; margins 1, 0, -2, 3
+    assert 0.0 <= m["pairwise_accuracy_ci_low"] < 2.5 / 4 < m["pairwise_accuracy_ci_high"] <= 1.0
+    assert -2.0 <= m["pairwise_margin_mean_ci_low"] < 0.5 < m["pairwise_margin_mean_ci_high"] <= 3.0
+
+
+def test_compare_pairwise_by_hand():
+    ev = EvaluationConfig(bootstrap_samples=300)
+    a = pair_rows([1, 1, 1, 1, 1, 1, 1, 1, 1, 1])            # all 10 right
+    b = pair_rows([1, 1, 1, 1, 1, 1, 1, 1, 0, -1])           # 8 right, a tie, a wrong: 8.5 / 10
+    out = E.compare_pairwise(list(reversed(a)), b, ev)         # rows pair up by key, not by order
+    assert out["n_pairs"] == 10 and out["pairwise_accuracy_a"] == 1.0 and out["pairwise_accuracy_b"] == 0.85
+    assert out["pairwise_accuracy_diff"] == pytest.approx(0.15)
+    assert out["pairwise_accuracy_diff_ci_low"] >= 0.0 and out["pairwise_accuracy_diff_ci_high"] <= 0.5
+    assert out["pairwise_margin_diff"] == pytest.approx(0.3)   # mean margin 1.0 against 0.7
+    assert (out["pairs_only_a_right"], out["pairs_only_b_right"]) == (2, 0)
+    # a model against itself: exactly no difference in every resample
+    same = E.compare_pairwise(a, a, ev)
+    assert (same["pairwise_accuracy_diff"], same["pairwise_accuracy_diff_ci_low"],
+            same["pairwise_accuracy_diff_ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def _two_models_on_pairs(n, seed, p_a=0.80, p_b=0.70):
+    """Two reward models sharing pair difficulty u ~ U(0, 1): model A ranks a pair right when
+    u < p_a, B when u < p_b (margins p - u). True accuracy difference: p_a - p_b = 0.10."""
+    u = np.random.default_rng(seed).random(n)
+    return pair_rows(p_a - u), pair_rows(p_b - u)
+
+
+def test_paired_interval_covers_the_true_difference_and_shrinks_with_n():
+    widths = {}
+    for n in (200, 3200):
+        covered = 0
+        for seed in range(40):
+            a, b = _two_models_on_pairs(n, seed)
+            out = E.compare_pairwise(a, b, EvaluationConfig(bootstrap_samples=400, seed=seed))
+            covered += out["pairwise_accuracy_diff_ci_low"] <= 0.10 <= out["pairwise_accuracy_diff_ci_high"]
+            widths.setdefault(n, []).append(out["pairwise_accuracy_diff_ci_high"] - out["pairwise_accuracy_diff_ci_low"])
+        assert covered >= 34, (n, covered)  # 95% intervals: 38 of 40 expected; 34 leaves room for chance
+    # 16x the pairs: a quarter of the width (1 / sqrt(16)), up to bootstrap noise
+    assert 0.2 < np.mean(widths[3200]) / np.mean(widths[200]) < 0.3
+    # pair difficulty cancels in the paired interval: two separate intervals would be far wider
+    out = E.compare_pairwise(*_two_models_on_pairs(200, 0), EvaluationConfig(bootstrap_samples=400))
+    separate = np.hypot(out["pairwise_accuracy_a_ci_high"] - out["pairwise_accuracy_a_ci_low"],
+                        out["pairwise_accuracy_b_ci_high"] - out["pairwise_accuracy_b_ci_low"])
+    assert out["pairwise_accuracy_diff_ci_high"] - out["pairwise_accuracy_diff_ci_low"] < 0.7 * separate
+
+
+def write_eval(folder, margins, objective="pairwise", keys=None, **extra):
+    folder.mkdir(parents=True)
+    (folder / "reward_eval.json").write_text(json.dumps(
+        {"objective": objective, "scores": {"pairwise": pair_rows(margins, keys)}, **extra}))
+    return folder
+
+
+def test_compare_reward_evals_on_pairwise_evaluations(tmp_path):
+    a = write_eval(tmp_path / "lora", [1, 1, 1, -1, 1, 1])   # 5 of 6
+    b = write_eval(tmp_path / "full", [1, -1, 1, -1, 1, 1])  # 4 of 6
+    out = E.compare_reward_evals(a, b / "reward_eval.json", EvaluationConfig(bootstrap_samples=200))
+    assert out["objective"] == "pairwise" and out["n_pairs"] == 6
+    assert out["pairwise_accuracy_diff"] == pytest.approx(1 / 6)
+    assert out["pairwise_accuracy_diff_ci_low"] <= 1 / 6 <= out["pairwise_accuracy_diff_ci_high"]
+    assert "roc_auc_diff" not in out
+
+
+def test_compare_reward_evals_refuses_different_pairs_and_objectives(tmp_path):
+    from perl_core.errors import UserError
+
+    a = write_eval(tmp_path / "a", [1, 1, 1, 1, 1], keys=["k1", "k2", "k3", "k4", "k5"])
+    b = write_eval(tmp_path / "b", [1, 1, 1, 1], keys=["k1", "k2", "k3", "k9"],
+                   skipped_too_long={"pairwise": 1})
+    with pytest.raises(UserError, match=r"not score the same pairwise pairs: 2 of A's 5 are not in B and 1 of B's 4 "
+                                        r"are not in A \(e\.g\. row 4, key k4, only in A\).*B skipped 1"):
+        E.compare_reward_evals(a, b)
+    c = tmp_path / "pointwise"
+    c.mkdir()
+    (c / "reward_eval.json").write_text(json.dumps({"objective": "pointwise", "scores": {"pointwise": [
+        {"key": "p1", "label": 1, "score": 0.3}, {"key": "p2", "label": 0, "score": -0.3}]}}))
+    with pytest.raises(UserError, match="a pairwise reward model and .* a pointwise one"):
+        E.compare_reward_evals(a, c)
+    # an evaluation written before per-pair scores were kept names what to do
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "reward_eval.json").write_text(json.dumps({"objective": "pairwise", "scores": {}}))
+    with pytest.raises(UserError, match="no per-row pairwise scores.*re-run `perl-rlhf eval reward`"):
+        E.compare_reward_evals(a, old)
+
+
+def test_compare_reward_evals_names_a_missing_empty_or_corrupt_folder(tmp_path):
+    from perl_core.errors import UserError
+
+    good = write_eval(tmp_path / "good", [1, 1])
+    with pytest.raises(UserError, match=f"{tmp_path / 'nowhere'}: no such file or folder"):
+        E.compare_reward_evals(tmp_path / "nowhere", good)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"{tmp_path / 'empty'} has no reward_eval.json"):
+        E.compare_reward_evals(good, tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "reward_eval.json").write_text('{"scores": {"pairwise": [')
+    with pytest.raises(UserError, match="corrupt/reward_eval.json is not valid JSON"):
+        E.compare_reward_evals(good, tmp_path / "corrupt")
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "reward_eval.json").write_text('{"metrics": {}}')
+    with pytest.raises(UserError, match="is not a reward evaluation"):
+        E.compare_reward_evals(good, tmp_path / "policy")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "reward_eval.json").write_text('{"scores": {"pairwise": [{"key": "k0", "chosen": 1}]}}')
+    with pytest.raises(UserError, match=r"scores.pairwise\[0\] lacks rejected"):
+        E.compare_reward_evals(good, tmp_path / "rows")
+
+
+def test_cli_compare_reward_on_a_missing_folder_is_one_clear_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    good = write_eval(tmp_path / "good", [1, -1, 1])
+    result = CliRunner().invoke(app, ["eval", "compare-reward", str(tmp_path / "nowhere"), str(good)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{tmp_path / 'nowhere'}: no such file or folder" in text
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    ok = CliRunner().invoke(app, ["eval", "compare-reward", str(good), str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert "pairwise_accuracy A - B: +0.0000" in " ".join(ok.output.split())
+
+
 # ---------------------------------------------------------------- the whole stage on tiny real artifacts
 from perl_core import data as data_api  # noqa: E402
 from perl_core.config import BackboneConfig, LoraConfig, build_config  # noqa: E402
@@ -131,6 +270,19 @@ def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows)
     for png in ("reward_reliability_pairwise.png", "reward_scores_pairwise.png", "reward_reliability_pointwise.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "| roc_auc |" in (tmp_path / "reward_eval.md").read_text()
+    # per-pair scores are kept, keyed by the pair's text, with the accuracy's and margin's intervals
+    from perl_core.reward import row_keys
+
+    pairs = saved["scores"]["pairwise"]
+    assert [p["key"] for p in pairs] == row_keys(pw, "pairwise") and [p["row"] for p in pairs] == list(range(1, 7))
+    assert [p["chosen"] for p in pairs] == pytest.approx(chosen.tolist(), abs=1e-5)
+    assert [p["rejected"] for p in pairs] == pytest.approx(rejected.tolist(), abs=1e-5)
+    assert m["pairwise_accuracy_ci_low"] <= m["pairwise_accuracy"] <= m["pairwise_accuracy_ci_high"]
+    margin = float((chosen - rejected).mean())
+    assert m["pairwise_margin_mean_ci_low"] <= margin + 1e-6 and margin - 1e-6 <= m["pairwise_margin_mean_ci_high"]
+    # the evaluation against itself: both views compared, no difference
+    same = E.compare_reward_evals(tmp_path, tmp_path / "reward_eval.json", EvaluationConfig(bootstrap_samples=100))
+    assert same["n_pairs"] == 6 and same["pairwise_accuracy_diff_ci_high"] == 0.0 and same["roc_auc_diff"] == 0.0
 
 
 def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artifacts, rows):

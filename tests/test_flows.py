@@ -69,9 +69,11 @@ def fake_reward(cfg, out_dir, callback, resume, base_model=None):
     return StageResult(Path(out_dir), {"trainable_params": 10, "total_params": 110, "train_seconds": 0.1})
 
 
-def fake_policy(cfg, out_dir, anchor_dir, reward_model_dir, callback, resume):
+def fake_policy(cfg, out_dir, anchor_dir, reward_model_dir, callback, resume, samples_callback):
     CALLS.append("policy")
     _steps(callback, 4)
+    for step in (2, 4):
+        samples_callback([{"prompt": "p", "response": f"r{step}", "reward": step / 10, "gold_score": 0.5}], step)
     write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning="lora", config={},
                    anchor=str(anchor_dir), reward_model=str(reward_model_dir))
     return StageResult(Path(out_dir), {"trainable_params": 8, "total_params": 108, "seconds": 0.1})
@@ -184,6 +186,16 @@ def check_mlflow_contents(summary, cfg):
     assert by_stage["evaluate"].data.metrics["policy.gold_score_mean"] == pytest.approx(1 - cfg.policy.kl_coef)
     policy_files = {a.path for a in client.list_artifacts(by_stage["policy"].info.run_id, "policy")}
     assert "policy/manifest.json" in policy_files
+    samples = mlflow.load_table("samples/rl_samples.json", run_ids=[by_stage["policy"].info.run_id])
+    assert samples.to_dict("records") == [{"step": s, "prompt": "p", "response": f"r{s}", "reward": s / 10,
+                                           "gold_score": 0.5} for s in (2, 4)]
+    # both registered models reference the anchor where its stage run logged it, and carry no copy
+    anchor_uri = f"runs:/{by_stage['anchor'].info.run_id}/anchor"
+    for name in (cfg.tracking.policy_name, cfg.tracking.reward_model_name):
+        version = client.get_model_version_by_alias(name, "candidate")
+        assert version.tags["perl.anchor_uri"] == anchor_uri
+        conf = mlflow.models.Model.load(f"models:/{name}/{version.version}").flavors["python_function"]
+        assert conf["config"] == {"anchor_uri": anchor_uri} and set(conf["artifacts"]) == {"model"}
 
 
 def check_prefect_artifacts(summary):
@@ -232,6 +244,9 @@ def test_cache_promotion_gate_and_rollback(workdir):
     assert (reg["policy_version"], reg["reward_model_version"], reg["promoted"]) == ("2", "1", False)
     assert "does not beat champion v1" in reg["reason"] and "(0.7000 vs 0.9000" in reg["reason"]
     assert aliases(policy_name) == {"2": ["candidate"], "1": ["champion"]}
+    # the anchor stage was cached: v2 references the anchor the first run logged
+    tags = {v["version"]: v["tags"] for v in registry.list_versions(policy_name)}
+    assert tags["2"]["perl.anchor_uri"] == tags["1"]["perl.anchor_uri"]
 
     # a better candidate is promoted, and says why
     CALLS.clear()

@@ -162,8 +162,18 @@ def test_compare_reward_evals_pairs_rows_by_id(tmp_path):
     assert out["roc_auc_a"] == 1.0 and out["roc_auc_b"] == 0.75 and out["roc_auc_diff"] == pytest.approx(0.25)
     assert out["roc_auc_diff_ci_low"] <= 0.25 <= out["roc_auc_diff_ci_high"]
     assert out["balanced_accuracy_a"] == 1.0 and out["balanced_accuracy_b"] == 0.75
-    with pytest.raises(UserError, match="different rows"):
+    with pytest.raises(UserError, match=r"not score the same pointwise rows: 1 of A's 4 are not in B .*id 'd'"):
         compare_reward_evals(a, write("other", [1, 1, 1, 1], ids=("a", "b", "c", "x")))
+
+
+def test_pairwise_credit_is_each_pairs_share_of_the_accuracy():
+    chosen, rejected = [2.0, 0.0, 1.0, 5.0], [1.0, 0.0, 3.0, 4.0]  # win, tie, loss, win
+    assert M.pairwise_credit(chosen, rejected).tolist() == [1.0, 0.5, 0.0, 1.0]
+    assert M.pairwise_credit(chosen, rejected, ties="wrong").tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert M.pairwise_accuracy(chosen, rejected) == pytest.approx(2.5 / 4)
+    # its bootstrap is the accuracy's interval: 3 right of 4 (no tie) lies in [0, 1] around 0.75
+    acc, low, high = M.bootstrap_ci(M.pairwise_credit([1, 1, 1, 0], [0, 0, 0, 1]), n=500)
+    assert acc == 0.75 and 0.0 <= low < 0.75 < high == 1.0
 
 
 def test_sigmoid_by_hand_and_at_extremes():

@@ -1,16 +1,20 @@
 """Reward model on `scratch:llama-micro`: losses by hand, one batched forward, padding, LoRA freezing,
 save/load, exact resume, clear errors. The data API is replaced by hand-made rows (no data stage)."""
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from perl_core import data as data_api
+from perl_core.artifacts import read_manifest
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
 from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
                               length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
-from perl_core.modeling import load_tokenizer, resolve_backbone
+from perl_core.modeling import encode_prompt, load_tokenizer, resolve_backbone
 
 DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
 SIZES = ["small", "medium", "large"]
@@ -137,6 +141,28 @@ def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
     assert 0.0 <= result.metrics["validation/pairwise_accuracy"] <= 1.0
 
 
+def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
+    """The final validation pass is kept per pair (the efficiency report's intervals): the rows are the
+    `eval_examples` subsample, and their scores are what the saved model gives those pairs."""
+    import json
+
+    from perl_core import metrics as M
+    from perl_core.reward import row_keys
+
+    result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")
+    saved = json.loads(result.artifacts["validation_scores"].read_text())
+    pairs = saved["scores"]["pairwise"]
+    assert saved["objective"] == "pairwise" and len(pairs) == 5
+    val = rows["pairwise"]["validation"]
+    picked = [val[p["row"] - 1] for p in pairs]
+    assert [p["key"] for p in pairs] == row_keys(picked, "pairwise")
+    accuracy = M.pairwise_accuracy([p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
+    assert accuracy == pytest.approx(result.metrics["validation/pairwise_accuracy"])
+    scorer = RewardScorer.load(tmp_path / "rm")
+    chosen = scorer.score([r["prompt"] for r in picked], [r["chosen"] for r in picked])
+    assert [p["chosen"] for p in pairs] == pytest.approx(chosen.tolist(), abs=1e-4)
+
+
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_save_load_score_round_trip(tmp_path, backbone, rows, tuning):
     cfg = micro_cfg(tmp_path, f"reward.tuning={tuning}", "reward.train.max_steps=3")
@@ -166,23 +192,43 @@ class Stop(Exception):
     pass
 
 
-def test_resume_after_a_stop_reaches_the_same_model(tmp_path, backbone, rows):
-    cfg = micro_cfg(tmp_path)
-    train_reward_model(cfg, tmp_path / "straight")
+@pytest.mark.parametrize("stop_at", [5, "after the last checkpoint"])
+def test_resume_after_evaluations_writes_the_same_artifact(tmp_path, backbone, rows, stop_at):
+    cfg = micro_cfg(tmp_path, "reward.train.eval_every=2", "reward.train.checkpoint_every=2")
+    straight = train_reward_model(cfg, tmp_path / "straight")
+    # validation accuracy reaches 1.0 at the first evaluation and cannot beat it: the best weights are step 2's
+    assert straight.metrics["best_step"] == 2 and straight.metrics["steps"] == 6
+    if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
+        shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
+    else:  # killed after the evaluations at steps 2 and 4: the checkpoint of step 4 holds step 2's weights apart
+        with pytest.raises(Stop):
+            train_reward_model(cfg, tmp_path / "stopped", callback=stop_at_step(stop_at))
+        assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
+    resumed_from = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    resumed = train_reward_model(cfg, tmp_path / "stopped", resume=True)
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
+    assert without_timings(resumed.metrics) == without_timings(straight.metrics)
+    assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert (resumed_from / "best.safetensors").exists()  # the run resumed with its best weights kept apart
 
-    def stop_after_4(metrics, step):
-        if step == 5:
+
+def stop_at_step(stop_at):
+    def callback(metrics, step):
+        if step == stop_at:
             raise Stop
+    return callback
 
-    with pytest.raises(Stop):
-        train_reward_model(cfg, tmp_path / "stopped", callback=stop_after_4)
-    assert not (tmp_path / "stopped" / "adapter_model.safetensors").exists()
-    train_reward_model(cfg, tmp_path / "stopped", resume=True)
-    pairs = rows["pairwise"]["validation"]
-    prompts, responses = [r["prompt"] for r in pairs], [r["rejected"] for r in pairs]
-    a = RewardScorer.load(tmp_path / "straight").score(prompts, responses)
-    b = RewardScorer.load(tmp_path / "stopped").score(prompts, responses)
-    assert torch.equal(a, b)
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if "second" not in k}
+
+
+def comparable_manifest(folder) -> dict:
+    """The manifest less what differs between two identical runs: its timestamp and timings."""
+    manifest = read_manifest(folder)
+    del manifest["created"]
+    return manifest | {"metrics": without_timings(manifest["metrics"])}
 
 
 def test_pointwise_training_reports_auc_and_balanced_accuracy(tmp_path, backbone, rows):
@@ -198,8 +244,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, backbone, rows):
     scorer = RewardScorer(build_reward_model(backbone, micro_cfg(tmp_path), tok)[0], tok, 96, False)
     with pytest.raises(UserError, match="empty batch"):
         scorer.score([], [])
-    with pytest.raises(UserError, match="example 1: the response is empty"):
-        scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])
+    # an empty response (a policy that wrote EOS first) is read as written: prompt + eos, no response tokens
+    empty = scorer.score(["a\nAgent:", "b\nAgent:"], [" yes", ""])[1]
+    with torch.no_grad():
+        by_hand = score_sequences(scorer.model, [encode_prompt(tok, "b\nAgent:") + [tok.eos_token_id]], tok.pad_token_id)
+    torch.testing.assert_close(empty, by_hand[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="example 0: sequence of .* reads at most 96 tokens"):
         scorer.score(["very " * 200], [" yes"])
 
@@ -285,6 +334,9 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path, rows):
         assert r["steps"] == 4 and r["median_step_seconds"] > 0 and r["memory"]["peak_rss_mb"] > r["memory"]["baseline_rss_mb"]
         assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
     assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
+    # both settings keep their validation pass per pair, on the same 16 pairs (the report's paired interval)
+    keys = [[p["key"] for p in r["validation_rows"]["pairwise"]] for r in (lora, full)]
+    assert len(keys[0]) == 16 and keys[0] == keys[1]
     assert json.loads((tmp_path / "bench.json").read_text())["summary"]["validation_metric"] == "pairwise_accuracy"
 
 
@@ -298,3 +350,86 @@ def test_encoder_lora_trains_the_pooler_that_feeds_the_head(tmp_path, tiny_encod
     assert any(".pooler." in n for n in trainable) and any(".classifier." in n for n in trainable)
     assert all("lora_" in n or ".pooler." in n or ".classifier." in n for n in trainable), trainable
     assert not any("attention" in n and "lora_" not in n for n in trainable)
+
+
+# ---------------------------------------------------------------- reward.truncation
+def test_truncation_modes_cut_what_they_say(backbone, tiny_encoder):
+    """Expected ids built from the tokenizer directly: framing kept, the prompt loses its start, the
+    response its end, the longer of the two first."""
+    from perl_core.reward import fit_example
+
+    short_prompt, long_prompt = "Customer: a latte\nAgent:", "Customer: " + "very " * 80 + "\nAgent:"
+    short_reply, long_reply = " Sure.", " Sure" + ", really" * 80 + "."
+    for name, encoder in ((backbone, False), (tiny_encoder, True)):
+        tok = load_tokenizer(name)
+        L = 48
+        if encoder:
+            first, mid, last = [tok.cls_token_id], [tok.sep_token_id], [tok.sep_token_id]
+        else:
+            assert tok.bos_token_id != tok.eos_token_id
+            first, mid, last = [tok.bos_token_id], [], [tok.eos_token_id]
+        room = L - len(first) - len(mid) - len(last)
+
+        def fit(prompt, reply, mode):
+            return fit_example(tok, prompt, reply, L, encoder, mode)
+
+        def pieces(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        p, r = pieces(short_prompt), pieces(long_reply)
+        assert len(p) < room // 2 < room < len(r)
+        with pytest.raises(ValueError, match=rf"sequence of {len(first + p + mid + r + last)} tokens is longer than max_length=48$"):
+            fit(short_prompt, long_reply, "error")
+        with pytest.raises(ValueError, match=rf"the response alone takes {len(r)}"):
+            fit(short_prompt, long_reply, "left")
+        keep = room - len(p)  # the short prompt stays whole, the reply keeps its start
+        assert fit(short_prompt, long_reply, "both") == (first + p + mid + r[:keep] + last, 0, len(r) - keep)
+
+        p = pieces(long_prompt)
+        half = room // 2  # both too long: the prompt keeps its last half, the reply its first half
+        assert fit(long_prompt, long_reply, "both") == (
+            first + p[-half:] + mid + r[:room - half] + last, len(p) - half, len(r) - (room - half))
+
+        r = pieces(short_reply)  # a short reply is never cut; left and both agree
+        expected = (first + p[-(room - len(r)):] + mid + r + last, len(p) - (room - len(r)), 0)
+        assert fit(long_prompt, short_reply, "left") == expected == fit(long_prompt, short_reply, "both")
+        assert fit(short_prompt, short_reply, "both") == (first + pieces(short_prompt) + mid + r + last, 0, 0)
+        ids = encode_example(tok, long_prompt, long_reply, L, encoder, "both")
+        assert ids == fit(long_prompt, long_reply, "both")[0] and len(ids) == L
+
+
+def test_truncated_rows_are_counted_in_training_and_evaluation(tmp_path, backbone, rows):
+    from perl_core.evaluation import evaluate_reward_model
+
+    long_reply = " Sure" + ", really" * 100 + "."
+    long_prompt = "Customer: " + "very " * 150 + "a latte\nAgent:"
+    for r in rows["pairwise"]["train"][:5]:
+        r["chosen"] = long_reply
+    for r in rows["pairwise"]["validation"][:3]:
+        r["prompt"] = long_prompt
+    test = pairwise_rows(6, offset=200)
+    test[0]["chosen"] = test[1]["rejected"] = long_reply
+    test[2]["prompt"] = long_prompt
+    rows["pairwise"]["test"], rows["pointwise"]["test"] = test, pointwise_rows(8)
+
+    with pytest.raises(DataError, match=r"row 1, field 'chosen': .*the response alone takes"):
+        train_reward_model(micro_cfg(tmp_path, "reward.truncation=left"), tmp_path / "left")
+    metrics = train_reward_model(micro_cfg(tmp_path, "reward.truncation=both", "reward.train.max_steps=2"),
+                                 tmp_path / "rm").metrics
+    assert {k: v for k, v in metrics.items() if "truncated" in k} == {
+        "train/truncated_prompts": 0.0, "train/truncated_responses": 5.0,
+        "validation/truncated_prompts": 3.0, "validation/truncated_responses": 0.0}
+
+    m = evaluate_reward_model(micro_cfg(tmp_path), tmp_path / "rm", tmp_path / "eval")  # truncation from the manifest
+    assert (m["pairwise_truncated_prompts"], m["pairwise_truncated_responses"], m["n_pairs"]) == (1.0, 2.0, 6.0)
+    assert (m["pointwise_truncated_prompts"], m["pointwise_truncated_responses"]) == (0.0, 0.0)
+    saved = json.loads((tmp_path / "eval" / "reward_eval.json").read_text())
+    assert saved["truncated"]["pairwise"] == {"prompts": 1, "responses": 2} and saved["truncation"] == "both"
+    assert "pairwise: 1 prompts, 2 responses" in (tmp_path / "eval" / "reward_eval.md").read_text()
+
+    train_rows = [r for r in rows["pairwise"]["train"] if r["chosen"] != long_reply]
+    rows["pairwise"]["train"], rows["pairwise"]["validation"] = train_rows, rows["pairwise"]["validation"][3:]
+    plain = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=2"), tmp_path / "plain").metrics
+    assert not any("truncated" in k for k in plain)  # truncation: error cuts nothing, reports nothing
+    m = evaluate_reward_model(micro_cfg(tmp_path), tmp_path / "plain", tmp_path / "eval-plain")
+    assert "pairwise_truncated_prompts" not in m and m["n_pairs"] == 3.0  # the 3 long test rows are left out

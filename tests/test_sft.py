@@ -1,10 +1,13 @@
-"""The anchor (SFT) on scratch:llama-micro: response-only loss, full and LoRA (merged) artifacts."""
+"""The anchor (SFT) on scratch:llama-micro: response-only loss, full and LoRA (merged) artifacts, exact resume."""
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import perl_core.data
 from perl_core.artifacts import read_manifest
+from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import build_config
 from perl_core.modeling import build_scratch_backbone, load_causal_lm, load_tokenizer
 from perl_core.sft import collate, encode_rows, response_loss, train_anchor
@@ -70,3 +73,39 @@ def test_lora_sft_saves_merged_weights_that_differ_only_in_adapted_layers(tmp_pa
     assert base.keys() == merged.keys()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+
+
+class Stop(Exception):
+    pass
+
+
+def comparable_manifest(folder) -> dict:
+    """The manifest less what differs between two identical runs: its timestamp and timings."""
+    manifest = read_manifest(folder)
+    del manifest["created"]
+    return manifest | {"metrics": {k: v for k, v in manifest["metrics"].items() if "second" not in k}}
+
+
+@pytest.mark.parametrize("stop_at", [7, "after the last checkpoint"])
+def test_resume_after_evaluations_writes_the_same_anchor(tmp_path, sft_data, stop_at):
+    cfg = cfg_for(tmp_path, "lora", steps=8)
+    cfg.sft.train.learning_rate, cfg.sft.train.eval_every, cfg.sft.train.checkpoint_every = 0.3, 2, 2
+    straight = train_anchor(cfg, tmp_path / "straight")
+    # at this learning rate validation loss rises again after step 4: the best weights are not the last ones
+    assert straight.metrics["best_val_loss"] < straight.metrics["val_loss"]
+    if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
+        shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
+    else:  # killed after the evaluations at steps 2, 4 and 6: it resumes from step 6
+
+        def stop(metrics, step):
+            if step == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            train_anchor(cfg, tmp_path / "stopped", callback=stop)
+    resumed_from = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    train_anchor(cfg, tmp_path / "stopped", resume=True)
+    weights = "model.safetensors"
+    assert (tmp_path / "stopped" / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
+    assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
+    assert (resumed_from / "best.safetensors").exists()  # the run resumed with its best weights kept apart

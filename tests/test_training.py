@@ -1,6 +1,11 @@
 """The shared loop: exact resume, NaN guard, early stopping, schedule. A linear model keeps it fast."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +14,8 @@ from torch import nn
 from perl_core.callbacks import collect
 from perl_core.config import TrainConfig
 from perl_core.errors import NonFiniteError
-from perl_core.training import latest_checkpoint, make_scheduler, train_loop
+from perl_core.checkpoints import latest_checkpoint
+from perl_core.training import make_scheduler, train_loop
 
 X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 3.0, 0.5])
@@ -54,6 +60,82 @@ def test_resume_after_a_stop_reaches_the_same_weights(tmp_path):
     result = train_loop(resumed, batches, mse, CFG, checkpoint_dir=tmp_path / "b", resume=True)
     assert result.step == 20
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+
+
+SCORES = {5: 0.5, 10: 0.9, 15: 0.7, 20: 0.6}  # the best evaluation is the second: later weights are worse
+WITH_EVAL = {"max_steps": CFG.model_copy(update={"max_steps": 20}),
+             "early_stopping": CFG.model_copy(update={"max_steps": 50, "early_stopping_patience": 2})}
+
+
+class Scripted:
+    """An evaluation scored by the step it runs at (SCORES), and a callback that stops the run at `stop_at`
+    (or kills the process with SIGKILL, as `kill -9` does)."""
+
+    def __init__(self, stop_at=None, kill=False):
+        self.step, self.stop_at, self.kill = 0, stop_at, kill
+
+    def callback(self, metrics, step):
+        self.step = step
+        if step == self.stop_at:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise Stop
+
+    def evaluate(self, model):
+        return {"acc": SCORES.get(self.step, 0.0)}
+
+
+def run_scripted(checkpoint_dir, cfg, stop_at=None, resume=False, kill=False, seed=1):
+    model, script = fresh(seed), Scripted(stop_at, kill)
+    result = train_loop(model, batches, mse, cfg, eval_fn=script.evaluate, eval_metric="acc", callback=script.callback,
+                        checkpoint_dir=checkpoint_dir, resume=resume)
+    return model, result
+
+
+def assert_same_end(a, b):
+    (model_a, result_a), (model_b, result_b) = a, b
+    assert torch.equal(model_a.weight, model_b.weight) and torch.equal(model_a.bias, model_b.bias)
+    for key in ("step", "best_metric", "best_step", "stopped_early", "last_eval"):
+        assert getattr(result_a, key) == getattr(result_b, key), key
+
+
+@pytest.mark.parametrize("setting", WITH_EVAL)
+@pytest.mark.parametrize("stop_at", [7, 12, 17, "after the last checkpoint"])
+def test_resume_after_evaluations_ends_like_an_uninterrupted_run(tmp_path, setting, stop_at):
+    cfg = WITH_EVAL[setting]
+    straight = run_scripted(tmp_path / "a", cfg)
+    assert straight[1].best_step == 10 and straight[1].step == 20
+    assert straight[1].stopped_early == (setting == "early_stopping")
+    if stop_at == "after the last checkpoint":  # a finished loop: the checkpoint of its last step is on disk
+        run_scripted(tmp_path / "b", cfg)
+    else:
+        with pytest.raises(Stop):
+            run_scripted(tmp_path / "b", cfg, stop_at=stop_at)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert_same_end(run_scripted(tmp_path / "b", cfg, resume=True, seed=99), straight)
+    # the best weights (step 10) travel beside the latest ones only when they differ from them
+    assert (ckpt / "best.safetensors").exists() == (int(ckpt.name[-6:]) > 10)
+
+
+def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
+    cfg = WITH_EVAL["max_steps"]
+    here = Path(__file__).parent
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import test_training as t; "
+            f"t.run_scripted({str(tmp_path / 'b')!r}, t.WITH_EVAL['max_steps'], stop_at=17, kill=True)")
+    killed = subprocess.run([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": str(here.parent)})
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "b").name == "step-000015"
+    assert_same_end(run_scripted(tmp_path / "b", cfg, resume=True, seed=99), run_scripted(tmp_path / "a", cfg))
+
+
+def test_an_older_checkpoint_without_its_best_weights_resumes_with_a_warning(tmp_path):
+    cfg = WITH_EVAL["max_steps"]
+    with pytest.raises(Stop):
+        run_scripted(tmp_path, cfg, stop_at=17)
+    (latest_checkpoint(tmp_path) / "best.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"step-000015 records best_step=10 but holds no best.safetensors"):
+        _, result = run_scripted(tmp_path, cfg, resume=True)
+    assert result.step == 20 and result.best_step == 10
 
 
 def test_checkpoints_hold_no_pickles(tmp_path):

@@ -10,7 +10,7 @@ import json
 
 from perl_core.config import DataConfig
 from perl_core.data.prepare import dataset_dir, prepare_dataset
-from perl_core.data.schema import SPLITS, VIEWS
+from perl_core.data.schema import SPLITS, TEXT_FIELDS, VIEWS, not_utf8
 from perl_core.errors import DataError
 
 __all__ = ["load_rows", "load_prompts", "corpus", "prepare_dataset", "VIEWS", "SPLITS"]
@@ -36,8 +36,32 @@ def load_rows(data_cfg: DataConfig, view: str, split: str) -> list[dict]:
             have = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise DataError(f"dataset {root} has no {view} view (it has: {', '.join(have) or 'none'})")
         raise DataError(f"{path} not found: {_import_hint(data_cfg)}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _read_split(path, view, data_cfg)
+
+
+def _read_split(path, view: str, data_cfg: DataConfig) -> list[dict]:
+    """The rows of one prepared file; a damaged file (edited by hand, cut short) names its line and field."""
+    redo = f"the prepared file is damaged: re-create it with `perl-rlhf data import {data_cfg.source}`"
+    rows = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = dict(file=str(path), row=line_no)
+            if bad := not_utf8(line):
+                raise DataError(f"{bad}; {redo}", **where)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"invalid JSON line: {err.msg} at column {err.colno}; {redo}", **where) from None
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object, got {type(row).__name__}; {redo}", **where)
+            for name in VIEWS[view]:
+                if name not in row or (name in TEXT_FIELDS and not isinstance(row[name], str)):
+                    raise DataError(f"missing or not text (a {view} row needs {', '.join(VIEWS[view])}); {redo}",
+                                    field=name, **where)
+            rows.append(row)
+    return rows
 
 
 def load_prompts(data_cfg: DataConfig, split: str) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from perl_core.data.schema import SPLITS
+from perl_core.errors import DataError
 
 CARD_JSON, CARD_MD = "card.json", "card.md"
 
@@ -52,7 +53,16 @@ def write_card(dataset_dir: Path, card: dict) -> None:
 
 def read_card(dataset_dir: Path) -> dict | None:
     path = Path(dataset_dir) / CARD_JSON
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"not a readable data card ({err}); re-run `perl-rlhf data import`", file=str(path)) from None
+    if not isinstance(card, dict) or not isinstance(card.get("views"), dict):
+        raise DataError("not a data card (expected an object with 'views'); re-run `perl-rlhf data import`",
+                        file=str(path))
+    return card
 
 
 def render_markdown(card: dict) -> str:

@@ -128,7 +128,10 @@ def fingerprint(data_cfg: DataConfig, description: dict) -> str:
 
 
 def up_to_date(out: Path, fp: str) -> bool:
-    card = cards.read_card(out)
+    try:
+        card = cards.read_card(out)
+    except DataError:  # a damaged card is simply out of date: the dataset is rebuilt
+        return False
     return bool(card) and card.get("fingerprint") == fp and cards.content_hash(out) == card.get("content_hash")
 
 

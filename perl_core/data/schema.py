@@ -3,10 +3,19 @@
 A source adapter yields `Record`s (a raw row with where it came from) or `Reject`s (a row it
 could not even read, e.g. an invalid JSON line). `validate` turns a record into a clean row or
 raises a `DataError` that names the file, the row number and the field.
+
+Rows may also arrive in TRL's conversational form: `prompt` a list of `{role, content}` messages
+(system / user / assistant, ending with a user turn) and each response a list holding one
+assistant message. The prompt becomes the HH-RLHF transcript
+"Human: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:" (a system message as "System: ..."),
+the response " " + its content, so prompt + response is the transcript and every stage reads
+text; with a chat template the transcript is rendered back into those messages
+(`modeling.prompt_messages`).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
@@ -18,7 +27,37 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "response"),
 }
 TEXT_FIELDS = {"prompt", "chosen", "rejected", "response"}
+TRANSCRIPT_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 SPLITS = ("train", "validation", "test")
+# Lone surrogates: what `errors="surrogateescape"` makes of bytes that are not UTF-8 (U+DC80-U+DCFF),
+# or a JSON \ud800 escape missing its pair. Neither can be written back out as UTF-8.
+SURROGATE = re.compile("[\ud800-\udfff]")
+UTF8_HINT = "save the file as UTF-8"
+
+
+def not_utf8(text: str) -> Optional[str]:
+    """Why `text`, as read from a file with errors="surrogateescape", is not valid UTF-8; None when it is."""
+    m = SURROGATE.search(text)
+    return None if m is None else f"not UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start() + 1}"
+
+
+def _unpaired_surrogate(text: str) -> Optional[str]:
+    """After parsing (the reader already rejected bad bytes), a surrogate came from a JSON escape."""
+    m = SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"not valid Unicode: unpaired surrogate U+{ord(m.group()):04X} at character {m.start() + 1} (a broken \\u escape?)"
+
+
+def printable(value: Any) -> Any:
+    """`value` with every lone surrogate replaced by U+FFFD, so a reject can be written out as UTF-8."""
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -46,8 +85,9 @@ class Reject:
         return DataError(self.reason, file=self.file or None, row=self.index, field=self.field)
 
     def to_json(self) -> dict:
+        raw = self.raw if isinstance(self.raw, (str, dict, type(None))) else str(self.raw)
         return {"file": self.file, "row": self.index, "field": self.field, "view": self.view,
-                "reason": self.reason, "raw": self.raw if isinstance(self.raw, (str, dict, type(None))) else str(self.raw)}
+                "reason": self.reason, "raw": printable(raw)}
 
 
 Item = Union[Record, Reject]
@@ -65,6 +105,34 @@ def _label(value: Any) -> int:
     if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) and value in (0, 1):
         return int(value)
     raise ValueError(f"label must be 0 or 1 (thumbs down/up), got {value!r}")
+
+
+def _messages(value: list, what: str) -> list[tuple[str, str]]:
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in TRANSCRIPT_ROLES:
+            raise ValueError(f"{what}: message {i} must be {{role, content}} with role one of "
+                             f"{sorted(TRANSCRIPT_ROLES)} and text content, got {m!r:.80}")
+        out.append((m["role"], m["content"].strip()))
+    if not out:
+        raise ValueError(f"{what}: an empty message list")
+    return out
+
+
+def conversation_text(name: str, value: list) -> str:
+    """A TRL conversational field as our text: the prompt as an HH transcript ending with the
+    assistant cue, a response (one assistant message) as " " + its content."""
+    messages = _messages(value, "conversational " + name)
+    if name == "prompt":
+        if messages[-1][0] == "assistant":
+            raise ValueError("conversational prompt: its last message is the assistant's; the prompt ends with "
+                             "the user's turn and the response is the assistant's reply")
+        turns = [f"{TRANSCRIPT_ROLES[role]}: {content}" for role, content in messages]
+        return "\n\n".join(turns + ["Assistant:"])
+    if len(messages) != 1 or messages[0][0] != "assistant":
+        raise ValueError(f"conversational {name}: expected one assistant message, got roles "
+                         f"{[role for role, _ in messages]}")
+    return " " + messages[0][1]
 
 
 def validate(record: Record) -> dict[str, Any]:
@@ -88,10 +156,18 @@ def validate(record: Record) -> dict[str, Any]:
             except ValueError as err:
                 raise DataError(str(err), field=name, **where) from None
             continue
+        if isinstance(value, list):
+            try:
+                value = conversation_text(name, value)
+            except ValueError as err:
+                raise DataError(str(err), field=name, **where) from None
         if not isinstance(value, str):
-            raise DataError(f"expected text, got {type(value).__name__} {value!r:.60}", field=name, **where)
+            raise DataError(f"expected text, got {type(value).__name__} {value!r:.60} (or TRL's conversational "
+                            "form: a list of {role, content} messages)", field=name, **where)
         if not value.strip():
             raise DataError("empty text", field=name, **where)
+        if bad := _unpaired_surrogate(value):
+            raise DataError(bad, field=name, **where)
         clean[name] = value
     if view == "pairwise" and clean["chosen"] == clean["rejected"]:
         raise DataError("chosen and rejected are the same text (a preference needs two different replies)",
@@ -99,6 +175,8 @@ def validate(record: Record) -> dict[str, Any]:
     for key, value in raw.items():  # extra scalar columns (id, source, gold, ...) ride along
         if key in clean or (isinstance(value, float) and not math.isfinite(value)):
             continue
+        if isinstance(value, str) and (bad := _unpaired_surrogate(value)):
+            raise DataError(bad, field=str(key), **where)
         if isinstance(value, (str, int, float, bool)):
             clean[key] = value
     return clean

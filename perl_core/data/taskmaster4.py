@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perl_core.config import DataConfig
-from perl_core.data.local import source_files
+from perl_core.data.local import load_json, source_files
 from perl_core.data.schema import Item, Record, Reject
 from perl_core.errors import DataError, UserError
 
@@ -94,10 +94,7 @@ def dialog_turns(utterances: list[dict]) -> list[dict]:
 
 
 def _load_array(path: Path) -> list:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=str(path)) from None
+    data = load_json(path)
     if not isinstance(data, list):
         raise DataError(f"expected a JSON array, got {type(data).__name__}", file=str(path))
     return data

@@ -1,0 +1,83 @@
+"""The one way a reward model reads text.
+
+A causal-LM reward model scores a token sequence with its scalar head applied to the final
+(normed) hidden state at the sequence's LAST ATTENDED position, the token that ends the
+response (eos, or the chat template's end-of-turn: `modeling.response_end_id`). The position
+comes from the attention mask, never from the pad id: SmolLM2 and Qwen2.5 ship pad == eos, and
+transformers' `*ForSequenceClassification` ("last token that is not pad") would then read the
+response's last token instead of the end token the reward model was trained on. Position ids
+skip left padding exactly as `generate` does, so a left-padded batch (RL samples) and a
+right-padded one (reward training, :class:`~perl_core.reward.RewardScorer`) give the same
+scores. Reward training, `RewardScorer`, the one-backbone RL reward
+(`policy_models.OneBackbone.reward`) and evaluation all score through :func:`read_scores`.
+
+Encoders (BERT, MiniLM) read their pooled [CLS] at position 0 and mask their pads; they keep
+the model's own forward.
+
+An empty response (the policy wrote the end token first) is scored as what was written:
+prompt + end token, with no response tokens, on every path.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from perl_core.errors import UserError
+
+ENCODER_HEAD = "classifier"  # BERT-style heads read the pooled [CLS]; causal LMs name theirs `score`
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as `generate` computes them (so log-probs match sampling)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def last_attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with mask 1 in each row: the position a reward model reads.
+
+    Correct under left padding, right padding, and masks that end in zeros after an early EOS.
+    """
+    width = attention_mask.shape[-1]
+    return width - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence; returns (input_ids, attention_mask). Any `pad_id` works: it is masked."""
+    if not sequences:
+        raise UserError("cannot score an empty batch")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def read_scores(body: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`head(h_last)` for a transformer `body` (LlamaModel, Qwen2Model, ...): one float32 score per row."""
+    device = next(body.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                  use_cache=False).last_hidden_state
+    last = last_attended(attention_mask).to(hidden.device)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return head(h.to(next(head.parameters()).dtype))[:, 0].float()
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The `*ForSequenceClassification` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores of a sequence classifier (a reward model folder's model, LoRA-wrapped or not), one per row."""
+    inner = classifier_of(model)
+    if isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module):
+        device = next(model.parameters()).device
+        return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
+    # the transformer body (`model.model` for Llama/Qwen) and the `score` head, LoRA layers active
+    return read_scores(inner.base_model, inner.score, input_ids, attention_mask)
