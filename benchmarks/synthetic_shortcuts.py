@@ -5,7 +5,7 @@ sizes / milks / extras / names it mentions, the placeholder "drink"), a logistic
 chosen-minus-rejected differences fitted on the train pairs, accuracy on the test pairs. A high
 number means style and item counts stand in for correctness (a shortcut a reward model can take).
 
-    python benchmarks/synthetic_shortcuts.py                 # the prepared default in data/synthetic
+    python benchmarks/synthetic_shortcuts.py                 # the default in data/synthetic (prepared if missing)
     python benchmarks/synthetic_shortcuts.py --quick         # 200 generated prompts, shape check only
 """
 from __future__ import annotations
@@ -55,8 +55,11 @@ def main() -> None:
         rows = views["pairwise"]
         train, test = rows[: len(rows) * 4 // 5], rows[len(rows) * 4 // 5:]
     else:
-        read = lambda split: [json.loads(x) for x in open(f"{args.data_dir}/synthetic/pairwise/{split}.jsonl")]  # noqa: E731
-        train, test = read("train"), read("test")
+        from perl_core import data as data_api
+
+        cfg = load_config("default", [f"data.data_dir={args.data_dir}"])
+        data_api.prepare_dataset(cfg)  # skipped when up to date
+        train, test = (data_api.load_rows(cfg.data, "pairwise", split) for split in ("train", "test"))
     xtr, ytr = pair_matrix(train)
     xte, yte = pair_matrix(test)
     style = [FEATURES.index(f) for f in STYLE]

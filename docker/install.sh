@@ -29,8 +29,8 @@ else
     exit 2
 fi
 
-# Installed in place (editable): presets in configs/ are found beside the package
-# (perl_core/config.py: PRESET_DIR), so the source tree stays where it was installed from.
+# Installed in place (editable): prefect.yaml's deployments name their flow by file path
+# (flows/pipeline.py) in this folder, so the code the worker runs is the code installed here.
 uv pip install --python "$py" -c constraints.txt -e ".[$extras]"
 uv pip check --python "$py"
 

@@ -124,8 +124,10 @@ def serve(config: str = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
     tracking.check_servers(cfg)
     out.print(f"serving deployment [bold]perl-pipeline/{name}[/] on cron {cron!r}; Ctrl-C to stop")
+    # one run at a time, as prefect.yaml's deployments: a run that outlasts its interval holds the next one
     perl_pipeline.serve(name=name, cron=cron, parameters={"cfg": cfg.model_dump(mode="json")},
-                        tags=["perl", cfg.preset], description="PERL pipeline; promotes only through the gate")
+                        tags=["perl", cfg.preset], description="PERL pipeline; promotes only through the gate",
+                        concurrency_limit=1)
 
 
 # ---------------------------------------------------------------- registry

@@ -1,8 +1,11 @@
 """One typed config tree for the whole pipeline.
 
-YAML presets in ``configs/`` are loaded with :func:`load_config`, then overridden with
-dotted ``key=value`` strings (``--set reward.lora.rank=4`` on the command line). Every
-section forbids unknown keys, so a typo fails loudly with the setting's full path.
+The field defaults below ARE the embedded default: ``PerlConfig()`` is what ``make run``,
+``perl-rlhf run``, ``perl-rlhf serve`` and the Prefect deployments (``parameters: {}``) train.
+YAML presets in ``configs/`` (``default.yaml`` carries no values) change some of them and are
+loaded with :func:`load_config`, then overridden with dotted ``key=value`` strings
+(``--set reward.lora.rank=4`` on the command line). Every section forbids unknown keys, so a
+typo fails loudly with the setting's full path.
 """
 from __future__ import annotations
 
@@ -12,7 +15,17 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_dir() -> Path:
+    """`configs/` at the top of a source checkout (editable installs too); a wheel carries the same
+    files as package data in `perl_core/configs/` (pyproject.toml maps the one folder onto the other)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "configs"
+    return checkout if (checkout / "default.yaml").exists() else here / "configs"
+
+
+PRESET_DIR = _preset_dir()
 
 
 class ConfigError(ValueError):
@@ -137,7 +150,8 @@ class SFTConfig(Section):
     backbone: BackboneConfig = BackboneConfig()
     tuning: Literal["lora", "full"] = "full"
     lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig(learning_rate=3e-3, max_steps=400)
+    # 1,000 steps: at 400 the anchor rarely copies the order and RL moves only the proxy reward (docs/policy.md)
+    train: TrainConfig = TrainConfig(learning_rate=1e-3, max_steps=1000)
     max_length: int = Field(128, ge=8)
 
 
@@ -147,8 +161,7 @@ class RewardConfig(Section):
     lora: LoraConfig = LoraConfig()
     objective: Literal["pairwise", "pointwise"] = "pairwise"
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: -log sigmoid(r_c - r_r - margin)")
-    # the embedded default's budget: ~1,000 preference pairs seen, two evaluations (docs/reward.md)
-    train: TrainConfig = TrainConfig(learning_rate=2e-3, max_steps=60, eval_every=30, checkpoint_every=30)
+    train: TrainConfig = TrainConfig(learning_rate=1e-3, max_steps=150, eval_every=50, checkpoint_every=30)
     max_length: int = Field(128, ge=8)
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
@@ -165,7 +178,7 @@ class RewardConfig(Section):
 
 class GenerationConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(0.7, gt=0, description="sampling temperature while training and evaluating the policy")
     top_p: float = Field(1.0, gt=0, le=1)
 
 
@@ -184,7 +197,7 @@ class PolicyConfig(Section):
     k: int = Field(4, ge=1, description="samples per prompt (rloo needs k >= 2)")
     baseline: Literal["moving_average", "value_head"] = "moving_average"
     baseline_decay: float = Field(0.9, ge=0, lt=1)
-    kl_coef: float = Field(0.05, ge=0, description="beta in r - beta * KL(policy || anchor)")
+    kl_coef: float = Field(0.2, ge=0, description="beta in r - beta * KL(policy || anchor)")
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0, description="nats per response; adaptive beta aims here")
     kl_horizon: int = Field(
@@ -192,7 +205,8 @@ class PolicyConfig(Section):
     normalize_rewards: bool = True
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
-    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=1e-3, batch_size=8, max_steps=100, eval_every=25)
+    # lr 1e-3 peaks early and then oscillates (KL 12-20 nats); 3e-4 climbs steadily below target_kl (docs/policy.md)
+    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150, eval_every=25)
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )
@@ -267,7 +281,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown setting (check the spelling; see configs/default.yaml for the allowed keys)"
+            msg = "unknown setting (check the spelling; perl_core/config.py lists the allowed keys)"
         elif "input" in e and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {where}: {msg}")

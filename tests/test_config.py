@@ -1,6 +1,8 @@
 import pytest
+import yaml
 
-from perl_core.config import ConfigError, PerlConfig, build_config, flatten, load_config, parse_override
+from perl_core.config import (PRESET_DIR, ConfigError, PerlConfig, TrainConfig, build_config, flatten, load_config,
+                              parse_override)
 
 
 def test_default_preset_loads_and_overrides_apply():
@@ -56,7 +58,58 @@ def test_flatten_gives_dotted_keys():
 
 
 def test_a_partial_override_keeps_the_sections_own_defaults():
-    cfg = build_config({}, ["sft.train.max_steps=7"])
-    assert cfg.sft.train.max_steps == 7
-    assert cfg.sft.train.learning_rate == PerlConfig().sft.train.learning_rate == 3e-3
+    cfg = build_config({}, ["sft.train.learning_rate=0.005"])
+    assert cfg.sft.train.learning_rate == 0.005
+    assert cfg.sft.train.max_steps == PerlConfig().sft.train.max_steps == 1000 != TrainConfig().max_steps
     assert build_config({"reward": {"train": {"max_steps": 5}}}).reward.train.eval_every == PerlConfig().reward.train.eval_every
+
+
+def test_the_typed_tree_is_the_embedded_default():
+    """One source of defaults: `PerlConfig()` (Prefect's `parameters: {}`) is the `default` preset (`make run`)."""
+    assert yaml.safe_load((PRESET_DIR / "default.yaml").read_text()) == {}
+    assert PerlConfig() == load_config("default")
+    # the measured setting the README reports (docs/policy.md, "The current default")
+    cfg = PerlConfig()
+    assert (cfg.sft.train.max_steps, cfg.policy.kl_coef, cfg.policy.generation.temperature,
+            cfg.policy.train.learning_rate, cfg.policy.train.max_steps) == (1000, 0.2, 0.7, 3e-4, 150)
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_finds_its_presets_from_any_folder(tmp_path):
+    """`pip install .` (not -e) into a fresh folder, then commands from elsewhere: the presets come
+    with the package, and every package folder of the checkout is in it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    skip = shutil.ignore_patterns("__pycache__")
+    for name in ("perl_core", "flows", "configs"):
+        shutil.copytree(root / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    packages = lambda base, top: {str(p.parent.relative_to(base)) for p in (base / top).rglob("__init__.py")}  # noqa: E731
+    for top in ("perl_core", "flows"):
+        assert packages(root, top) <= packages(site, top), "pyproject.toml's package list misses a folder"
+    assert sorted(p.name for p in (site / "perl_core" / "configs").glob("*.yaml")) == \
+        sorted(p.name for p in (root / "configs").glob("*.yaml"))
+
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)  # noqa: E731
+    check = run("-c", "import perl_core.config as c; from perl_core.bench import report; "
+                      "assert c.PerlConfig() == c.load_config('default'); "
+                      "print(c.PRESET_DIR, [c.load_config(p).preset for p in ('tiny', 'taskmaster4')])")
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split()[0] == str(site / "perl_core" / "configs") and "['tiny', 'taskmaster4']" in check.stdout
+    for args in (["--help"], ["report", "efficiency", "--help"]):
+        shown = run("-m", "flows.cli", *args)
+        assert shown.returncode == 0 and "Usage" in shown.stdout, shown.stderr
+    made = run("-m", "flows.cli", "data", "import", "synthetic", "-c", "tiny", "--set", "data.synthetic.n_prompts=20")
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (elsewhere / "data" / "synthetic" / "pairwise" / "train.jsonl").stat().st_size > 0

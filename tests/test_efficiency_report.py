@@ -5,12 +5,13 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from perl_core.efficiency_trl import trl_available
+from perl_core.bench.trl_compare import trl_available
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # a dozen fresh processes; on a loaded shared box this exceeds the default 600 s
-def test_quick_efficiency_report_is_well_formed(tmp_path):
+def test_quick_efficiency_report_is_well_formed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from any folder, not only the repository's top
     out = tmp_path / "report"
     result = CliRunner().invoke(app, [
         "report", "efficiency", "--quick", "--out", str(out),
@@ -49,7 +50,7 @@ def test_quick_efficiency_report_is_well_formed(tmp_path):
 
 def test_reward_rows_carry_the_accuracy_interval_and_the_paired_delta():
     """The quality column from per-pair validation scores: LoRA 7 of 10 pairs, full 8 of 10, on the same pairs."""
-    from perl_core.efficiency_report import reward_rows, report_markdown
+    from perl_core.bench.report import reward_rows, report_markdown
 
     def setting(margins, params):
         pairs = [{"row": i + 1, "id": None, "key": f"k{i}", "chosen": float(m), "rejected": 0.0}
@@ -61,7 +62,8 @@ def test_reward_rows_carry_the_accuracy_interval_and_the_paired_delta():
 
     full = setting([1, 1, 1, 1, 1, 1, 1, 1, -1, -1], 1000)
     lora = setting([1, 1, 1, 1, 1, 1, 1, -1, -1, -1], 10)
-    bench = {"settings": {"full": full, "lora": lora}, "args": {"lora_rank": 8}}
+    lora["config"] = {"reward": {"lora": {"rank": 8}}}
+    bench = {"settings": {"full": full, "lora": lora}}
     full_row, lora_row = reward_rows(bench)
     assert full_row["quality_ci_low"] < 0.8 < full_row["quality_ci_high"] and "quality_delta_ci_low" not in full_row
     assert lora_row["quality_delta"] == pytest.approx(-0.1)
@@ -78,3 +80,86 @@ def test_reward_rows_carry_the_accuracy_interval_and_the_paired_delta():
     # results saved before per-pair scores were kept: the point values alone, as before
     del full["validation_rows"], lora["validation_rows"]
     assert "quality_ci_low" not in reward_rows(bench)[1]
+
+
+# ---------------------------------------------------------------- one configuration, every workload
+MEMORY = {"peak_rss_mb": 10.0, "baseline_rss_mb": 2.0, "peak_above_baseline_mb": 8.0, "cuda_peak_allocated_mb": None,
+          "ratio_basis": "peak_above_baseline_mb"}
+
+
+@pytest.fixture
+def workloads(monkeypatch, tmp_path):
+    """Every workload the report starts, recorded instead of run: (target, the config it would train)."""
+    from perl_core import modeling
+    from perl_core.bench import policy, report, reward, trl_compare
+    from perl_core.config import PerlConfig
+
+    calls = []
+
+    def run_isolated(target, kwargs, timeout=None):
+        cfg = PerlConfig.model_validate(kwargs["config"])
+        calls.append((target.split(":")[1], cfg))
+        return {"tuning": "lora", "layout": "one backbone", "trainable_params": 10, "total_params": 100,
+                "resident_params": 100, "memory": MEMORY, "median_step_seconds": 1.0, "examples_per_second": 8.0,
+                "samples_per_second": 8.0, "workload_peak_mb": 8.0, "validation_metric": "pairwise_accuracy",
+                "validation_value": 0.5, "validation_rm_reward": 0.1, "backbone": cfg.reward.backbone.name,
+                **{f"median_{part}_seconds": 0.3 for part in ("generate", "score", "update")},
+                "median_tokens_per_second": 100.0}
+
+    def prepare_artifacts(backbone_dir, out, lora_rank=8, seed=0):
+        for name in ("anchor", "reward_model"):
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "manifest.json").write_text("{}")
+        return out / "anchor", out / "reward_model"
+
+    for module in (policy, report, reward):
+        monkeypatch.setattr(module, "run_isolated", run_isolated)
+    monkeypatch.setattr(policy, "prepare_artifacts", prepare_artifacts)
+    monkeypatch.setattr(modeling, "resolve_backbone", lambda backbone, artifacts_dir, corpus=None: "/stand-in/backbone")
+    monkeypatch.setattr(trl_compare, "trl_version", lambda: "0.0-test")
+    monkeypatch.chdir(tmp_path)  # any working directory: nothing is looked up beside the source
+    return calls
+
+
+def test_every_workload_of_the_report_trains_the_settings_given(workloads, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, [
+        "report", "efficiency", "--quick", "--out", str(out), "--reward-steps", "7",
+        "--set", "data.synthetic.n_prompts=40", "--set", "reward.lora.rank=4", "--set", "reward.lora.dropout=0.05",
+        "--set", "policy.kl_coef=0.3"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    targets = [t for t, _ in workloads]
+    assert targets == ["reward_workload"] * 2 + ["policy_workload"] * 2 + ["reward_workload"] * 2 + [
+        "ours_reward_workload", "trl_reward_workload", "ours_rloo_workload", "trl_rloo_workload"]
+    for _, cfg in workloads:  # every --set reaches every workload, and the data is where the command ran
+        assert (cfg.policy.kl_coef, cfg.reward.lora.dropout, cfg.data.data_dir) == (0.3, 0.05, "data")
+    trained = {}
+    for target, cfg in workloads:
+        trained.setdefault(target, []).append(cfg)
+    lora, full, sweep_1, sweep_8 = trained["reward_workload"]
+    assert (lora.reward.tuning, lora.reward.lora.rank, full.reward.tuning) == ("lora", 4, "full")
+    assert lora.reward.train.learning_rate != full.reward.train.learning_rate  # full tuning's own step size
+    assert [sweep_1.reward.lora.rank, sweep_8.reward.lora.rank] == [1, 8]
+    for cfg in (lora, sweep_1, sweep_8):  # the sweep is the LoRA setting at another rank, alpha / r kept
+        assert cfg.reward.lora.alpha / cfg.reward.lora.rank == 16 / 4
+        assert cfg.model_dump(exclude={"reward": {"lora": {"rank", "alpha"}}}) == \
+            lora.model_dump(exclude={"reward": {"lora": {"rank", "alpha"}}})
+    assert all(cfg.reward.train.max_steps == cfg.reward.train.eval_every == 7 for cfg in (lora, full))
+    # TRL's side and ours train the benchmarks' LoRA settings exactly as measured above
+    assert trained["ours_reward_workload"] == trained["trl_reward_workload"] == [lora]
+    policy_full, policy_lora = trained["policy_workload"]
+    assert (policy_full.policy.tuning, policy_lora.policy.tuning) == ("full", "lora")
+    assert trained["ours_rloo_workload"] == trained["trl_rloo_workload"] == [policy_lora]
+    report = json.loads((out / "efficiency_report.json").read_text())
+    assert [r["setting"].split(" (")[0] for r in report["rows"]][:2] == ["full", "LoRA r=4"]
+    assert [r["rank"] for r in report["rank_sweep"]] == [1, 8]
+    assert report["benchmarks"]["reward"]["settings"]["lora"]["config"] == lora.model_dump(mode="json")
+
+
+def test_reward_benchmark_prepares_its_data(workloads, tmp_path):
+    from perl_core.bench.reward import reward_benchmark
+
+    bench = reward_benchmark("default", ["data.synthetic.n_prompts=40", f"data.data_dir={tmp_path / 'fresh'}"],
+                             quick=True)
+    assert (tmp_path / "fresh" / "synthetic" / "pairwise" / "train.jsonl").stat().st_size > 0
+    assert set(bench["settings"]) == {"lora", "full"}

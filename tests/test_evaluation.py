@@ -216,7 +216,7 @@ def artifacts(tmp_path_factory):
     import torch
 
     from perl_core.artifacts import write_manifest
-    from perl_core.efficiency_rl import prepare_artifacts
+    from perl_core.bench.policy import prepare_artifacts
     from perl_core.modeling import attach_lora, load_causal_lm, load_tokenizer, resolve_backbone
 
     root = tmp_path_factory.mktemp("eval")
@@ -300,9 +300,10 @@ def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artif
     moved = E.evaluate_policy(cfg, artifacts["moved"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "moved")
     saved = json.loads((tmp_path / "moved" / "policy_eval.json").read_text())
     samples = saved["samples"]
-    # the sample table holds exactly what PolicyGenerator.generate produces with the evaluation seed ...
-    policy_text = PolicyGenerator.load(artifacts["moved"]).generate(ORDERS, seed=0, max_new_tokens=6)
-    anchor_text = PolicyGenerator.load(artifacts["anchor"]).generate(ORDERS, seed=0, max_new_tokens=6)
+    # the sample table holds exactly what PolicyGenerator.generate produces with the evaluation's seed and temperature ...
+    temperature = cfg.policy.generation.temperature
+    policy_text = PolicyGenerator.load(artifacts["moved"]).generate(ORDERS, seed=0, max_new_tokens=6, temperature=temperature)
+    anchor_text = PolicyGenerator.load(artifacts["anchor"]).generate(ORDERS, seed=0, max_new_tokens=6, temperature=temperature)
     assert [s["policy_response"] for s in samples] == policy_text
     assert [s["anchor_response"] for s in samples] == anchor_text
     assert policy_text != anchor_text

@@ -282,6 +282,46 @@ def test_stage_keys_follow_data_code_and_upstream(monkeypatch):
     assert base != pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k"))  # new code
 
 
+def test_deployments_run_the_embedded_default_one_at_a_time():
+    """prefect.yaml, read through Prefect's own deployment schema (it ignores keys it does not know):
+    every deployment's parameters resolve to `load_config("default")`, what `perl-rlhf run` trains,
+    and at most one run of it is active."""
+    import inspect
+
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    spec = PrefectYamlModel.model_validate(yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text()))
+    assert [d.name for d in spec.deployments] == ["perl-nightly", "perl-nightly-docker"]
+    for deployment in spec.deployments:
+        assert deployment.entrypoint == "flows/pipeline.py:perl_pipeline"
+        assert deployment.concurrency_limit == 1, deployment.name
+        call = inspect.signature(perl_pipeline.fn).bind(**perl_pipeline.validate_parameters(deployment.parameters))
+        call.apply_defaults()
+        assert call.arguments["cfg"] == load_config("default"), deployment.name
+
+
+def test_serve_runs_the_configured_pipeline_one_at_a_time(monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows import tracking
+    from flows.cli import app
+
+    served = {}
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setattr(tracking, "check_servers", lambda cfg: None)
+    monkeypatch.setattr(perl_pipeline, "serve", lambda **kwargs: served.update(kwargs))
+    result = CliRunner().invoke(app, ["serve", "--cron", "0 4 * * *"])
+    assert result.exit_code == 0, result.output
+    assert served["concurrency_limit"] == 1 and served["cron"] == "0 4 * * *"
+    assert perl_pipeline.validate_parameters(served["parameters"])["cfg"] == load_config("default")
+    served.clear()
+    assert CliRunner().invoke(app, ["serve", "-c", "tiny", "--set", "policy.kl_coef=0.3"]).exit_code == 0
+    assert perl_pipeline.validate_parameters(served["parameters"])["cfg"] == load_config("tiny", ["policy.kl_coef=0.3"])
+
+
 def test_retries_transient_errors_only(workdir):
     attempts = []
 

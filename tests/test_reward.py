@@ -311,21 +311,17 @@ def test_encoder_reward_model_reads_cls_pads_invisibly_and_round_trips(tmp_path,
     assert together.std() > 0
 
 
-def test_benchmark_quick_prints_the_table_shape(tmp_path, rows):
-    """benchmarks/reward_efficiency.py --quick on hand-made files in the data layout (fresh processes)."""
+def test_benchmark_quick_prints_the_table_shape(tmp_path):
+    """benchmarks/reward_efficiency.py --quick on a fresh data folder (it prepares the data; fresh processes)."""
     import json
     import sys
     from pathlib import Path
 
-    data_dir = tmp_path / "data" / "hand" / "pairwise"
-    data_dir.mkdir(parents=True)
-    for split, split_rows in rows["pairwise"].items():
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import reward_efficiency
 
     report = reward_efficiency.main(["--quick", "--out", str(tmp_path / "bench.json"),
-                                     "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.name=hand",
+                                     "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.synthetic.n_prompts=200",
                                      "--set", f"artifacts_dir={tmp_path / 'artifacts'}"])
     assert set(report["settings"]) == {"lora", "full"}
     lora, full = report["settings"]["lora"], report["settings"]["full"]

@@ -25,8 +25,9 @@ CORPUS = PROMPTS + [p + " Sure, one coffee coming up." for p in PROMPTS]
 
 
 def policy_cfg(**over) -> PolicyConfig:
-    tree = {"policy": {"algorithm": "rloo", "k": 2, "lora": {"rank": 4},
-                       "generation": {"max_new_tokens": 6},
+    # beta 0.05 and T = 1, not the embedded default's 0.2 and 0.7: the settings these checks were sized for
+    tree = {"policy": {"algorithm": "rloo", "k": 2, "lora": {"rank": 4}, "kl_coef": 0.05,
+                       "generation": {"max_new_tokens": 6, "temperature": 1.0},
                        "train": {"batch_size": 3, "max_steps": 3, "checkpoint_every": 2, "learning_rate": 0.02,
                                  "warmup_ratio": 0.0}}}
     for key, value in over.items():

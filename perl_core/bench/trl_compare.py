@@ -1,9 +1,9 @@
 """Side by side with Hugging Face TRL (the optional `bench` extra: `pip install -e .[bench]`).
 
-Each function here is a benchmark *workload*: :func:`perl_core.efficiency.run_isolated` runs it
-in a fresh Python process and adds the memory block. Our side and TRL's side are configured
-from the same `PerlConfig` (backbone, data, batch, sequence length, LoRA settings, learning
-rate, schedule, step count, seed), so the only difference is the library doing the training.
+Each function here is a benchmark *workload*: :func:`perl_core.bench.isolation.run_isolated` runs
+it in a fresh Python process and adds the memory block. Our side and TRL's side receive the same
+`PerlConfig` (backbone, data, batch, sequence length, LoRA settings, learning rate, schedule, step
+count, seed), so the only difference is the library doing the training.
 
 Reward model: ours is `perl_core.reward.train_reward_model`; TRL's is `trl.RewardTrainer` with
 a `peft.LoraConfig` (task SEQ_CLS, the score head in `modules_to_save`, as ours). Both are
@@ -32,12 +32,17 @@ from typing import Optional, Sequence
 MB = 1024 * 1024
 
 
-def trl_available() -> bool:
+def trl_version() -> Optional[str]:
+    """The installed TRL's version, or None without the `bench` extra."""
     try:
-        import trl  # noqa: F401
+        import trl
     except ImportError:
-        return False
-    return True
+        return None
+    return trl.__version__
+
+
+def trl_available() -> bool:
+    return trl_version() is not None
 
 
 def _preload() -> int:
@@ -55,13 +60,13 @@ def _preload() -> int:
 
     from perl_core import data, generation, modeling, policy_models, reward, rl  # noqa: F401
     from perl_core.data import versioning  # noqa: F401
-    from perl_core.efficiency import _rss_bytes
+    from perl_core.bench.isolation import _rss_bytes
 
     return _rss_bytes()
 
 
 def _finish(result: dict, baseline: int) -> dict:
-    from perl_core.efficiency import _peak_rss_bytes
+    from perl_core.bench.isolation import _peak_rss_bytes
 
     result["workload_baseline_rss_mb"] = baseline / MB
     result["workload_peak_mb"] = (_peak_rss_bytes() - baseline) / MB
@@ -105,23 +110,23 @@ def _common_args(tc, out_dir: str) -> dict:
 
 
 def _median(times: Sequence[float], warmup: int = 2) -> float:
-    from perl_core.efficiency import median_step_seconds
+    from perl_core.bench.isolation import median_step_seconds
 
     return median_step_seconds(times, warmup=min(warmup, max(0, len(times) - 1)))
 
 
 # ---------------------------------------------------------------- reward model
-def ours_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) -> dict:
+def ours_reward_workload(config: dict) -> dict:
     """Our reward model (the real `train_reward_model`), with the same preloaded libraries as TRL's side."""
-    from perl_core.efficiency import reward_workload
+    from perl_core.bench.reward import reward_workload
 
     baseline = _preload()
-    result = reward_workload(preset, overrides)
+    result = reward_workload(config)
     result["library"] = "perl"
     return _finish(result, baseline)
 
 
-def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) -> dict:
+def trl_reward_workload(config: dict) -> dict:
     """`trl.RewardTrainer` + peft LoRA on the same backbone, pairs, batch, max_length and steps."""
     import torch
     from datasets import Dataset
@@ -129,14 +134,14 @@ def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) 
 
     baseline = _preload()
     from perl_core import data as data_api
-    from perl_core.config import load_config
+    from perl_core.config import PerlConfig
     from perl_core.metrics import pairwise_accuracy
     from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
                                     resolve_backbone)
     from perl_core.reward import head_name, score_sequences
     from perl_core.training import set_seed
 
-    cfg = load_config(preset, list(overrides))
+    cfg = PerlConfig.model_validate(config)
     rcfg, tc = cfg.reward, cfg.reward.train
     if rcfg.objective != "pairwise":
         raise ValueError("the TRL comparison trains pairwise reward models (RewardTrainer's format)")
@@ -205,13 +210,13 @@ def trl_reward_workload(preset: str = "default", overrides: Sequence[str] = ()) 
 
 
 # ---------------------------------------------------------------- policy RL (RLOO)
-def ours_rloo_workload(preset: str, overrides: Sequence[str], anchor_dir: str, reward_model_dir: str) -> dict:
+def ours_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> dict:
     """Our RLOO (`train_policy`, LoRA, one backbone) for the configured steps; seconds per RL step."""
-    from perl_core.config import load_config
+    from perl_core.config import PerlConfig
     from perl_core.rl import train_policy
 
     baseline = _preload()
-    cfg = load_config(preset, list(overrides))
+    cfg = PerlConfig.model_validate(config)
     steps: list[float] = []
     gold: list[float] = []
     rewards: list[float] = []
@@ -232,7 +237,7 @@ def ours_rloo_workload(preset: str, overrides: Sequence[str], anchor_dir: str, r
                               train_seconds, quality), baseline)
 
 
-def trl_rloo_workload(preset: str, overrides: Sequence[str], anchor_dir: str, reward_model_dir: str) -> dict:
+def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> dict:
     """`trl.RLOOTrainer` + peft LoRA on the same anchor, prompts, k, lengths and steps, rewarded by our RM."""
     import torch
     from datasets import Dataset
@@ -240,12 +245,12 @@ def trl_rloo_workload(preset: str, overrides: Sequence[str], anchor_dir: str, re
 
     baseline = _preload()
     from perl_core import data as data_api
-    from perl_core.config import load_config
+    from perl_core.config import PerlConfig
     from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, peft_lora_config, prompts_within
     from perl_core.reward import RewardScorer
     from perl_core.training import set_seed
 
-    cfg = load_config(preset, list(overrides))
+    cfg = PerlConfig.model_validate(config)
     pc, tc, gen = cfg.policy, cfg.policy.train, cfg.policy.generation
     tokenizer = load_tokenizer(anchor_dir, padding_side="left")
     prompts = [p for p, _ in prompts_within(tokenizer, data_api.load_prompts(cfg.data, "train"), pc.max_prompt_length)]

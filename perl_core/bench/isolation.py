@@ -1,8 +1,8 @@
-"""Efficiency measurement: each benchmark setting runs in a FRESH Python process.
+"""Process isolation: each benchmark setting runs in a FRESH Python process.
 
 Peak memory is a high-water mark, so two settings measured in one process would contaminate
 each other (the allocator keeps freed pages, the first setting's peak stays the process's
-peak). :func:`run_isolated` therefore starts ``python -m perl_core.efficiency <target>``,
+peak). :func:`run_isolated` therefore starts ``python -m perl_core.bench.isolation <target>``,
 which imports torch/transformers/peft, records the baseline memory, calls the workload
 ``module:function(**kwargs)`` and adds a ``memory`` block to the dict it returns:
 
@@ -15,10 +15,10 @@ which imports torch/transformers/peft, records the baseline memory, calls the wo
                             (the ~0.5 GB of imported libraries is the same for every setting
                             and would only dilute the ratio; the absolute peak is reported beside it)
 
-A workload is any importable function returning a JSON-able dict. This module ships the
-reward-model workload (:func:`reward_workload`); the policy's lives in ``efficiency_rl.py``.
+A workload is any importable function returning a JSON-able dict (``bench/reward.py``,
+``bench/policy.py``, ``bench/trl_compare.py``); it receives the whole config it trains.
 
-    python -m perl_core.efficiency perl_core.efficiency:reward_workload --kwargs '{"overrides": [...]}' --out r.json
+    python -m perl_core.bench.isolation perl_core.bench.reward:reward_workload --kwargs '{"config": {...}}' --out r.json
 """
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ def run_isolated(target: str, kwargs: Optional[dict] = None, timeout: Optional[f
     """Run `target` ("package.module:function") with `kwargs` in a fresh interpreter; return its
     dict plus the `memory` block. Raises RuntimeError with the child's stderr tail on failure."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "perl_core.efficiency", target, "--kwargs", json.dumps(kwargs or {}), "--out", str(out)]
+        out, args = Path(tmp) / "result.json", Path(tmp) / "kwargs.json"
+        # a file, not an argument: a config plus a few hundred long prompts can exceed the kernel's 128 KiB per argument
+        args.write_text(json.dumps(kwargs or {}))
+        cmd = [sys.executable, "-m", "perl_core.bench.isolation", target, "--kwargs-file", str(args), "--out", str(out)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not out.exists():
@@ -68,6 +70,17 @@ def median_step_seconds(step_seconds: Sequence[float], warmup: int = 2) -> float
 
 def ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
+
+
+def bench_config(preset: str, measure: Sequence[str], overrides: Sequence[str], stage: str):
+    """One benchmark setting's config: preset <- the benchmark's measurement setting <- `overrides`
+    (the caller's, which win). `stage` ("reward", "policy") evaluates and checkpoints once, at its
+    last step, unless the overrides say otherwise."""
+    from perl_core.config import load_config
+
+    steps = getattr(load_config(preset, [*measure, *overrides]), stage).train.max_steps
+    once = [f"{stage}.train.eval_every={steps}", f"{stage}.train.checkpoint_every={steps}"]
+    return load_config(preset, [*measure, *once, *overrides])
 
 
 # ---------------------------------------------------------------- the child side
@@ -116,53 +129,15 @@ def _child(target: str, kwargs: dict, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2, default=str))
 
 
-# ---------------------------------------------------------------- the reward-model workload
-def reward_workload(preset: str = "default", overrides: Sequence[str] = (), out_dir: Optional[str] = None) -> dict:
-    """Train one reward model (`train_reward_model`, the real code path) and report its cost.
-
-    Examples are what the objective counts: preference pairs (two sequences each) for
-    pairwise, single responses for pointwise.
-    """
-    from perl_core.config import load_config
-    from perl_core.reward import train_reward_model
-
-    cfg = load_config(preset, list(overrides))
-    steps: list[float] = []
-
-    def record(metrics: dict[str, float], step: int) -> None:
-        if "train/step_seconds" in metrics:
-            steps.append(metrics["train/step_seconds"])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)
-        # per-row validation scores: the report's interval of the quality and of LoRA - full
-        validation_rows = json.loads(result.artifacts["validation_scores"].read_text())["scores"]
-    metric = "pairwise_accuracy" if cfg.reward.objective == "pairwise" else "roc_auc"
-    median = median_step_seconds(steps)
-    batch = cfg.reward.train.batch_size * cfg.reward.train.grad_accum
-    return {
-        "tuning": cfg.reward.tuning,
-        "backbone": cfg.reward.backbone.name,
-        "trainable_params": int(result.metrics["trainable_params"]),
-        "total_params": int(result.metrics["total_params"]),
-        "steps": int(result.metrics["steps"]),
-        "batch_size": batch,
-        "median_step_seconds": median,
-        "examples_per_second": batch / median,
-        "validation_metric": metric,
-        "validation_value": float(result.metrics[f"validation/{metric}"]),
-        "validation_rows": validation_rows,
-        "train_seconds": float(result.metrics["train_seconds"]),
-    }
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Run one benchmark setting (used by run_isolated).")
     parser.add_argument("target", help="package.module:function returning a dict")
     parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    parser.add_argument("--kwargs-file", help="a file holding that JSON object (instead of --kwargs)")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)
-    _child(args.target, json.loads(args.kwargs), Path(args.out))
+    kwargs = json.loads(Path(args.kwargs_file).read_text() if args.kwargs_file else args.kwargs)
+    _child(args.target, kwargs, Path(args.out))
 
 
 if __name__ == "__main__":

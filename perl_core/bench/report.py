@@ -1,54 +1,37 @@
 """The efficiency report: PERL (LoRA) against full tuning, a LoRA rank sweep, and TRL side by side.
 
 One call, :func:`efficiency_report`, runs in order
-1. the reward-model benchmark (`benchmarks/reward_efficiency.py`: LoRA vs full),
-2. the policy-RL benchmark (`benchmarks/policy_efficiency.py`: PERL one backbone vs full),
+1. the reward-model benchmark (`bench/reward.py`: LoRA vs full),
+2. the policy-RL benchmark (`bench/policy.py`: PERL one backbone vs full),
 3. a LoRA rank sweep of the reward model, r in {1, 2, 4, 8, 16, 32} (the paper's rank ablation),
-   each rank trained exactly like the reward benchmark's LoRA setting,
-4. TRL's `RewardTrainer` and `RLOOTrainer` with LoRA against ours on the same settings
-   (`perl_core.efficiency_trl`; skipped, and said so, when the `bench` extra is not installed),
+   each rank trained exactly like the reward benchmark's LoRA setting (alpha / r kept),
+4. TRL's `RewardTrainer` and `RLOOTrainer` with LoRA against ours on the benchmarks' LoRA settings
+   (`bench/trl_compare.py`; skipped, and said so, when the `bench` extra is not installed),
 every setting in a fresh Python process, and writes ONE report into `out_dir`:
 `efficiency_report.json`, `efficiency_report.md`, and PNG plots (quality against rank, peak
 memory and step time bars). Ratios are to full tuning of the same stage; they are the claim,
 absolute seconds and megabytes describe only the machine that ran it.
+
+One configuration: every setting is the preset, then the benchmark's measurement setting
+(`reward.MEASURE`, `policy.MEASURE`), then the caller's overrides, which win; each result
+carries the whole config its workload trained (`settings.<name>.config`), and the rank sweep and
+the TRL comparison start from those very configs.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
-
-import yaml
 from typing import Callable, Optional, Sequence
 
 from perl_core import reporting as R
-from perl_core.efficiency import peak_memory_mb, ratio, run_isolated
+from perl_core.bench.isolation import peak_memory_mb, ratio, run_isolated
 from perl_core.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
 RANKS = (1, 2, 4, 8, 16, 32)
-QUICK_RANKS = (1, 8)  # r=8 is the reward benchmark's own LoRA run: one process fewer in CI
-
-
-def _run_benchmark(script: str, out: Path, quick: bool, config_file: Path, extra: Sequence[str] = ()) -> dict:
-    """Run `benchmarks/<script>` (it spawns a fresh process per setting itself) and read its JSON."""
-    path = BENCHMARKS / script
-    if not path.exists():
-        raise UserError(f"{path} not found: the efficiency report runs the benchmarks of a source checkout")
-    cmd = [sys.executable, str(path), "--config", str(config_file), "--out", str(out), *extra]
-    if quick:
-        cmd.append("--quick")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
-    if proc.returncode != 0 or not out.exists():
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+QUICK_RANKS = (1, 8)  # r=8 is the reward benchmark's own LoRA run by default: one process fewer in CI
 
 
 def _saved(path: Path) -> dict:
@@ -73,24 +56,20 @@ def _cached(path: Optional[Path], resume, run: Callable[[], dict]) -> Optional[d
     return result
 
 
-def _rloo_overrides(args: dict) -> list[str]:
-    """The policy benchmark's PERL setting as config overrides (its workload builds the same PolicyConfig)."""
-    return ["policy.tuning=lora", "policy.algorithm=rloo", f"policy.k={args['k']}", f"policy.lora.rank={args['lora_rank']}",
-            f"policy.generation.max_new_tokens={args['max_new_tokens']}", f"policy.train.batch_size={args['batch_size']}",
-            f"policy.train.max_steps={args['steps']}", "policy.train.warmup_ratio=0.0",
-            "policy.train.learning_rate=0.001", "policy.train.seed=0"]
+def setting_config(bench: dict, setting: str, part: str) -> dict:
+    """The config tree a benchmark setting trained (what the sweep and the TRL comparison start from)."""
+    tree = bench["settings"][setting].get("config")
+    if tree is None:
+        raise UserError(f"{part} was saved without the config its settings trained (an older report): "
+                        "measure it again (without --resume, or delete that file)")
+    return json.loads(json.dumps(tree))  # a copy the caller may change
 
 
-def _reward_overrides(args: dict, backbone: str, tuning: str, rank: int, lr: float) -> list[str]:
-    """The overrides the reward benchmark gives one setting (so the rank sweep trains the same way)."""
-    steps = args["steps"]
-    return [f"reward.backbone.name={backbone}", f"reward.backbone.vocab_size={args['vocab_size']}",
-            f"reward.tuning={tuning}", f"reward.train.learning_rate={lr}", f"reward.train.max_steps={steps}",
-            f"reward.train.batch_size={args['batch_size']}", f"reward.train.eval_every={steps}",
-            f"reward.train.checkpoint_every={steps}", f"reward.max_length={args['max_length']}",
-            f"reward.lora.rank={rank}", f"reward.lora.alpha={2 * rank}", "reward.objective=pairwise",
-            "reward.truncation=left"] + (
-        [f"reward.eval_examples={args['eval_examples']}"] if args.get("eval_examples") else [])
+def with_rank(tree: dict, rank: int) -> dict:
+    """The reward LoRA setting at another rank, with the same LoRA scale alpha / r."""
+    lora = tree["reward"]["lora"]
+    lora["alpha"], lora["rank"] = lora["alpha"] * rank / lora["rank"], rank
+    return tree
 
 
 # ---------------------------------------------------------------- rows of the report
@@ -141,7 +120,7 @@ def _interval_cell(value: float, row: dict, name: str, fmt: Callable[[float], st
 def reward_rows(bench: dict) -> list[dict]:
     full, lora = bench["settings"]["full"], bench["settings"]["lora"]
     metric = full["validation_metric"]
-    rank = bench["args"]["lora_rank"]
+    rank = setting_config(bench, "lora", "the reward benchmark")["reward"]["lora"]["rank"]
     return [_row("reward", "full", full, metric, full["validation_value"], "median_step_seconds", full,
                  full["validation_value"]),
             _row("reward", f"LoRA r={rank}", lora, metric, lora["validation_value"], "median_step_seconds", full,
@@ -155,7 +134,8 @@ def policy_rows(bench: dict) -> list[dict]:
     for name, r in settings.items():
         metric, value = _policy_quality(r)
         _, full_value = _policy_quality(full)
-        label = "full" if name == "full" else f"PERL LoRA r={bench['args']['lora_rank']}"
+        label = "full" if name == "full" else \
+            f"PERL LoRA r={setting_config(bench, 'lora', 'the policy benchmark')['policy']['lora']['rank']}"
         rows.append(_row("policy", f"{label} ({r.get('layout', name)})", r, metric, value,
                          "median_step_seconds", full, full_value))
     return rows
@@ -169,23 +149,22 @@ def _policy_quality(r: dict) -> tuple[str, Optional[float]]:
 
 
 # ---------------------------------------------------------------- the parts
-def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks: Sequence[int],
-               log: Callable[[str], None], parts: Optional[Path] = None, resume: bool = False) -> list[dict]:
+def rank_sweep(reward_bench: dict, ranks: Sequence[int], log: Callable[[str], None], parts: Optional[Path] = None,
+               resume: bool = False) -> list[dict]:
     """Train the reward benchmark's LoRA setting at every rank, each in a fresh process."""
-    args = reward_bench["args"]
-    backbone = reward_bench["settings"]["lora"]["backbone"]
+    lora_cfg = setting_config(reward_bench, "lora", "the reward benchmark")
     full = reward_bench["settings"]["full"]
     rows = []
     for rank in ranks:
         log(f"rank sweep: r={rank}")
-        if rank == args["lora_rank"]:
-            # the benchmark's LoRA setting is this rank trained with these very overrides: reuse it
+        if rank == lora_cfg["reward"]["lora"]["rank"]:
+            # the benchmark's LoRA setting is this rank trained on this very config: reuse it
             r = reward_bench["settings"]["lora"]
         else:
-            kwargs = {"preset": preset,
-                      "overrides": list(overrides) + _reward_overrides(args, backbone, "lora", rank, args["lr_lora"])}
+            tree = with_rank(json.loads(json.dumps(lora_cfg)), rank)
             r = _cached(parts / f"rank_{rank}.json" if parts else None, resume,
-                        lambda: run_isolated("perl_core.efficiency:reward_workload", kwargs))
+                        lambda: {**run_isolated("perl_core.bench.reward:reward_workload", {"config": tree}),
+                                 "config": tree})
             if r is None:
                 continue
         row = _row("reward", f"LoRA r={rank}", r, r["validation_metric"], r["validation_value"], "median_step_seconds",
@@ -195,35 +174,31 @@ def rank_sweep(reward_bench: dict, preset: str, overrides: Sequence[str], ranks:
     return rows
 
 
-def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], preset: str, overrides: Sequence[str],
-                   log: Callable[[str], None], parts: Optional[Path] = None, resume: bool = False) -> dict:
-    """Ours and TRL's, measured back to back in fresh processes on identical settings."""
-    from perl_core.efficiency_trl import trl_available
+def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callable[[str], None],
+                   parts: Optional[Path] = None, resume: bool = False) -> dict:
+    """Ours and TRL's, measured back to back in fresh processes on the benchmarks' LoRA settings."""
+    from perl_core.bench.trl_compare import trl_version
 
-    if not trl_available():
+    version = trl_version()
+    if version is None:
         return {"skipped": "trl is not installed (pip install -e '.[bench]')"}
-    import trl
-
-    args = reward_bench["args"]
-    backbone = reward_bench["settings"]["lora"]["backbone"]
-    reward_ov = list(overrides) + _reward_overrides(args, backbone, "lora", args["lora_rank"], args["lr_lora"])
-    out: dict = {"trl_version": trl.__version__, "reward": {"overrides": reward_ov}}
+    reward_cfg = setting_config(reward_bench, "lora", "the reward benchmark")
+    out: dict = {"trl_version": version, "reward": {"config": reward_cfg}}
     for side in ("perl", "trl"):
         log(f"TRL comparison: reward model, {side}")
-        target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_reward_workload"
+        target = f"perl_core.bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_reward_workload"
         result = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
-                         lambda: run_isolated(target, {"preset": preset, "overrides": reward_ov}))
+                         lambda: run_isolated(target, {"config": reward_cfg}))
         if result is not None:
             out["reward"][side] = result
-    work = Path(policy_bench["args"].get("work_dir") or "") if policy_bench else None
+    work = Path(policy_bench["request"].get("work_dir") or "") if policy_bench else None
     if work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists():
-        out["rloo"] = {"overrides": list(overrides) + _rloo_overrides(policy_bench["args"]),
+        out["rloo"] = {"config": setting_config(policy_bench, "lora", "the policy benchmark"),
                        "anchor_dir": str(work / "anchor"), "reward_model_dir": str(work / "reward_model")}
         for side in ("perl", "trl"):
             log(f"TRL comparison: RLOO, {side}")
-            target = f"perl_core.efficiency_trl:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
-            kwargs = {"preset": preset, "overrides": out["rloo"]["overrides"],
-                      "anchor_dir": out["rloo"]["anchor_dir"], "reward_model_dir": out["rloo"]["reward_model_dir"]}
+            target = f"perl_core.bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
+            kwargs = {k: out["rloo"][k] for k in ("config", "anchor_dir", "reward_model_dir")}
             result = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
                              lambda: run_isolated(target, kwargs))
             if result is not None:
@@ -270,50 +245,50 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     """Run every benchmark (see the module docstring) and write the report into `out_dir`.
 
     `quick` (CI): tiny backbone, a few steps, two ranks; the report has the same shape.
-    `backbone`, `reward_steps`, `reward_batch_size`, `policy_steps` are passed to the benchmarks
-    (their own defaults otherwise); the rank sweep and the TRL comparison follow the same settings.
+    `backbone`, `reward_steps`, `reward_batch_size`, `policy_steps` are overrides like `--set`
+    (reward.backbone.name and sft.backbone.name, reward.train.max_steps, reward.train.batch_size,
+    policy.train.max_steps); every setting, the rank sweep and the TRL comparison included, trains
+    the preset + the benchmark's measurement setting + these overrides.
     """
+    from perl_core.bench.policy import policy_benchmark
+    from perl_core.bench.reward import reward_benchmark
     from perl_core.config import load_config
     from perl_core.data import prepare_dataset
 
-    config_arg, overrides_arg, ranks_arg = preset, list(overrides), ranks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ranks = tuple(ranks or (QUICK_RANKS if quick else RANKS))
+    ranks_arg, ranks = ranks, tuple(ranks or (QUICK_RANKS if quick else RANKS))
     started = time.perf_counter()
     cfg = load_config(preset, list(overrides))
+    settings = list(overrides) + option_overrides(backbone, reward_steps, reward_batch_size, policy_steps)
     log("preparing the dataset (skipped when up to date)")
     data = prepare_dataset(cfg)
-    # every benchmark reads this one resolved config, so all settings see the same data and paths
-    config_file = out / "config.yaml"
-    tree = cfg.model_dump(mode="json")
-    tree["artifacts_dir"] = str(Path(cfg.artifacts_dir).resolve())  # the benchmarks run from the repo root
-    tree["data"]["data_dir"] = str(Path(cfg.data.data_dir).resolve())
-    config_file.write_text(yaml.safe_dump(tree, sort_keys=False))
-    preset, overrides = str(config_file), []
 
-    log("reward benchmark: LoRA vs full")
-    shared = ["--backbone", backbone] if backbone else []
-    reward_extra = shared + (["--steps", str(reward_steps)] if reward_steps else []) \
-        + (["--batch-size", str(reward_batch_size)] if reward_batch_size else [])
-    policy_extra = shared + (["--steps", str(policy_steps)] if policy_steps else [])
     load = {"start": os.getloadavg()}
     parts = out / "parts"
     reward_json, policy_json = out / "reward_efficiency.json", out / "policy_efficiency.json"
-    reward_bench = _saved(reward_json) if resume and reward_json.exists() \
-        else _run_benchmark("reward_efficiency.py", reward_json, quick, config_file, extra=reward_extra)
-    log("policy benchmark: PERL vs full")
-    policy_bench = _saved(policy_json) if resume and policy_json.exists() \
-        else None if resume == "saved-only" else _run_benchmark("policy_efficiency.py", policy_json, quick, config_file,
-                            extra=policy_extra + ["--work-dir", str(out / "policy_work")])
-    sweep = rank_sweep(reward_bench, preset, overrides, ranks, log, parts, resume)
-    trl_result = trl_comparison(reward_bench, policy_bench, preset, overrides, log, parts, resume) if with_trl \
+    if resume and reward_json.exists():
+        reward_bench = _saved(reward_json)
+    else:
+        log("reward benchmark: LoRA vs full")
+        reward_bench = reward_benchmark(preset, settings, quick=quick, log=log)
+        R.write_json(reward_json, reward_bench)
+    if resume and policy_json.exists():
+        policy_bench = _saved(policy_json)
+    elif resume == "saved-only":
+        policy_bench = None
+    else:
+        log("policy benchmark: PERL vs full")
+        policy_bench = policy_benchmark(preset, settings, quick=quick, work_dir=out / "policy_work", log=log)
+        R.write_json(policy_json, policy_bench)
+    sweep = rank_sweep(reward_bench, ranks, log, parts, resume)
+    trl_result = trl_comparison(reward_bench, policy_bench, log, parts, resume) if with_trl \
         else {"skipped": "--no-trl"}
 
     report = {
         "command": " ".join(part for part in ["perl-rlhf report efficiency", "--quick" if quick else "", f"--out {out_dir}",
-                             f"--config {config_arg}" if config_arg != "default" else "",
-                             *(f"--set {o}" for o in overrides_arg), *(f"--rank {r}" for r in (ranks_arg or [])),
+                             f"--config {preset}" if preset != "default" else "",
+                             *(f"--set {o}" for o in overrides), *(f"--rank {r}" for r in (ranks_arg or [])),
                              "" if with_trl else "--no-trl", f"--backbone {backbone}" if backbone else "",
                              f"--reward-steps {reward_steps}" if reward_steps else "",
                              f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
@@ -336,6 +311,15 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     R.write_json(out / "efficiency_report.json", report)
     (out / "efficiency_report.md").write_text(report_markdown(report))
     return report
+
+
+def option_overrides(backbone: Optional[str] = None, reward_steps: Optional[int] = None,
+                     reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None) -> list[str]:
+    """The report's shorthand options as the config overrides they stand for."""
+    return ([f"reward.backbone.name={backbone}", f"sft.backbone.name={backbone}"] if backbone else []) \
+        + ([f"reward.train.max_steps={reward_steps}"] if reward_steps else []) \
+        + ([f"reward.train.batch_size={reward_batch_size}"] if reward_batch_size else []) \
+        + ([f"policy.train.max_steps={policy_steps}"] if policy_steps else [])
 
 
 def _torch_threads() -> int:
