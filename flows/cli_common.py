@@ -22,10 +22,19 @@ def cli_config(config: str, overrides: Optional[List[str]]) -> PerlConfig:
 
 
 def check_model_dir(path: Path, *kinds: str) -> None:
-    """A model folder named on the command line: its manifest, kind and files, checked before any loading."""
-    from perl_core.artifacts import check_model_files, read_manifest
+    """A model folder named on the command line: its manifest, kind and files, checked before any loading.
+    "reward_model" admits a reward-model ensemble too, whose member folders are checked."""
+    from perl_core.artifacts import ENSEMBLE_KIND, check_model_files, read_manifest
 
-    check_model_files(path, read_manifest(path, expect_kind=kinds))
+    kinds = kinds + ((ENSEMBLE_KIND,) if "reward_model" in kinds else ())
+    manifest = read_manifest(path, expect_kind=kinds)
+    if manifest.get("kind") != ENSEMBLE_KIND:
+        check_model_files(path, manifest)
+        return
+    from perl_core.ensemble import read_ensemble
+
+    for member in read_ensemble(path).member_dirs:
+        check_model_files(member, read_manifest(member))
 
 
 def read_text_file(path: Path, option: str) -> str:

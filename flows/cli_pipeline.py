@@ -61,7 +61,8 @@ def print_summary(summary: dict, cfg) -> None:
     rm.add_column("metric")
     rm.add_column("value", justify="right")
     for k, v in m.items():
-        if k.startswith("reward.") and not k.endswith(("_ci_low", "_ci_high")):
+        # an ensemble's members are in the evaluation report and MLflow; the table keeps the aggregate
+        if k.startswith("reward.") and not k.endswith(("_ci_low", "_ci_high")) and not k.startswith("reward.member_"):
             rm.add_row(k.split(".", 1)[1], _fmt(v))
     out.print(rm)
 

@@ -27,32 +27,36 @@ def train(
     base_model: Optional[str] = typer.Option(None, "--base-model", help="anchor folder to initialise from (with reward.init_from_anchor)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
 ) -> None:
-    """Train a reward model on the configured data (no tracking; `perl-rlhf run` logs to MLflow)."""
-    from perl_core.reward import train_reward_model
+    """Train a reward model on the configured data (no tracking; `perl-rlhf run` logs to MLflow).
+
+    With `--set reward.ensemble.size=N`, N reward models (seeds reward.train.seed + i) in one folder."""
+    from perl_core.ensemble import train_reward_stage
 
     cfg = cli_config(config, overrides)
     if base_model is not None:
         check_model_dir(Path(base_model), "anchor")
     out_dir = out or Path(cfg.artifacts_dir) / "reward_model"
-    result = train_reward_model(cfg, out_dir, resume=resume, base_model=base_model)
-    console.print(f"reward model saved to {result.out_dir}")
+    result = train_reward_stage(cfg, out_dir, resume=resume, base_model=base_model)
+    what = "reward model" if cfg.reward.ensemble.size is None else f"ensemble of {cfg.reward.ensemble.size} reward models"
+    console.print(f"{what} saved to {result.out_dir}")
     _print_metrics(result.metrics)
 
 
 @app.command("score")
 @friendly_errors
 def score(
-    model: Path = typer.Option(..., "--model", "-m", help="reward-model folder (has manifest.json)"),
+    model: Path = typer.Option(..., "--model", "-m", help="reward-model or ensemble folder (has manifest.json)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="one prompt (with --response)"),
     response: Optional[str] = typer.Option(None, "--response", help="one response to score"),
     jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="file of {prompt, response} rows; prints one JSON row each with `reward`"),
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
-    """Score one (prompt, response) or every row of a JSONL file."""
+    """Score one (prompt, response) or every row of a JSONL file (an ensemble: the default
+    policy.ensemble_aggregation of its members, and in JSONL their spread as `member_std`)."""
     from perl_core.data.local import read_jsonl
     from perl_core.data.schema import Reject
+    from perl_core.ensemble import EnsembleScorer, load_reward_scorer
     from perl_core.errors import DataError, UserError
-    from perl_core.reward import RewardScorer
 
     if jsonl is None and (prompt is None or response is None):
         raise UserError("give --prompt and --response, or --jsonl FILE")
@@ -74,10 +78,16 @@ def score(
     else:
         rows = [{"prompt": prompt, "response": response}]
     check_model_dir(model, "reward_model")
-    scorer = RewardScorer.load(model)
-    rewards = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=batch_size)
+    scorer = load_reward_scorer(model)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    spread = None
+    if isinstance(scorer, EnsembleScorer):
+        rewards, spread = scorer.score_and_spread(prompts, responses, batch_size=batch_size)
+        spread = spread.tolist()
+    else:
+        rewards = scorer.score(prompts, responses, batch_size=batch_size)
     if jsonl is None:
         typer.echo(f"{float(rewards[0]):.6f}")
         return
-    for row, reward in zip(rows, rewards.tolist()):
-        typer.echo(json.dumps({**row, "reward": reward}))
+    for i, (row, reward) in enumerate(zip(rows, rewards.tolist())):
+        typer.echo(json.dumps({**row, "reward": reward} | ({"member_std": spread[i]} if spread else {})))

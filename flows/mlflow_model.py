@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import mlflow
 
-from perl_core.artifacts import MANIFEST, read_manifest
+from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, read_manifest
 
 ANCHOR_URI = "anchor_uri"
 
@@ -58,16 +58,17 @@ def relink(model_dir: str | Path, anchor_dir: Optional[str | Path]) -> Path:
 
 
 class PerlModel(mlflow.pyfunc.PythonModel):
-    """The bundled manifest says reward_model (prompt, response -> score) or policy (prompt -> response)."""
+    """The bundled manifest says reward_model (prompt, response -> score), reward_ensemble (prompt, response ->
+    score, member_std) or policy (prompt -> response)."""
 
     def load_context(self, context) -> None:
         anchor = anchor_folder(context.artifacts, context.model_config)
         model_dir = relink(context.artifacts["model"], anchor)
         self.kind = read_manifest(model_dir)["kind"]
-        if self.kind == "reward_model":
-            from perl_core.reward import RewardScorer
+        if self.kind in REWARD_KINDS:
+            from perl_core.ensemble import load_reward_scorer
 
-            self.model = RewardScorer.load(str(model_dir))
+            self.model = load_reward_scorer(str(model_dir))
         else:
             from perl_core.generation import PolicyGenerator
 
@@ -78,6 +79,12 @@ class PerlModel(mlflow.pyfunc.PythonModel):
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         prompts = [str(p) for p in frame["prompt"]]
+        if self.kind == ENSEMBLE_KIND:  # the aggregate and the members' spread
+            lam = (params or {}).get("ensemble_lambda")
+            score, spread = self.model.score_and_spread(prompts, [str(r) for r in frame["response"]],
+                                                        aggregation=(params or {}).get("aggregation"),
+                                                        lam=None if lam is None else float(lam))
+            return pd.DataFrame({"score": score.tolist(), "member_std": spread.tolist()})
         if self.kind == "reward_model":
             scores = self.model.score(prompts, [str(r) for r in frame["response"]])
             return pd.DataFrame({"score": [float(s) for s in scores]})

@@ -7,6 +7,7 @@ anchor stage's run; a version references it (`model_config["anchor_uri"]`, tag
 `perl.anchor_uri`) and loading downloads it. Load it either way:
 
     mlflow.pyfunc.load_model("models:/perl-reward-model@champion").predict(df)   # prompt, response -> score
+                                                   # (a reward-model ensemble: score and member_std)
     RewardScorer.load(registry.download("perl-reward-model", "champion"))          # the project's loader
 
 New versions get the alias `candidate`. The gate moves `champion` only when the candidate
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import perl_core
-from perl_core.artifacts import read_manifest
+from perl_core.artifacts import ENSEMBLE_KIND, read_manifest
 from perl_core.errors import UserError
 
 CODE_FILE = Path(__file__).resolve().parent / "mlflow_model.py"
@@ -84,6 +85,14 @@ def _signature(kind: str):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    if kind == ENSEMBLE_KIND:
+        from perl_core.config import PolicyConfig
+
+        defaults = PolicyConfig()
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
+                              outputs=Schema([ColSpec("double", "score"), ColSpec("double", "member_std")]),
+                              params=ParamSchema([ParamSpec("aggregation", "string", defaults.ensemble_aggregation),
+                                                  ParamSpec("ensemble_lambda", "double", defaults.ensemble_lambda)]))
     if kind == "reward_model":
         return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
                               outputs=Schema([ColSpec("double", "score")]))

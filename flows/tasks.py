@@ -29,7 +29,7 @@ IMPLEMENTATIONS: dict[str, str | Callable] = {
     "prepare_data": "perl_core.data:prepare_dataset",
     "data_version": "perl_core.data.versioning:data_version",
     "train_anchor": "perl_core.sft:train_anchor",
-    "train_reward_model": "perl_core.reward:train_reward_model",
+    "train_reward_model": "perl_core.ensemble:train_reward_stage",  # one reward model or an ensemble
     "train_policy": "perl_core.rl:train_policy",
     "evaluate_reward_model": "perl_core.evaluation:evaluate_reward_model",
     "evaluate_policy": "perl_core.evaluation:evaluate_policy",
@@ -117,7 +117,7 @@ def train_anchor(cfg: PerlConfig, key: str, out_dir: str, run_id: str = "",
 @task(name="train_reward_model", **CACHED)
 def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str | None = None, run_id: str = "",
                        callback: MetricsCallback = null_callback) -> dict:
-    cb = with_progress(callback, "reward_model", cfg.reward.train.max_steps)
+    cb = with_progress(callback, "reward_model", cfg.reward.train.max_steps * (cfg.reward.ensemble.size or 1))
     result = library("train_reward_model")(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
     return _as_dict(result, key, run_id)
 
@@ -153,11 +153,13 @@ def register(cfg: PerlConfig, anchor: dict, reward_model: dict, policy: dict, ev
     Both reference the anchor where its stage logged it instead of carrying a copy each.
     """
     from flows import registry
+    from perl_core.artifacts import read_manifest
 
     tr = cfg.tracking
     common = {"perl.data_version": str(data_version.get("md5")), "perl.data_git_rev": str(data_version.get("git_rev"))}
     on_anchor = {"anchor_dir": anchor["out_dir"], "anchor_uri": registry.stage_artifact_uri(anchor, "anchor")}
-    rm_version, rm_new = registry.register_model("reward_model", tr.reward_model_name, reward_model["out_dir"],
+    rm_kind = read_manifest(reward_model["out_dir"])["kind"]  # reward_model or reward_ensemble
+    rm_version, rm_new = registry.register_model(rm_kind, tr.reward_model_name, reward_model["out_dir"],
                                                  reward_model["key"], evaluation["metrics"], common, **on_anchor)
     policy_tags = {**common, "perl.reward_model_version": rm_version, "perl.evaluation_key": evaluation["key"]}
     policy_version, policy_new = registry.register_model("policy", tr.policy_name, policy["out_dir"], policy["key"],

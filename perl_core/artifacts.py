@@ -14,6 +14,8 @@ from typing import Any, Optional
 from perl_core.errors import UserError
 
 MANIFEST = "manifest.json"
+ENSEMBLE_KIND = "reward_ensemble"  # several reward models in one folder (perl_core.ensemble)
+REWARD_KINDS = ("reward_model", ENSEMBLE_KIND)
 
 
 @dataclass
@@ -25,7 +27,7 @@ class StageResult:
 
 def write_manifest(out_dir: str | Path, *, kind: str, base_model: str, tuning: str, config: dict,
                    data_version: Optional[dict] = None, metrics: Optional[dict] = None, **extra: Any) -> Path:
-    """`kind` is reward_model | anchor | policy. Extra keys (anchor, reward_model, head, ...) are kept as given."""
+    """`kind` is reward_model | reward_ensemble | anchor | policy. Extra keys (anchor, reward_model, head, ...) are kept as given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {

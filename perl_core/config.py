@@ -155,6 +155,16 @@ class SFTConfig(Section):
     max_length: int = Field(128, ge=8)
 
 
+class EnsembleConfig(Section):
+    """Several reward models trained alike (Coste et al., ICLR 2024); RL optimises their aggregate (policy.ensemble_*)."""
+
+    size: Optional[int] = Field(
+        None, ge=1, description="members trained with seeds reward.train.seed, +1, ...; none = one reward model, "
+        "no ensemble artifact")
+    bootstrap: bool = Field(False, description="each member trains on its own resample (with replacement) of the "
+                            "training rows")
+
+
 class RewardConfig(Section):
     backbone: BackboneConfig = BackboneConfig()
     tuning: Literal["lora", "full"] = "lora"
@@ -174,6 +184,7 @@ class RewardConfig(Section):
     eval_examples: Optional[int] = Field(
         256, ge=2, description="validation examples scored at each eval (early stopping); none = the whole split"
     )
+    ensemble: EnsembleConfig = EnsembleConfig()
 
 
 class GenerationConfig(Section):
@@ -213,6 +224,11 @@ class PolicyConfig(Section):
     log_samples_every: int = Field(
         25, ge=0, description="hand a step's completions (prompt, response, reward, gold score) to the samples "
         "callback every N RL steps and at the last step; 0: never")
+    ensemble_aggregation: Literal["mean", "min", "mean_minus_std"] = Field(
+        "min", description="a reward-model ensemble's reward: the members' mean, their minimum (worst case), or "
+        "mean - ensemble_lambda * std (uncertainty-weighted)")
+    ensemble_lambda: float = Field(1.0, ge=0, description="mean_minus_std: reward units taken off per unit of the "
+                                   "members' standard deviation")
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":

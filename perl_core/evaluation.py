@@ -4,7 +4,9 @@
   bootstrap intervals) and the Bradley-Terry loss on pairwise rows; ROC-AUC, (balanced) accuracy,
   ECE and the cross-entropy on pointwise rows; reward mean/std; a reliability diagram and score
   histograms by label. Per-row scores are kept, so :func:`compare_reward_evals` can put two
-  reward models (LoRA, full tuning) side by side on the same rows with paired intervals.
+  reward models (LoRA, full tuning) side by side on the same rows with paired intervals. A
+  reward-model ensemble is evaluated as its aggregate (`policy.ensemble_aggregation`, what RL
+  optimises), member by member (`member_i.*`) and by its members' disagreement.
 * :func:`evaluate_policy` samples the anchor and the policy on held-out prompts with the same
   seed and compares them: RM reward (bootstrap CIs, paired gain), win rate under the RM with
   ties apart, KL(policy || anchor), the gold oracle where the data has one, response length,
@@ -129,6 +131,32 @@ def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float]
     return metrics, M.reliability_bins(probs, y, n_bins)
 
 
+def reward_and_members(scorer, prompts: Sequence[str], responses: Sequence[str]):
+    """Scores of (prompt, response) pairs, and for an ensemble also each member's raw scores [members, pairs]."""
+    from perl_core.ensemble import EnsembleScorer
+
+    if isinstance(scorer, EnsembleScorer):
+        raw = scorer.member_scores(prompts, responses)
+        return scorer.combine(raw).numpy(), raw.numpy()
+    return scorer.score(prompts, responses).detach().float().cpu().numpy(), None
+
+
+def ensemble_report(scorer, raw: np.ndarray, view: str, labels=None, n_bins: int = 10) -> dict[str, float]:
+    """Each member's metrics alone (`member_i.<metric>`) and `<view>_disagreement`: the mean over
+    responses of the members' std (offsets removed, as the aggregate sees them)."""
+    out: dict[str, float] = {}
+    for i, scores in enumerate(raw):
+        if view == "pairwise":
+            n = len(scores) // 2
+            metrics, _ = pairwise_report(scores[:n], scores[n:], n_bins)
+        else:
+            metrics, _ = pointwise_report(scores, labels, n_bins)
+        out.update({f"member_{i}.{k}": v for k, v in metrics.items() if not k.startswith("n_")})
+    out[f"{view}_disagreement"] = float(scorer.spread(torch.as_tensor(raw)).mean())
+    out["ensemble_size"] = float(len(raw))
+    return out
+
+
 def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, truncated: dict,
                      plots: dict) -> str:
     lines = [f"# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
@@ -150,13 +178,14 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     """Score `split` of every preference view the dataset has (pairwise and/or pointwise) with the
     reward model in `reward_model_dir`; write `reward_eval.{json,md}` and PNG plots into `out_dir`."""
     from perl_core.data import load_rows
-    from perl_core.reward import RewardScorer, score_rows
+    from perl_core.ensemble import load_reward_scorer, read_reward_manifest
+    from perl_core.reward import score_rows
 
-    manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
+    manifest = read_reward_manifest(reward_model_dir)
     objective = manifest.get("objective") or cfg.reward.objective
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = RewardScorer.load(reward_model_dir)
+    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda)
     tok, max_length = scorer.tokenizer, scorer.max_length
 
     # the objective's own view must exist; the other one is a bonus when the dataset has it
@@ -187,8 +216,8 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
             continue
         prompts = [r["prompt"] for r in kept]
         if view == "pairwise":
-            scores = scorer.score(prompts + prompts, [r["chosen"] for r in kept] + [r["rejected"] for r in kept])
-            scores = scores.detach().float().cpu().numpy()
+            scores, members = reward_and_members(scorer, prompts + prompts,
+                                                 [r["chosen"] for r in kept] + [r["rejected"] for r in kept])
             chosen, rejected = scores[: len(kept)], scores[len(kept):]
             view_metrics, bins = pairwise_report(chosen, rejected, n_bins)
             view_metrics.update(pairwise_intervals(chosen, rejected, cfg.evaluation))
@@ -199,7 +228,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
                                                     out / "reward_scores_pairwise.png", "RM score by label", "score")
         else:
             labels = [int(r["label"]) for r in kept]
-            scores = scorer.score(prompts, [r["response"] for r in kept]).detach().float().cpu().numpy()
+            scores, members = reward_and_members(scorer, prompts, [r["response"] for r in kept])
             view_metrics, bins = pointwise_report(scores, labels, n_bins)
             if 0 < sum(labels) < len(labels):
                 _, view_metrics["roc_auc_ci_low"], view_metrics["roc_auc_ci_high"] = M.auc_bootstrap_ci(
@@ -215,6 +244,8 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
         metrics.update(view_metrics)
         if scorer.truncation != "error":
             metrics.update({f"{view}_truncated_{part}": float(n) for part, n in truncated[view].items()})
+        if members is not None:
+            metrics.update(ensemble_report(scorer, members, view, labels if view == "pointwise" else None, n_bins))
 
     R.write_json(out / "reward_eval.json", {
         "reward_model": str(reward_model_dir), "objective": objective, "split": split, "metrics": metrics,
@@ -508,7 +539,7 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
     """
     from perl_core.data import load_prompts
-    from perl_core.reward import RewardScorer
+    from perl_core.ensemble import load_reward_scorer
 
     ev, gen = cfg.evaluation, cfg.policy.generation
     read_manifest(policy_dir, expect_kind="policy")
@@ -536,7 +567,7 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     kl = policy_logp - logprobs_of(anchor, policy_samples)
     del anchor
 
-    scorer = RewardScorer.load(reward_model_dir)
+    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda)
     policy_rewards = rm_scores(scorer, prompts, policy_responses)
     anchor_rewards = rm_scores(scorer, prompts, anchor_responses)
     del scorer

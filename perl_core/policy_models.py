@@ -7,6 +7,9 @@
 * LoRA policy, any other reward model (e.g. an encoder): the backbone carries the policy
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
+
+A reward-model ensemble (`perl_core.ensemble`) lays out member 0 as above and the others beside
+it: on one backbone, each member is a reward adapter (`reward_i`) with its own head.
 """
 from __future__ import annotations
 
@@ -77,6 +80,11 @@ class Roles:
         # prompt + end token, like every other path: perl_core.scoring)
         return self.scorer.score(prompts, responses).float().cpu()
 
+    def reward_and_spread(self, samples: Samples, prompts: list[str],
+                          responses: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The reward, and per sample the spread of a reward-model ensemble's members (None for one reward model)."""
+        return self.reward(samples, prompts, responses), None
+
     def save_policy(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.tuning == "lora":
@@ -95,14 +103,14 @@ class OneBackbone(Roles):
 
     one_backbone = True
 
-    def __init__(self, policy: nn.Module, tokenizer, reward_head: nn.Linear):
+    def __init__(self, policy: nn.Module, tokenizer, reward_head: nn.Linear, reward_adapter: str = REWARD_ADAPTER):
         super().__init__(policy, tokenizer, anchor=None, scorer=None, tuning="lora")
-        self.reward_head = reward_head
+        self.reward_head, self.reward_adapter = reward_head, reward_adapter
 
     @torch.no_grad()
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
         ids, mask = with_final_eos(samples, response_end_id(self.tokenizer), self.tokenizer.pad_token_id)
-        self.policy.set_adapter(REWARD_ADAPTER, inference_mode=True)
+        self.policy.set_adapter(self.reward_adapter, inference_mode=True)
         try:
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
             return read_scores(self.policy.get_base_model().base_model, self.reward_head, ids, mask)
@@ -110,12 +118,13 @@ class OneBackbone(Roles):
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
 
 
-def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int) -> nn.Linear:
-    """Put the RM's LoRA weights on `model` as the frozen adapter "reward" and return its score head."""
+def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int,
+                        adapter_name: str = REWARD_ADAPTER) -> nn.Linear:
+    """Put the RM's LoRA weights on `model` as the frozen adapter `adapter_name` and return its score head."""
     # peft's own loader keeps every saved LoRA setting (rank/alpha patterns, rsLoRA, DoRA); the
     # causal LM has no score head, so peft leaves the head's weights unused and we read them here
     try:
-        loaded = model.load_adapter(str(reward_model_dir), adapter_name=REWARD_ADAPTER, is_trainable=False)
+        loaded = model.load_adapter(str(reward_model_dir), adapter_name=adapter_name, is_trainable=False)
     except (RuntimeError, ValueError) as err:  # shape mismatches, target modules the anchor lacks
         raise ConfigError(f"reward model {reward_model_dir}: its LoRA weights do not fit the anchor "
                           f"(was it trained on a different base?): {str(err).splitlines()[0]}") from None
@@ -143,7 +152,7 @@ def shares_backbone(rm_manifest: dict, anchor_dir: Path) -> bool:
 
 
 def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sample_texts: list[str] = (),
-                dtype: str = "float32") -> Roles:
+                dtype: str = "float32", reward_adapter: str = REWARD_ADAPTER) -> Roles:
     anchor_dir, reward_model_dir = Path(anchor_dir), Path(reward_model_dir)
     set_seed(cfg.train.seed)  # the fresh adapter's initialisation is part of the run's seed
     rm_manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
@@ -160,8 +169,8 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
         policy = attach_lora(fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer), cfg.lora,
                              task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
         head = load_reward_adapter(policy, reward_model_dir, rm_manifest.get("head", "score"),
-                                   policy.config.hidden_size)
-        return OneBackbone(policy, tokenizer, head)
+                                   policy.config.hidden_size, reward_adapter)
+        return OneBackbone(policy, tokenizer, head, reward_adapter)
 
     from perl_core.reward import RewardScorer
 

@@ -289,17 +289,20 @@ def score_examples(model: nn.Module, examples: list[tuple], objective: str, pad_
 
 # ---------------------------------------------------------------- training
 def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
-                       resume: bool = False, base_model: Optional[str] = None) -> StageResult:
+                       resume: bool = False, base_model: Optional[str] = None,
+                       train_rows: Optional[list[dict]] = None) -> StageResult:
     """Train the reward model described by `cfg.reward` on `cfg.data` and save it to `out_dir`.
 
     `base_model` (the anchor folder) replaces the backbone when `reward.init_from_anchor`:
-    PERL initialises the reward model from the SFT model.
+    PERL initialises the reward model from the SFT model. `train_rows` replaces the training
+    split (an ensemble member's bootstrap resample).
     """
     from perl_core import data as data_api
 
     rcfg, out = cfg.reward, Path(out_dir)
     objective = rcfg.objective
-    train_rows = data_api.load_rows(cfg.data, objective, "train")
+    if train_rows is None:
+        train_rows = data_api.load_rows(cfg.data, objective, "train")
     val_rows = data_api.load_rows(cfg.data, objective, "validation")
     if base_model is not None and rcfg.init_from_anchor:
         base = str(base_model)

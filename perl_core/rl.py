@@ -4,6 +4,7 @@ One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahm
 
     y_1..y_k ~ pi(. | x)                        for each of B prompts x   (one batched `generate`)
     r_i      = RM(x, y_i)                       normalised by running moments, optionally clipped
+                                                (an ensemble: mean, min or mean - lambda*std over its members)
     KL_i     = sum_t log pi(y_it | .) - log pi_anchor(y_it | .)       (per-token log-ratios)
     R_i      = r_i - beta * KL_i                the KL-regularised reward
     A_i      = R_i - mean_{j != i} R_j          rloo: leave-one-out over the k samples
@@ -217,8 +218,10 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
         chunks = row_chunks(len(responses), tc.micro_batch_size)
         with torch.no_grad():
-            rm_reward = torch.cat([roles.reward(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
-                                   .float().cpu() for rows in chunks])
+            scored = [roles.reward_and_spread(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
+                      for rows in chunks]
+            rm_reward = torch.cat([reward.float().cpu() for reward, _ in scored])
+            member_std = None if scored[0][1] is None else torch.cat([spread.float().cpu() for _, spread in scored])
             anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
         require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
         t2 = time.perf_counter()
@@ -275,6 +278,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         }
         if value_head is not None:
             metrics["value_loss"] = float(value_loss.detach())
+        if member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
+            metrics["reward_member_std"] = float(member_std.mean())
         gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
         if gold is not None:
             metrics["gold_score"] = sum(gold) / len(gold)
@@ -315,14 +320,16 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
                  samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
     from perl_core.data import load_prompts
+    from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
     from perl_core.policy_models import build_roles
 
     check_policy_config(cfg.policy)
     out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
     anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
-    rm_manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
+    rm_manifest = read_reward_manifest(reward_model_dir)
     prompts = load_prompts(cfg.data, "train")
-    roles = build_roles(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
+    build = build_ensemble_roles if rm_manifest["kind"] == ENSEMBLE_KIND else build_roles
+    roles = build(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
     gold = None
     if cfg.data.source == "synthetic":
         from perl_core.data.synthetic import gold_score as gold

@@ -161,7 +161,7 @@ def fake_artifact(folder: Path, kind="reward_model", weights=True, manifest=None
     ("no manifest", "{d} is not a PERL artifact: manifest.json is missing"),
     ("corrupt manifest", "{d}/manifest.json is damaged (Expecting"),
     ("manifest not an object", "{d}/manifest.json: expected a JSON object with 'kind', got list"),
-    ("wrong kind", "{d}/manifest.json: expected a reward_model artifact, found kind='anchor'"),
+    ("wrong kind", "{d}/manifest.json: expected a reward_model or reward_ensemble artifact, found kind='anchor'"),
     ("no weights", "{d} is not a complete reward_model artifact: no *.safetensors weights"),
     ("no tokenizer", "{d} is not a complete reward_model artifact: tokenizer_config.json (the tokenizer) is missing"),
     ("corrupt config", "{d}/config.json is damaged"),
