@@ -220,7 +220,9 @@ def prompt_messages(prompt: str) -> list[dict]:
             merged[-1]["content"] += "\n" + m["content"]
         else:
             merged.append(dict(m))
-    return merged
+    # the agent speaks first (a Taskmaster-4 greeting): templates need a turn before the assistant's,
+    # and an empty user turn is the one every template accepts
+    return merged or [{"role": "user", "content": ""}]
 
 
 # ---------------------------------------------------------------- encoding
