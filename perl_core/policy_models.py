@@ -13,7 +13,6 @@ it: on one backbone, each member is a reward adapter (`reward_i`) with its own h
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -123,24 +122,21 @@ class OneBackbone(Roles):
 def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int,
                         adapter_name: str = REWARD_ADAPTER) -> nn.Linear:
     """Put the RM's LoRA weights on `model` as the frozen adapter `adapter_name` and return its score head."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import set_peft_model_state_dict
-
-    adapter_cfg = json.loads((reward_model_dir / "adapter_config.json").read_text())
-    peft_cfg = PeftLoraConfig(r=adapter_cfg["r"], lora_alpha=adapter_cfg["lora_alpha"], lora_dropout=0.0,
-                              target_modules=adapter_cfg["target_modules"], task_type="CAUSAL_LM",
-                              bias=adapter_cfg.get("bias", "none"), inference_mode=True)
-    model.add_adapter(adapter_name, peft_cfg)
+    # peft's own loader keeps every saved LoRA setting (rank/alpha patterns, rsLoRA, DoRA); the
+    # causal LM has no score head, so peft leaves the head's weights unused and we read them here
+    try:
+        loaded = model.load_adapter(str(reward_model_dir), adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError) as err:  # shape mismatches, target modules the anchor lacks
+        raise ConfigError(f"reward model {reward_model_dir}: its LoRA weights do not fit the anchor "
+                          f"(was it trained on a different base?): {str(err).splitlines()[0]}") from None
     state = load_file(str(reward_model_dir / "adapter_model.safetensors"))
     head_state = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if f".{head}." in k and "lora_" not in k}
-    lora_state = {k: v for k, v in state.items() if "lora_" in k}
-    if "weight" not in head_state or not lora_state:
+    if "weight" not in head_state or not any("lora_" in k for k in state):
         raise ConfigError(f"reward model {reward_model_dir}: adapter_model.safetensors must hold LoRA weights and the "
                           f"score head {head!r}; found keys like {sorted(state)[:4]}")
-    loaded = set_peft_model_state_dict(model, lora_state, adapter_name=adapter_name)
-    missing = [k for k in loaded.unexpected_keys if "lora_" in k]
-    if missing:
-        raise ConfigError(f"reward model {reward_model_dir}: LoRA weights {missing[:3]} do not fit the anchor; "
+    unused = [k for k in loaded.unexpected_keys if "lora_" in k]
+    if unused:
+        raise ConfigError(f"reward model {reward_model_dir}: LoRA weights {unused[:3]} do not fit the anchor; "
                           "was it trained on a different base?")
     weight = head_state["weight"]
     reward_head = nn.Linear(hidden_size, weight.shape[0], bias="bias" in head_state)

@@ -31,7 +31,8 @@ def test_transcripts_become_messages():
         {"role": "assistant", "content": "Got it."},
         {"role": "user", "content": "Thanks\nand a scone"}]  # one role's consecutive turns are joined
     assert prompt_messages("Customer: a large latte please\nAgent:") == [{"role": "user", "content": "a large latte please"}]
-    assert prompt_messages("Agent:") == []  # a Taskmaster dialog's first agent turn has no context
+    # a Taskmaster dialog's first agent turn has no context: an empty user turn, which every template renders
+    assert prompt_messages("Agent:") == [{"role": "user", "content": ""}]
     assert prompt_messages("  Summarise this: Agent: is a word.  ") == [
         {"role": "user", "content": "Summarise this: Agent: is a word."}]
 
@@ -70,6 +71,11 @@ def test_a_multi_turn_prompt_renders_to_the_exact_chatml_ids(tokenizers):
     assert boundary == len(expected) and pair == expected + text("One iced coffee.") + [end]
     assert prompts_within(tok, [HH], len(expected)) == [(HH, expected)]
     assert prompts_within(tok, [HH], len(expected) - 1) == []
+
+
+def test_an_opening_agent_turn_renders_after_an_empty_user_turn(tokenizers):
+    tok = tokenizers["smollm2"]
+    assert tok.decode(encode_prompt(tok, "Agent:")) == "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_the_response_ends_with_the_templates_end_of_turn_not_eos(tokenizers):

@@ -313,7 +313,6 @@ def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artif
         if s["policy_response"]:
             assert s["policy_reward"] == pytest.approx(float(scorer.score([s["prompt"]], [s["policy_response"]])[0]), abs=1e-5)
     assert moved["kl_mean"] > 0  # a large random adapter moves the policy away from the anchor
-    assert moved["win_rate"] + moved["tie_rate"] + moved["loss_rate"] == pytest.approx(1.0)
     md = (tmp_path / "moved" / "policy_eval.md").read_text()
     assert "## Samples" in md and "KL(policy ‖ anchor)" in md and "Reward-hacking flag" in md
 

@@ -401,7 +401,9 @@ def test_real_tiny_pipeline_end_to_end(servers, tmp_path, monkeypatch):
     (ds,) = client.get_run(children["data"].info.run_id).inputs.dataset_inputs
     assert ds.dataset.digest == version["md5"]
     eval_metrics = children["evaluate"].data.metrics
-    assert 0.0 <= eval_metrics["policy.gold_score_mean"] <= 1.0 and "reward.pairwise_accuracy" in eval_metrics
+    assert "reward.pairwise_accuracy" in eval_metrics
+    assert eval_metrics["policy.gold_gain"] == pytest.approx(
+        eval_metrics["policy.gold_score_mean"] - eval_metrics["policy.anchor_gold_score_mean"], abs=1e-9)
 
     # the registered models carry everything they need: delete the run's own folders, then load them back
     import shutil

@@ -138,7 +138,6 @@ def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
     assert any("score" in k for k in adapter) and any("lora_B" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # adapters moved off zero
     assert result.metrics["trainable_params"] < result.metrics["total_params"] / 5
-    assert 0.0 <= result.metrics["validation/pairwise_accuracy"] <= 1.0
 
 
 def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):

@@ -109,13 +109,6 @@ def _common_args(tc, out_dir: str) -> dict:
     )
 
 
-def _peft_lora(lora, task_type: str, modules_to_save: Optional[list[str]] = None):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), task_type=task_type, modules_to_save=modules_to_save)
-
-
 def _median(times: Sequence[float], warmup: int = 2) -> float:
     from perl_core.bench.isolation import median_step_seconds
 
@@ -143,7 +136,8 @@ def trl_reward_workload(config: dict) -> dict:
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
     from perl_core.metrics import pairwise_accuracy
-    from perl_core.modeling import load_sequence_scorer, load_tokenizer, parameter_counts, resolve_backbone
+    from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
+                                    resolve_backbone)
     from perl_core.reward import head_name, score_sequences
     from perl_core.training import set_seed
 
@@ -185,7 +179,8 @@ def trl_reward_workload(config: dict) -> dict:
                             train_sampling_strategy="group_by_length", length_column_name="length",
                             remove_unused_columns=False, **_common_args(tc, tmp))
         trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                                processing_class=tokenizer, peft_config=_peft_lora(rcfg.lora, "SEQ_CLS", [head]),
+                                processing_class=tokenizer,
+                                peft_config=peft_lora_config(model, rcfg.lora, "SEQ_CLS", [head]),
                                 callbacks=[timer])
         counts = parameter_counts(trainer.model)
         started = time.perf_counter()
@@ -251,7 +246,7 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     baseline = _preload()
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
-    from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, prompts_within
+    from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, peft_lora_config, prompts_within
     from perl_core.reward import RewardScorer
     from perl_core.training import set_seed
 
@@ -283,7 +278,7 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
             beta=pc.kl_coef, normalize_advantages=False, num_iterations=1, **common)
         trainer = RLOOTrainer(model=model, reward_funcs=perl_reward_model, args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-                              processing_class=tokenizer, peft_config=_peft_lora(pc.lora, "CAUSAL_LM"),
+                              processing_class=tokenizer, peft_config=peft_lora_config(model, pc.lora, "CAUSAL_LM"),
                               callbacks=[timer])
         counts = parameter_counts(trainer.model)
         started = time.perf_counter()
