@@ -128,7 +128,9 @@ class LoraConfig(Section):
         return v
 
 
-class TrainConfig(Section):
+class BaseTrainConfig(Section):
+    """What every training stage (SFT, reward model, policy RL) reads."""
+
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
@@ -137,12 +139,19 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=1)
-    early_stopping_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast over fp32 weights: auto = bf16 on a GPU that has it, fp32 on a CPU; "
+        "bf16 runs on a CPU too; fp16 needs a GPU. Evaluation and generation of the stage's model use it too")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
+
+
+class TrainConfig(BaseTrainConfig):
+    """The supervised stages (SFT, reward model): a validation metric, so periodic evaluation and early stopping."""
+
+    eval_every: int = Field(50, ge=1)
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
 
 
 class SFTConfig(Section):
@@ -193,10 +202,24 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
-class PolicyTrainConfig(TrainConfig):
+class PolicyTrainConfig(BaseTrainConfig):
     micro_batch_size: Optional[int] = Field(
         None, ge=1, description="samples per forward/backward in an RL step (same gradient, memory bounded by this "
         "instead of batch_size x k); none = all batch_size x k samples in one pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_validation_settings(cls, data: Any) -> Any:
+        # RL has no validation metric to evaluate every N steps or stop early on: the reward
+        # model's score is the proxy being optimised (it rises while a policy hacks it), and a gold
+        # score exists only for synthetic data. The trained policy is judged by `eval policy`.
+        for key in ("eval_every", "early_stopping_patience"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(
+                    f"policy.train.{key} is not a setting of policy RL: RL has no validation metric to evaluate "
+                    "or stop early on (the reward model's score is what it optimises); remove it, and evaluate "
+                    "the trained policy with `perl-rlhf eval policy`")
+        return data
 
 
 class PolicyConfig(Section):
@@ -217,7 +240,7 @@ class PolicyConfig(Section):
     reward_clip: Optional[float] = Field(None, gt=0)
     generation: GenerationConfig = GenerationConfig()
     # lr 1e-3 peaks early and then oscillates (KL 12-20 nats); 3e-4 climbs steadily below target_kl (docs/policy.md)
-    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150, eval_every=25)
+    train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150)
     max_prompt_length: int = Field(
         95, ge=8, description="longer prompts are skipped; 95 + max_new_tokens 32 + EOS fits reward.max_length 128"
     )

@@ -35,9 +35,10 @@ import torch
 from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
+from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.generation import Samples
-from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, pick_device, quiet_transformers
+from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
 from perl_core.policy_models import OneBackbone, Roles, build_roles, load_reward_adapter, shares_backbone
 from perl_core.reward import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
                               train_reward_model)
@@ -171,11 +172,12 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
     # every member on the same validation rows: the offsets, each member's metrics, the ensemble's
     first = read_manifest(out / member_folder(0), expect_kind="reward_model")
     scorer = EnsembleScorer.from_members([out / m["folder"] for m in members], first["base_model"],
-                                         aggregation="mean")
+                                         aggregation="mean", precision=rcfg.train.precision)
     rows, numbers = validation_rows(cfg)
     examples, _ = encode_rows(rows, scorer.tokenizer, cfg, scorer.encoder, "validation")
-    raw = torch.stack([score_examples(s.model, examples, rcfg.objective, s.tokenizer.pad_token_id,
-                                      rcfg.train.batch_size * 2) for s in scorer.each_member()])
+    with autocast(rcfg.train.precision, run_device(), "reward.train.precision"):  # as the members' validation
+        raw = torch.stack([score_examples(s.model, examples, rcfg.objective, s.tokenizer.pad_token_id,
+                                          rcfg.train.batch_size * 2) for s in scorer.each_member()])
     scorer.offsets = raw.mean(1) if rcfg.objective == "pairwise" else torch.zeros(size)
     for member, offset in zip(members, scorer.offsets.tolist()):
         member["offset"] = offset
@@ -221,17 +223,19 @@ class EnsembleScorer:
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[torch.device] = None, aggregation: Optional[str] = None,
-             lam: Optional[float] = None) -> "EnsembleScorer":
+             lam: Optional[float] = None, precision: str = "auto") -> "EnsembleScorer":
         spec = read_ensemble(path)
-        return cls.from_members(spec.member_dirs, spec.manifest["base_model"], spec.offsets, device, aggregation, lam)
+        return cls.from_members(spec.member_dirs, spec.manifest["base_model"], spec.offsets, device, aggregation, lam,
+                                precision)
 
     @classmethod
     def from_members(cls, member_dirs: list[Path], base_model: str, offsets: Optional[torch.Tensor] = None,
                      device: Optional[torch.device] = None, aggregation: Optional[str] = None,
-                     lam: Optional[float] = None) -> "EnsembleScorer":
+                     lam: Optional[float] = None, precision: str = "auto") -> "EnsembleScorer":
+        """`device` and `precision` (auto | fp32 | bf16 | fp16) as in `RewardScorer.load`."""
         offsets = torch.zeros(len(member_dirs)) if offsets is None else offsets
         if not all((Path(d) / "adapter_config.json").exists() for d in member_dirs):
-            return cls([RewardScorer.load(d, device) for d in member_dirs], None, offsets, aggregation, lam)
+            return cls([RewardScorer.load(d, device, precision) for d in member_dirs], None, offsets, aggregation, lam)
         from peft import PeftModel
 
         manifest = read_manifest(member_dirs[0], expect_kind="reward_model")
@@ -242,9 +246,9 @@ class EnsembleScorer:
             model = PeftModel.from_pretrained(base, str(member_dirs[0]), adapter_name=adapters[0])
             for name, member_dir in zip(adapters[1:], member_dirs[1:]):
                 model.load_adapter(str(member_dir), adapter_name=name)
-        model.to(device or pick_device())
+        model.to(device or run_device())
         shared = RewardScorer(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
-                              manifest.get("truncation", "error"))
+                              manifest.get("truncation", "error"), precision)
         return cls([shared] * len(member_dirs), adapters, offsets, aggregation, lam)
 
     @property
@@ -282,11 +286,11 @@ class EnsembleScorer:
 
 
 def load_reward_scorer(path: str | Path, aggregation: Optional[str] = None, lam: Optional[float] = None,
-                       device: Optional[torch.device] = None) -> RewardScorer | EnsembleScorer:
+                       device: Optional[torch.device] = None, precision: str = "auto") -> RewardScorer | EnsembleScorer:
     """A reward model's `RewardScorer`, or an ensemble's `EnsembleScorer` aggregating as given."""
     if read_reward_manifest(path)["kind"] == ENSEMBLE_KIND:
-        return EnsembleScorer.load(path, device, aggregation, lam)
-    return RewardScorer.load(path, device)
+        return EnsembleScorer.load(path, device, aggregation, lam, precision)
+    return RewardScorer.load(path, device, precision)
 
 
 # ---------------------------------------------------------------- RL
@@ -319,13 +323,14 @@ def build_ensemble_roles(cfg: PolicyConfig, anchor_dir: Path, ensemble_dir: Path
     members = [first]
     for i, member_dir in enumerate(spec.member_dirs[1:], start=1):
         if not first.one_backbone:
-            members.append(Roles(first.policy, first.tokenizer, first.anchor, RewardScorer.load(member_dir),
+            members.append(Roles(first.policy, first.tokenizer, first.anchor,
+                                 RewardScorer.load(member_dir, precision=cfg.train.precision),
                                  first.tuning))
             continue
         if not shares_backbone(read_manifest(member_dir), anchor_dir):
             raise ConfigError(f"ensemble {ensemble_dir}: {member_dir.name} does not adapt the anchor {anchor_dir} "
                               f"that {spec.member_dirs[0].name} adapts; train every member from the same anchor")
         head = load_reward_adapter(first.policy, member_dir, spec.manifest.get("head", "score"), first.hidden_size,
-                                   member_adapter(i))
+                                   member_adapter(i)).to(first.reward_head.weight.device)
         members.append(OneBackbone(first.policy, first.tokenizer, head, member_adapter(i)))
     return EnsembleRoles(first, members, spec.offsets, cfg.ensemble_aggregation, cfg.ensemble_lambda)

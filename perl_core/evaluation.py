@@ -185,7 +185,8 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     objective = manifest.get("objective") or cfg.reward.objective
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda)
+    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda,
+                                precision=cfg.reward.train.precision)
     tok, max_length = scorer.tokenizer, scorer.max_length
 
     # the objective's own view must exist; the other one is a bonus when the dataset has it
@@ -397,12 +398,14 @@ def sample_with_logprobs(generator, prompts: Sequence[str], seed: int, gen_cfg, 
     texts, batches, logps, lengths = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         ids = [encode_prompt(generator.tokenizer, p) for p in prompts[start:start + batch_size]]
-        samples = sample_responses(generator.model, generator.tokenizer, ids, max_new_tokens=gen_cfg.max_new_tokens,
-                                   temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
+        with generator.autocast():
+            samples = sample_responses(generator.model, generator.tokenizer, ids,
+                                       max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature,
+                                       top_p=gen_cfg.top_p)
+            logp, _ = token_logprobs(generator.model, samples)
         texts += decode_responses(generator.tokenizer, samples)
         batches.append(samples)
-        logp, _ = token_logprobs(generator.model, samples)
-        logps.append(logp.sum(-1))
+        logps.append(logp.sum(-1).cpu())
         lengths.append(samples.response_mask.sum(-1).float())
     return texts, batches, torch.cat(logps).numpy(), torch.cat(lengths).numpy()
 
@@ -413,7 +416,8 @@ def logprobs_of(generator, batches) -> np.ndarray:
     at the temperature they were sampled with."""
     from perl_core.rl import token_logprobs
 
-    return torch.cat([token_logprobs(generator.model, s)[0].sum(-1) for s in batches]).numpy()
+    with generator.autocast():
+        return torch.cat([token_logprobs(generator.model, s)[0].sum(-1).cpu() for s in batches]).numpy()
 
 
 def _with_ci(metrics: dict, name: str, values, ev: EvaluationConfig) -> None:
@@ -551,7 +555,9 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     from perl_core.generation import PolicyGenerator
 
     # one model in memory at a time: the policy first, since KL is measured on its samples
-    policy = PolicyGenerator.load(policy_dir)
+    # policy and anchor sample and score under policy.train.precision: one precision on both sides of the KL
+    precision = cfg.policy.train.precision
+    policy = PolicyGenerator.load(policy_dir, precision=precision)
     # the same filter RL trains under: longer prompts would overrun the positions the RM and the
     # policy were sized for (policy_models.check_reward_fits)
     limit = cfg.policy.max_prompt_length
@@ -562,12 +568,13 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     prompts = fitting[: ev.n_prompts]
     policy_responses, policy_samples, policy_logp, policy_len = sample_with_logprobs(policy, prompts, ev.seed, gen)
     del policy
-    anchor = PolicyGenerator.load(anchor_dir)
+    anchor = PolicyGenerator.load(anchor_dir, precision=precision)
     anchor_responses, _, _, anchor_len = sample_with_logprobs(anchor, prompts, ev.seed, gen)
     kl = policy_logp - logprobs_of(anchor, policy_samples)
     del anchor
 
-    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda)
+    scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda,
+                                precision=cfg.reward.train.precision)
     policy_rewards = rm_scores(scorer, prompts, policy_responses)
     anchor_rewards = rm_scores(scorer, prompts, anchor_responses)
     del scorer

@@ -6,13 +6,14 @@ policy is trained on and the response it is evaluated on are produced the same w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from perl_core.artifacts import read_manifest
+from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import encode_prompt, fit_embeddings, load_causal_lm, load_tokenizer, response_end_id
 
@@ -36,6 +37,10 @@ class Samples:
     @property
     def responses(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_width:]
+
+    def to(self, device: torch.device) -> "Samples":
+        return replace(self, sequences=self.sequences.to(device), attention_mask=self.attention_mask.to(device),
+                       response_mask=self.response_mask.to(device), finished=self.finished.to(device))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +71,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
     )
     was_training = model.training
-    model.eval()
+    model.eval()  # no dropout, and gradient-checkpointed layers keep the KV cache (they drop it in training mode)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
     model.train(was_training)
     out = out.cpu()
@@ -95,14 +100,17 @@ def decode_responses(tokenizer, samples: Samples) -> list[str]:
 class PolicyGenerator:
     """Text in, text out for an anchor folder or a policy folder (LoRA adapters are merged for speed)."""
 
-    def __init__(self, model, tokenizer, manifest: dict, path: Path):
+    def __init__(self, model, tokenizer, manifest: dict, path: Path, precision: str = "auto"):
         self.model, self.tokenizer, self.manifest, self.path = model, tokenizer, manifest, path
+        self.precision = precision
         gen = (manifest.get("config") or {}).get("generation") or {}
         self.defaults = {"max_new_tokens": gen.get("max_new_tokens", 32), "temperature": gen.get("temperature", 1.0),
                          "top_p": gen.get("top_p", 1.0)}
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32") -> "PolicyGenerator":
+    def load(cls, path: str | Path, dtype: str = "float32", precision: str = "auto") -> "PolicyGenerator":
+        """The folder's model on :func:`perl_core.devices.run_device`, sampling under `precision`
+        (auto | fp32 | bf16 | fp16, as `policy.train.precision`)."""
         path = Path(path)
         manifest = read_manifest(path)
         kind = manifest.get("kind")
@@ -120,8 +128,12 @@ class PolicyGenerator:
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         else:
             model = fit_embeddings(load_causal_lm(str(path), dtype), tokenizer)
-        model.eval()
-        return cls(model, tokenizer, manifest, path)
+        model.to(run_device()).eval()
+        return cls(model, tokenizer, manifest, path, precision)
+
+    def autocast(self):
+        """The context this generator's forwards run under (its precision on its model's device)."""
+        return autocast(self.precision, next(self.model.parameters()).device, "policy.train.precision")
 
     def generate(self, prompts: list[str], seed: int = 0, max_new_tokens: Optional[int] = None,
                  temperature: Optional[float] = None, top_p: Optional[float] = None, batch_size: int = 32) -> list[str]:
@@ -133,5 +145,7 @@ class PolicyGenerator:
         texts: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = [encode_prompt(self.tokenizer, p) for p in prompts[start:start + batch_size]]
-            texts += decode_responses(self.tokenizer, sample_responses(self.model, self.tokenizer, chunk, **opts))
+            with self.autocast():
+                samples = sample_responses(self.model, self.tokenizer, chunk, **opts)
+            texts += decode_responses(self.tokenizer, samples)
         return texts

@@ -22,6 +22,7 @@ from torch import nn
 
 from perl_core.artifacts import read_manifest
 from perl_core.config import ConfigError, PolicyConfig
+from perl_core.devices import enable_gradient_checkpointing, run_device
 from perl_core.generation import Samples
 from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
                                 response_end_id)
@@ -151,8 +152,22 @@ def shares_backbone(rm_manifest: dict, anchor_dir: Path) -> bool:
             and Path(base).resolve() == anchor_dir.resolve())
 
 
+def placed(roles: Roles, cfg: PolicyConfig) -> Roles:
+    """`roles` on the run's device (`RewardScorer.load` places a separate reward model), the policy
+    checkpointing its layers under `policy.train.gradient_checkpointing`."""
+    device = run_device()
+    for model in (roles.policy, roles.anchor, getattr(roles, "reward_head", None)):
+        if model is not None:
+            model.to(device)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(roles.policy, lora=cfg.tuning == "lora")
+    return roles
+
+
 def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sample_texts: list[str] = (),
                 dtype: str = "float32", reward_adapter: str = REWARD_ADAPTER) -> Roles:
+    """The roles of `cfg` on :func:`perl_core.devices.run_device`: fp32 weights whose forwards
+    `policy.train.precision` autocasts (sampling, scoring and the update, in `rl_loop`)."""
     anchor_dir, reward_model_dir = Path(anchor_dir), Path(reward_model_dir)
     set_seed(cfg.train.seed)  # the fresh adapter's initialisation is part of the run's seed
     rm_manifest = read_manifest(reward_model_dir, expect_kind="reward_model")
@@ -170,11 +185,11 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
                              task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
         head = load_reward_adapter(policy, reward_model_dir, rm_manifest.get("head", "score"),
                                    policy.config.hidden_size, reward_adapter)
-        return OneBackbone(policy, tokenizer, head, reward_adapter)
+        return placed(OneBackbone(policy, tokenizer, head, reward_adapter), cfg)
 
     from perl_core.reward import RewardScorer
 
-    scorer = RewardScorer.load(reward_model_dir)
+    scorer = RewardScorer.load(reward_model_dir, precision=cfg.train.precision)
     check_reward_tokenizer(scorer.tokenizer, list(sample_texts), reward_model_dir)
     longest = cfg.max_prompt_length + cfg.generation.max_new_tokens + 1
     if scorer.encoder is False and longest > scorer.max_length:
@@ -184,7 +199,7 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
     if cfg.tuning == "lora":
         policy = attach_lora(fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer), cfg.lora,
                              task_type="CAUSAL_LM", adapter_name=POLICY_ADAPTER)
-        return Roles(policy, tokenizer, anchor=None, scorer=scorer, tuning="lora")
+        return placed(Roles(policy, tokenizer, anchor=None, scorer=scorer, tuning="lora"), cfg)
     policy = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer)
     anchor = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer).requires_grad_(False).eval()
-    return Roles(policy, tokenizer, anchor=anchor, scorer=scorer, tuning="full")
+    return placed(Roles(policy, tokenizer, anchor=anchor, scorer=scorer, tuning="full"), cfg)

@@ -28,9 +28,10 @@ from perl_core import metrics as M
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig
+from perl_core.devices import autocast, autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
-                                parameter_counts, pick_device, quiet_transformers, resolve_backbone, response_end_id)
+                                parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
 from perl_core.scoring import pad_right, sequence_scores
 from perl_core.training import set_seed, train_loop
 
@@ -253,10 +254,8 @@ def build_reward_model(base: str, cfg: PerlConfig, tokenizer) -> tuple[nn.Module
     if rcfg.tuning == "lora":
         model = attach_lora(model, rcfg.lora, "SEQ_CLS", modules_to_save=head_modules(model, head))
     if rcfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if rcfg.tuning == "lora":
-            model.enable_input_require_grads()
-    return model.to(pick_device()), head
+        enable_gradient_checkpointing(model, lora=rcfg.tuning == "lora")
+    return model.to(run_device()), head
 
 
 def reward_metrics(scores: torch.Tensor, examples: list[tuple], objective: str, margin: float = 0.0) -> dict[str, float]:
@@ -301,6 +300,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     rcfg, out = cfg.reward, Path(out_dir)
     objective = rcfg.objective
+    autocast_dtype(rcfg.train.precision, run_device(), "reward.train.precision")  # refuse before any work
     if train_rows is None:
         train_rows = data_api.load_rows(cfg.data, objective, "train")
     val_rows = data_api.load_rows(cfg.data, objective, "validation")
@@ -396,12 +396,15 @@ def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *
 class RewardScorer:
     """Load a reward-model folder (LoRA adapter or full model) and score (prompt, response) pairs."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int, encoder: bool, truncation: str = "error"):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int, encoder: bool, truncation: str = "error",
+                 precision: str = "auto"):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
-        self.encoder, self.truncation = encoder, truncation
+        self.encoder, self.truncation, self.precision = encoder, truncation, precision
 
     @classmethod
-    def load(cls, path: str | Path, device: Optional[torch.device] = None) -> "RewardScorer":
+    def load(cls, path: str | Path, device: Optional[torch.device] = None, precision: str = "auto") -> "RewardScorer":
+        """The folder's reward model on `device` (default: :func:`perl_core.devices.run_device`), scoring under
+        `precision` (auto | fp32 | bf16 | fp16, as `reward.train.precision`)."""
         path = Path(path)
         manifest = read_manifest(path, expect_kind="reward_model")
         tokenizer = load_tokenizer(str(path))
@@ -413,9 +416,9 @@ class RewardScorer:
                 model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
             else:
                 model = fit_embeddings(load_sequence_scorer(str(path), tokenizer.pad_token_id), tokenizer)
-        model.to(device or pick_device())
+        model.to(device or run_device())
         return cls(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
-                   manifest.get("truncation", "error"))
+                   manifest.get("truncation", "error"), precision)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
@@ -437,4 +440,5 @@ class RewardScorer:
             except ValueError as err:
                 raise UserError(f"example {i}: {err} (this reward model reads at most {self.max_length} tokens)") from None
         examples = [(s,) for s in seqs]
-        return score_examples(self.model, examples, "pointwise", self.tokenizer.pad_token_id, batch_size)
+        with autocast(self.precision, next(self.model.parameters()).device, "reward.train.precision"):
+            return score_examples(self.model, examples, "pointwise", self.tokenizer.pad_token_id, batch_size)

@@ -18,6 +18,10 @@ Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline
 (policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
 ONE backbone (adapter on, adapters off, reward adapter + head).
 
+Every forward of a step (sampling, scoring, update) runs under `policy.train.precision`; with
+`policy.train.gradient_checkpointing` the policy recomputes its layers in the update's backward
+(sampling still uses the KV cache).
+
 With `policy.train.micro_batch_size` the B*k samples go through the reward model, the anchor and
 the policy's forward/backward in chunks, each chunk's loss weighted by its share of the mean: the
 same gradient, with memory set by the chunk instead of B*k (sampling stays one `generate`).
@@ -39,6 +43,7 @@ from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
+from perl_core.devices import autocast, autocast_dtype, grad_scaler, run_device
 from perl_core.errors import UserError
 from perl_core.generation import Samples, sample_responses
 from perl_core.modeling import prompts_within
@@ -56,6 +61,7 @@ def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False
     the same left padding and position ids as `generate`, so these are exactly the sampled tokens.
     """
     p = samples.prompt_width
+    samples = samples.to(next(model.parameters()).device)
     out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
                 position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
                 use_cache=False)
@@ -189,8 +195,16 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     if not encoded:
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
     tc, k = cfg.train, cfg.k
+    device = next(roles.policy.parameters()).device
+
+    def amp():  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
+        return autocast(tc.precision, device, "policy.train.precision")
+
+    scaler = grad_scaler(tc.precision, device)
     set_seed(tc.seed)
     value_head = nn.Linear(roles.hidden_size, 1) if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
+    if value_head is not None:
+        value_head.to(device)
     trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
     optimizer, scheduler = make_optimizer(trainable, tc), None
     scheduler = make_scheduler(optimizer, tc)
@@ -200,6 +214,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         step, extra = meta["step"], meta["extra"]
         kl_coef, baseline = extra["kl_coef"], extra["baseline"]
         moments = RunningMoments(**extra["moments"])
+        if scaler and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
     result = RLResult(step=step, history=extra.get("history", []))
     started = time.perf_counter()
     roles.policy.train()
@@ -209,18 +225,19 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         batch_prompts = [p for p, _ in chosen for _ in range(k)]  # k consecutive samples per prompt
 
         # 1. sample k responses per prompt from the current policy
-        samples = sample_responses(roles.policy, tokenizer, [ids for _, ids in chosen for _ in range(k)],
-                                   max_new_tokens=cfg.generation.max_new_tokens,
-                                   temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+        with amp():
+            samples = sample_responses(roles.policy, tokenizer, [ids for _, ids in chosen for _ in range(k)],
+                                       max_new_tokens=cfg.generation.max_new_tokens,
+                                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
         responses = decode_responses(tokenizer, samples)
         t1 = time.perf_counter()
 
         # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
         chunks = row_chunks(len(responses), tc.micro_batch_size)
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             scored = [roles.reward_and_spread(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
                       for rows in chunks]
-            rm_reward = torch.cat([reward.float().cpu() for reward, _ in scored])
+            rm_reward = torch.cat([reward.float().to(device) for reward, _ in scored])
             member_std = None if scored[0][1] is None else torch.cat([spread.float().cpu() for _, spread in scored])
             anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
         require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
@@ -231,7 +248,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         #    sample's log-probs before any advantage exists, so a no-grad pass comes first and each
         #    chunk runs again with gradients: only one chunk's activations are alive at a time.
         one_pass = len(chunks) == 1
-        with torch.set_grad_enabled(one_pass):
+        with torch.set_grad_enabled(one_pass), amp():
             policy_logp, entropy, *hidden = chunked_logprobs(roles.policy, samples, chunks, value_head is not None)
         moments.update(rm_reward)
         reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
@@ -244,22 +261,34 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             value_loss = F.mse_loss(value, total)
             advantage = total - value.detach()
             require_finite(value_loss, "value loss", step + 1, checkpoint_dir)
-            value_loss.backward()  # a graph of its own: the value head reads detached hidden states
+            # a graph of its own: the value head reads detached hidden states
+            (scaler.scale(value_loss) if scaler else value_loss).backward()
         else:
             advantage = total - (baseline if baseline is not None else float(total.mean()))
             baseline = moving_average(baseline, float(total.mean()), cfg.baseline_decay)
         loss = 0.0
         for rows in chunks:
-            logp = policy_logp if one_pass else token_logprobs(roles.policy, sample_rows(samples, rows))[0]
+            if one_pass:
+                logp = policy_logp
+            else:
+                with amp():
+                    logp = token_logprobs(roles.policy, sample_rows(samples, rows))[0]
             # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
             part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
             require_finite(part, "policy loss", step + 1, checkpoint_dir)
-            part.backward()
+            (scaler.scale(part) if scaler else part).backward()
             loss += float(part.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trainable.parameters() if p.requires_grad],
                                                    tc.max_grad_norm)
-        require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
-        optimizer.step()
+        if scaler is None:  # fp16: an overflowing step is the scaler's to skip (and lower its scale)
+            require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -293,6 +322,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
                             extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
+                                   "grad_scaler": scaler.state_dict() if scaler else None,
                                    "history": result.history})  # the stage's summary averages the last steps
     roles.policy.eval()
     result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
@@ -324,6 +354,7 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     from perl_core.policy_models import build_roles
 
     check_policy_config(cfg.policy)
+    autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
     out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
     anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
     rm_manifest = read_reward_manifest(reward_model_dir)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from perl_core.artifacts import StageResult, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import PerlConfig
+from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
                                 parameter_counts, resolve_backbone)
@@ -101,6 +102,9 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
 
     out_dir = Path(out_dir)
     sft = cfg.sft
+    device = run_device()
+    if sft.enabled:
+        autocast_dtype(sft.train.precision, device, "sft.train.precision")  # refuse before any work
     base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     set_seed(sft.train.seed)  # a new pad row and the fresh adapter's initialisation are part of the run's seed
@@ -112,8 +116,14 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
         if not train:
             raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "
                             f"({dropped} dropped); raise sft.max_length")
+        if not val and sft.train.early_stopping_patience is not None:
+            raise UserError("sft.train.early_stopping_patience needs validation rows to stop on, but no sft "
+                            f"validation row fits sft.max_length={sft.max_length} tokens ({val_dropped} dropped)")
         if sft.tuning == "lora":
             model = attach_lora(model, sft.lora, task_type="CAUSAL_LM")
+        if sft.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model, lora=sft.tuning == "lora")
+        model.to(device)
         counts = parameter_counts(model)
         batches = batch_stream(train, sft.train.batch_size, tokenizer.pad_token_id, sft.train.seed)
         eval_fn = (lambda m: validation_loss(m, val, sft.train.batch_size, tokenizer.pad_token_id)) if val else None

@@ -1,9 +1,9 @@
 """The supervised training loop shared by the reward model and the anchor (SFT).
 
 One loop, top to bottom: AdamW, warmup then linear/cosine decay, gradient accumulation and
-clipping, autocast where the device supports it, validation every N steps with early
-stopping, checkpoints every N steps (`perl_core.checkpoints`), a stop on a non-finite loss
-that keeps the last good checkpoint. Metrics go to the callback it is handed.
+clipping, mixed precision by `train.precision` (perl_core.devices), validation every N steps
+with early stopping, checkpoints every N steps (`perl_core.checkpoints`), a stop on a non-finite
+loss that keeps the last good checkpoint. Metrics go to the callback it is handed.
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from torch import nn
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.checkpoints import (latest_checkpoint, load_best_state, load_checkpoint, load_trainable_state,
                                    save_checkpoint, trainable_state)
-from perl_core.config import TrainConfig
+from perl_core.config import BaseTrainConfig, TrainConfig
+from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import NonFiniteError, UserError
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
-# ---------------------------------------------------------------- seeding and precision
+# ---------------------------------------------------------------- seeding, optimizer, schedule
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -38,29 +39,14 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """`auto` is bf16 on GPUs that support it, fp32 elsewhere (CPU autocast is slower than fp32 here)."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise UserError(f"train.precision={precision!r} needs a CUDA device; this run is on {device.type}: use 'auto' or 'fp32'")
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: BaseTrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (check tuning and lora.target_modules)")
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: BaseTrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     total = cfg.max_steps
 
@@ -135,8 +121,7 @@ def train_loop(
     device = next(model.parameters()).device
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(cfg.precision, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
 
@@ -146,6 +131,8 @@ def train_loop(
         meta = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, extra = meta["step"], meta["extra"]
         micro_done = extra.get("micro_done", step * cfg.grad_accum)
+        if scaler and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
     best = extra.get("best_metric")
     best_step = extra.get("best_step")
     patience_left = extra.get("patience_left", cfg.early_stopping_patience)
@@ -176,7 +163,7 @@ def train_loop(
             n_examples = 0
             for _ in range(cfg.grad_accum):
                 batch = next(stream)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast(cfg.precision, device):
                     loss, metrics = loss_fn(model, batch)
                 require_finite(loss, "training loss", step + 1, checkpoint_dir)
                 scaled = loss / cfg.grad_accum
@@ -190,7 +177,8 @@ def train_loop(
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.max_grad_norm)
-            require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
+            if scaler is None:  # fp16: an overflowing step is the scaler's to skip (and lower its scale)
+                require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -210,7 +198,7 @@ def train_loop(
 
             if eval_fn and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(cfg.precision, device):
                     result.last_eval = eval_fn(model)
                 model.train()
                 callback({f"eval/{k}": v for k, v in result.last_eval.items()}, step)
@@ -229,7 +217,8 @@ def train_loop(
                 save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
                                 extra={"micro_done": micro_done, "best_metric": best, "best_step": best_step,
                                        "patience_left": patience_left, "stopped_early": result.stopped_early,
-                                       "last_eval": result.last_eval},
+                                       "last_eval": result.last_eval,
+                                       "grad_scaler": scaler.state_dict() if scaler else None},
                                 best=best_state if best_step not in (None, step) else None)
     finally:
         if bar:

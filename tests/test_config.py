@@ -113,3 +113,9 @@ def test_a_non_editable_install_finds_its_presets_from_any_folder(tmp_path):
     made = run("-m", "flows.cli", "data", "import", "synthetic", "-c", "tiny", "--set", "data.synthetic.n_prompts=20")
     assert made.returncode == 0, made.stdout + made.stderr
     assert (elsewhere / "data" / "synthetic" / "pairwise" / "train.jsonl").stat().st_size > 0
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    """A preset holding a setting the config refuses (say `policy.train.eval_every`) fails here, not in a run."""
+    assert load_config(preset).preset == preset

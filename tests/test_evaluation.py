@@ -333,3 +333,45 @@ def test_evaluate_policy_skips_prompts_longer_than_rl_trains_on(tmp_path, artifa
     saved = json.loads((tmp_path / "policy_eval.json").read_text())
     assert [s["prompt"] for s in saved["samples"]] == ORDERS[:3]
     assert "2 prompts of the split are longer than policy.max_prompt_length" in (tmp_path / "policy_eval.md").read_text()
+
+
+def test_evaluation_and_generation_run_under_the_configured_precision(tmp_path, artifacts, rows, monkeypatch):
+    """Sampling (policy and anchor) under policy.train.precision, reward scoring under reward.train.precision:
+    bf16 autocast runs on a CPU, `auto` is fp32 there."""
+    import torch
+
+    from perl_core.errors import UserError
+    from perl_core.generation import PolicyGenerator
+    from perl_core.reward import RewardScorer
+
+    seen: dict[str, set] = {}
+
+    def spy(cls, name):  # every model the evaluation loads reports the dtype its attention computes in
+        load = cls.load.__func__
+
+        def loaded(c, *args, **kwargs):
+            obj = load(c, *args, **kwargs)
+            proj = next(m for n, m in obj.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+            proj.register_forward_hook(lambda m, i, out: seen.setdefault(name, set()).add(out.dtype))
+            return obj
+        monkeypatch.setattr(cls, "load", classmethod(loaded))
+
+    spy(PolicyGenerator, "sampling")
+    spy(RewardScorer, "reward")
+    base = ["evaluation.bootstrap_samples=100", "evaluation.n_prompts=3", "policy.generation.max_new_tokens=4"]
+    fp32 = E.evaluate_policy(build_config({}, base), artifacts["moved"], artifacts["anchor"],
+                             artifacts["reward_model"], tmp_path / "auto")
+    assert seen == {"sampling": {torch.float32}, "reward": {torch.float32}}
+    seen.clear()
+    bf16 = E.evaluate_policy(build_config({}, base + ["policy.train.precision=bf16"]), artifacts["moved"],
+                             artifacts["anchor"], artifacts["reward_model"], tmp_path / "bf16")
+    assert seen == {"sampling": {torch.bfloat16}, "reward": {torch.float32}}
+    assert bf16["kl_mean"] != fp32["kl_mean"]  # the same evaluation, in bf16 rounding
+    seen.clear()
+    m = E.evaluate_reward_model(build_config({}, ["reward.train.precision=bf16"]), artifacts["reward_model"],
+                                tmp_path / "rm")
+    assert seen == {"reward": {torch.bfloat16}} and 0.0 <= m["pairwise_accuracy"] <= 1.0
+    with pytest.raises(UserError, match=r"policy.train.precision='fp16' needs a CUDA GPU"):
+        PolicyGenerator.load(artifacts["anchor"], precision="fp16").generate(ORDERS[:1])
+    with pytest.raises(UserError, match=r"reward.train.precision='fp16' needs a CUDA GPU"):
+        RewardScorer.load(artifacts["reward_model"], precision="fp16").score(ORDERS[:1], [" One latte."])

@@ -1,4 +1,5 @@
 """Policy RL on scratch:llama-micro: log-probs, KL, the one-backbone layout, RLOO, resume, guards."""
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from perl_core.errors import NonFiniteError
 from perl_core.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
 from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
-from perl_core import rl
+from perl_core import devices, rl
 from perl_core.checkpoints import latest_checkpoint
 from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
                           rl_loop, rloo_advantages, row_chunks, token_logprobs, train_policy)
@@ -98,8 +99,6 @@ def manual_logprobs(model, samples, temperature):
 
 
 def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
-    from types import SimpleNamespace
-
     from perl_core.config import GenerationConfig
     from perl_core.evaluation import logprobs_of, sample_with_logprobs
 
@@ -118,7 +117,7 @@ def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
         torch.testing.assert_close(anchor[i][keep], tempered[i], atol=1e-4, rtol=1e-4)
         assert (logp[i][keep] - plain[i]).abs().max() > 1e-2  # T = 0.7 really differs from T = 1
     # evaluation's KL reads its samples the same way, for the policy and for the anchor
-    generator = SimpleNamespace(model=base, tokenizer=roles.tokenizer)
+    generator = PolicyGenerator(base, roles.tokenizer, {"config": {}}, Path("."))
     _, batches, sums, _ = sample_with_logprobs(generator, PROMPTS[:4], 0, GenerationConfig(temperature=0.7,
                                                                                              max_new_tokens=6))
     expected = torch.stack([r.sum() for r in manual_logprobs(base, batches[0], 0.7)])
@@ -314,11 +313,19 @@ ALGORITHMS = {"rloo": {"algorithm": "rloo"}, "moving_average": {"algorithm": "re
               "value_head": {"algorithm": "reinforce", "baseline": "value_head"}}
 
 
-@pytest.mark.parametrize("algorithm, stop_at", [("rloo", 4), ("moving_average", 4), ("value_head", 4),
-                                                ("rloo", "after the last checkpoint")])
-def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypatch, algorithm, stop_at):
+@pytest.mark.parametrize("algorithm, stop_at, precision", [
+    ("rloo", 4, "auto"), ("moving_average", 4, "auto"), ("value_head", 4, "auto"),
+    ("rloo", "after the last checkpoint", "auto"), ("rloo", 4, "fp16")])
+def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypatch, algorithm, stop_at, precision):
     import perl_core.data
 
+    if precision == "fp16":  # fp16 with loss scaling on the CPU (torch has both there) as a stand-in for a GPU
+        real = devices.autocast_dtype
+
+        def fp16_anywhere(p, d, s="train.precision"):
+            return torch.float16 if p == "fp16" else real(p, d, s)
+        monkeypatch.setattr(devices, "autocast_dtype", fp16_anywhere)
+        monkeypatch.setattr(rl, "autocast_dtype", fp16_anywhere)  # the stage's check before any work
     monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
     monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
     anchor, rm = dirs
@@ -326,7 +333,7 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
     # carry from step to step: the checkpoint must hold them
     cfg = build_config({"policy": policy_cfg(adaptive_kl=True, **ALGORITHMS[algorithm], train={
         "batch_size": 3, "max_steps": 5, "checkpoint_every": 2, "learning_rate": 0.02, "warmup_ratio": 0.0,
-    }).model_dump()})
+        "precision": precision}).model_dump()})
     straight = train_policy(cfg, tmp_path / "straight", anchor, rm)
     if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
         shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
@@ -344,6 +351,10 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
     # the manifest's summary averages the last steps, those before the interruption included
     assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
     assert resumed.metrics["final_kl_coef"] == straight.metrics["final_kl_coef"] != cfg.policy.kl_coef
+    # fp16's loss scale is part of the state: it decides which steps are skipped
+    scalers = [json.loads((latest_checkpoint(tmp_path / run / "checkpoints") / "state.json").read_text())
+               ["extra"]["grad_scaler"] for run in ("straight", "stopped")]
+    assert scalers[0] == scalers[1] and (scalers[0] is None) == (precision != "fp16")
 
 
 def test_nan_reward_stops_the_run_and_keeps_the_last_good_checkpoint(dirs, tmp_path):

@@ -9,6 +9,7 @@ import perl_core.data
 from perl_core.artifacts import read_manifest
 from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import build_config
+from perl_core.errors import UserError
 from perl_core.modeling import build_scratch_backbone, load_causal_lm, load_tokenizer
 from perl_core.sft import collate, encode_rows, response_loss, train_anchor
 
@@ -109,3 +110,14 @@ def test_resume_after_evaluations_writes_the_same_anchor(tmp_path, sft_data, sto
     assert (tmp_path / "stopped" / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
     assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
     assert (resumed_from / "best.safetensors").exists()  # the run resumed with its best weights kept apart
+
+
+def test_early_stopping_without_validation_rows_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(perl_core.data, "load_rows", lambda cfg, view, split: ROWS if split == "train" else [],
+                        raising=False)
+    monkeypatch.setattr(perl_core.data, "corpus", lambda cfg: [r["prompt"] + r["response"] for r in ROWS],
+                        raising=False)
+    cfg = cfg_for(tmp_path, "full", steps=2)
+    cfg.sft.train.early_stopping_patience = 2
+    with pytest.raises(UserError, match=r"sft.train.early_stopping_patience needs validation rows to stop on"):
+        train_anchor(cfg, tmp_path / "anchor")

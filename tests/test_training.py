@@ -1,4 +1,4 @@
-"""The shared loop: exact resume, NaN guard, early stopping, schedule. A linear model keeps it fast."""
+"""The shared loop: exact resume, NaN guard, early stopping, schedule, precision. A linear model keeps it fast."""
 import json
 import math
 import os
@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from perl_core import devices
 from perl_core.callbacks import collect
 from perl_core.config import TrainConfig
-from perl_core.errors import NonFiniteError
+from perl_core.errors import NonFiniteError, UserError
 from perl_core.checkpoints import latest_checkpoint
 from perl_core.training import make_scheduler, train_loop
 
@@ -192,3 +193,55 @@ def test_warmup_then_decay(schedule, at_end):
     assert sched.get_last_lr()[0] == pytest.approx(at_end)
     if schedule == "cosine":
         assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+
+
+# ---------------------------------------------------------------- precision
+def test_bf16_autocasts_the_training_and_validation_forwards_on_a_cpu():
+    seen = {"train": set(), "eval": set()}
+    model = fresh()
+    model.register_forward_hook(lambda m, i, out: seen["train" if torch.is_grad_enabled() else "eval"].add(out.dtype))
+    cfg = CFG.model_copy(update={"precision": "bf16", "max_steps": 5})
+    train_loop(model, batches, mse, cfg, eval_fn=lambda m: {"loss": float(mse(m, batches(0)[0])[0])},
+               eval_metric="loss", eval_mode="min")
+    assert seen == {"train": {torch.bfloat16}, "eval": {torch.bfloat16}}
+    assert model.weight.dtype == torch.float32  # mixed precision: the weights stay fp32
+    fp32 = fresh()
+    train_loop(fp32, batches, mse, cfg.model_copy(update={"precision": "fp32"}))
+    assert not torch.equal(fp32.weight, model.weight)
+    assert torch.allclose(fp32.weight, model.weight, atol=0.05)  # the same training, in bf16 rounding
+
+
+def test_fp16_is_refused_on_a_cpu_with_what_would_work():
+    with pytest.raises(UserError, match=r"train.precision='fp16' needs a CUDA GPU; this run is on cpu: use 'bf16'"):
+        train_loop(fresh(), batches, mse, CFG.model_copy(update={"precision": "fp16"}))
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """fp16 with loss scaling on the CPU (torch has both there) as a stand-in for a GPU."""
+    real = devices.autocast_dtype
+    monkeypatch.setattr(devices, "autocast_dtype",
+                        lambda precision, device, setting="train.precision":
+                        torch.float16 if precision == "fp16" else real(precision, device, setting))
+
+
+def test_fp16_skips_overflowing_steps_and_resumes_with_its_loss_scale(tmp_path, fp16_on_cpu):
+    cfg = CFG.model_copy(update={"precision": "fp16"})
+    straight = fresh()
+    history = []
+    train_loop(straight, batches, mse, cfg, checkpoint_dir=tmp_path / "a", callback=collect(history))
+    scaler = json.loads((latest_checkpoint(tmp_path / "a") / "state.json").read_text())["extra"]["grad_scaler"]
+    # the initial scale (2^16) overflows fp16 in the backward: those steps are skipped (no NonFiniteError)
+    # and the scale halves until the gradients fit
+    assert scaler["scale"] < 65536.0 and any(math.isinf(m["train/grad_norm"]) for _, m in history)
+    assert not torch.equal(straight.weight, fresh().weight)
+
+    def stop_at_12(metrics, step):
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_loop(fresh(), batches, mse, cfg, checkpoint_dir=tmp_path / "b", callback=stop_at_12)
+    resumed = fresh(seed=99)
+    train_loop(resumed, batches, mse, cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)

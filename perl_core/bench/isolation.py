@@ -74,12 +74,15 @@ def ratio(a: float, b: float) -> float:
 
 def bench_config(preset: str, measure: Sequence[str], overrides: Sequence[str], stage: str):
     """One benchmark setting's config: preset <- the benchmark's measurement setting <- `overrides`
-    (the caller's, which win). `stage` ("reward", "policy") evaluates and checkpoints once, at its
-    last step, unless the overrides say otherwise."""
+    (the caller's, which win). `stage` ("reward", "policy") checkpoints once, at its last step, and
+    the reward model evaluates once there (RL does not evaluate while it trains), unless the
+    overrides say otherwise."""
     from perl_core.config import load_config
 
     steps = getattr(load_config(preset, [*measure, *overrides]), stage).train.max_steps
-    once = [f"{stage}.train.eval_every={steps}", f"{stage}.train.checkpoint_every={steps}"]
+    once = [f"{stage}.train.checkpoint_every={steps}"]
+    if stage != "policy":
+        once.append(f"{stage}.train.eval_every={steps}")
     return load_config(preset, [*measure, *once, *overrides])
 
 
