@@ -132,7 +132,8 @@ def test_the_anchor_is_stored_once_and_referenced_by_both_models(registered):
 LOAD_SCRIPT = r"""
 import ast, importlib.metadata, importlib.util, json, sys
 repo = sys.argv[1]
-sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
+# the checkout off the path, the environment kept (CI builds its virtualenv inside the checkout)
+sys.path = [p for p in sys.path if p not in ("", ".") and (p.startswith(sys.prefix) or not p.startswith(repo))]
 sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 reachable_before = [m for m in ("perl_core", "flows") if importlib.util.find_spec(m) is not None]
 import mlflow, pandas as pd
