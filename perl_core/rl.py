@@ -48,7 +48,7 @@ from perl_core.errors import UserError
 from perl_core.generation import Samples, sample_responses
 from perl_core.modeling import prompts_within
 from perl_core.scoring import position_ids
-from perl_core.training import make_optimizer, make_scheduler, require_finite, set_seed
+from perl_core.training import make_optimizer, make_scheduler, optimizer_step, require_finite, set_seed
 
 
 # ---------------------------------------------------------------- the math
@@ -278,19 +278,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             require_finite(part, "policy loss", step + 1, checkpoint_dir)
             (scaler.scale(part) if scaler else part).backward()
             loss += float(part.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in trainable.parameters() if p.requires_grad],
-                                                   tc.max_grad_norm)
-        if scaler is None:  # fp16: an overflowing step is the scaler's to skip (and lower its scale)
-            require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(trainable, optimizer, scheduler, scaler, tc.max_grad_norm, step + 1, checkpoint_dir)
         step += 1
         t3 = time.perf_counter()
 

@@ -39,6 +39,25 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, max_grad_norm: float,
+                   step: int, checkpoint_dir: Optional[Path]) -> torch.Tensor:
+    """Clip, step, schedule, zero: the end of every optimisation step (SFT, reward model, RL).
+    Returns the gradient norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    if scaler is None:  # fp16: an overflowing step is the scaler's to skip (and lower its scale)
+        require_finite(grad_norm, "gradient norm", step, checkpoint_dir)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def make_optimizer(model: nn.Module, cfg: BaseTrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -173,19 +192,7 @@ def train_loop(
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
                 totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
                 n_examples += int(metrics.get("batch_size", 0))
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.max_grad_norm)
-            if scaler is None:  # fp16: an overflowing step is the scaler's to skip (and lower its scale)
-                require_finite(grad_norm, "gradient norm", step + 1, checkpoint_dir)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm, step + 1, checkpoint_dir)
             step += 1
             seconds = time.perf_counter() - t0
             totals.pop("batch_size", None)
