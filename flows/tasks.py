@@ -30,9 +30,9 @@ IMPLEMENTATIONS: dict[str, str | Callable] = {
     "data_version": "perl_core.data.versioning:data_version",
     "train_anchor": "perl_core.sft:train_anchor",
     "train_reward_model": "perl_core.ensemble:train_reward_stage",  # one reward model or an ensemble
-    "train_policy": "perl_core.rl:train_policy",
-    "evaluate_reward_model": "perl_core.evaluation:evaluate_reward_model",
-    "evaluate_policy": "perl_core.evaluation:evaluate_policy",
+    "train_policy": "perl_core.policy.stage:train_policy",
+    "evaluate_reward_model": "perl_core.eval.reward:evaluate_reward_model",
+    "evaluate_policy": "perl_core.eval.policy:evaluate_policy",
 }
 
 

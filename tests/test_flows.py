@@ -371,7 +371,7 @@ def test_real_tiny_pipeline_end_to_end(servers, tmp_path, monkeypatch):
 
     from flows.cli import app
     from perl_core.data.versioning import data_version
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.reward import RewardScorer
 
     repo = tmp_path / "repo"

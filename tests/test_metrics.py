@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from perl_core import metrics as M
+from perl_core.eval import metrics as M
 
 
 def brute_force_auc(scores, labels):
@@ -148,7 +148,7 @@ def test_compare_reward_evals_pairs_rows_by_id(tmp_path):
     import json
 
     from perl_core.errors import UserError
-    from perl_core.evaluation import compare_reward_evals
+    from perl_core.eval.reward import compare_reward_evals
 
     def write(name, scores, ids=("a", "b", "c", "d")):
         rows = [{"id": i, "label": y, "score": s} for i, y, s in zip(ids, [1, 1, 0, 0], scores)]
