@@ -15,6 +15,14 @@ def brute_force_auc(scores, labels):
     return credit / (len(pos) * len(neg))
 
 
+def test_average_ranks_share_ties():
+    # sorted: 1 (rank 1), 2 (rank 2), 3, 3 (ranks 3 and 4 -> 3.5 each), 7 (rank 5)
+    assert M.average_ranks([3, 1, 7, 3, 2]).tolist() == [3.5, 1.0, 5.0, 3.5, 2.0]
+    assert M.average_ranks([5.0] * 4).tolist() == [2.5] * 4
+    with pytest.raises(ValueError):
+        M.average_ranks([1.0, float("nan")])
+
+
 def test_roc_auc_known_ranking():
     # positives at 0.35 and 0.8; negatives at 0.1 and 0.4: 3 of 4 pairs ordered right
     assert M.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
