@@ -27,7 +27,7 @@ def reward(
     split: str = typer.Option("test", "--split", help="which split to score"),
 ) -> None:
     """Reward-model metrics on the test split, a reliability diagram and score histograms by label."""
-    from perl_core.evaluation import evaluate_reward_model
+    from perl_core.eval.reward import evaluate_reward_model
 
     cfg = cli_config(config, overrides)
     check_model_dir(model, "reward_model")
@@ -47,7 +47,7 @@ def policy(
     split: str = typer.Option("test", "--split", help="which split's prompts to sample"),
 ) -> None:
     """Policy against its anchor on held-out prompts: RM reward with CIs, win rate, KL, gold oracle, samples."""
-    from perl_core.evaluation import evaluate_policy
+    from perl_core.eval.policy import evaluate_policy
 
     cfg = cli_config(config, overrides)
     for folder, kind in ((policy_dir, "policy"), (anchor, "anchor"), (reward_model, "reward_model")):
@@ -66,7 +66,7 @@ def compare_reward(
 ) -> None:
     """Two reward models on the same test rows: pairwise accuracy and margin (pairwise data), ROC-AUC
     (pointwise data), each with the paired bootstrap interval of A - B."""
-    from perl_core.evaluation import compare_reward_evals
+    from perl_core.eval.reward import compare_reward_evals
 
     cfg = cli_config(config, overrides)
     out = compare_reward_evals(a, b, cfg.evaluation)

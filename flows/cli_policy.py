@@ -32,7 +32,7 @@ def train(
     every: int = typer.Option(10, "--log-every", help="print metrics every N steps"),
 ) -> None:
     """Train the policy adapter (no tracking; `perl-rlhf run` logs to MLflow)."""
-    from perl_core.rl import train_policy
+    from perl_core.policy.stage import train_policy
 
     cfg = cli_config(config, overrides)
     root = Path(cfg.artifacts_dir)
@@ -63,7 +63,7 @@ def generate(
 ) -> None:
     """Print one JSON line {prompt, response} per prompt."""
     from perl_core.errors import UserError
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
 
     prompts = list(prompt or [])
     if prompts_file is not None:

@@ -70,7 +70,7 @@ class PerlModel(mlflow.pyfunc.PythonModel):
 
             self.model = load_reward_scorer(str(model_dir))
         else:
-            from perl_core.generation import PolicyGenerator
+            from perl_core.policy.generation import PolicyGenerator
 
             self.model = PolicyGenerator.load(str(model_dir))
 

@@ -12,7 +12,6 @@ evaluation and registration.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -53,19 +52,20 @@ def _section(cfg: PerlConfig, *names: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- one stage
-def _run_stage(stage: str, task, done: Optional[Path], log_model_dir: bool = True, finish=None, **kwargs) -> dict:
+def _run_stage(stage: str, task, done: Optional[Path], log_model_dir: bool = True, finish=None,
+               trains: bool = False, samples: bool = False, **kwargs) -> dict:
     """Run (or restore from cache) one task inside its nested MLflow run.
 
     `done` is the file that proves the output folder is still there; without it the cache is refreshed.
-    `finish(result)` runs last inside the nested run.
+    A task that `trains` gets the stage's metrics log as `callback`; one that logs `samples` gets
+    its completions table as `samples_callback`. `finish(result)` runs last inside the nested run.
     """
     import mlflow
 
     refresh = done is not None and not done.exists()
     with tracking.stage_run(stage) as run:
         metrics_log = tracking.MetricsLog(run.info.run_id)
-        hooks = {"callback": metrics_log, "samples_callback": metrics_log.samples}
-        extra = {name: hook for name, hook in hooks.items() if name in inspect.signature(task.fn).parameters}
+        extra = ({"callback": metrics_log} if trains else {}) | ({"samples_callback": metrics_log.samples} if samples else {})
         state = task.with_options(refresh_cache=refresh)(run_id=run.info.run_id, return_state=True, **kwargs, **extra)
         result = state.result()
         metrics_log.flush()
@@ -91,7 +91,9 @@ def data_flow(cfg: PerlConfig) -> dict:
     def finish(result: dict) -> None:
         import mlflow
 
-        version = tasks.library("data_version")(".")  # fresh: downstream keys follow what is on disk now
+        from perl_core.data.versioning import data_version
+
+        version = data_version(".")  # fresh: downstream keys follow what is on disk now
         result.update(data_version=version, data_dir=str(data_dir))
         if card.exists():
             result["card_md5"] = hashlib.md5(card.read_bytes()).hexdigest()
@@ -116,8 +118,10 @@ def data_id(data: dict) -> Optional[str]:
 
 
 def _data_version_or_none() -> Optional[dict]:
+    from perl_core.data.versioning import data_version
+
     try:
-        return tasks.library("data_version")(".")
+        return data_version(".")
     except Exception:  # no data.dvc yet (fresh clone): the data stage creates it
         return None
 
@@ -127,7 +131,8 @@ def anchor_flow(cfg: PerlConfig, data: dict) -> dict:
     """SFT the backbone into the anchor (with `sft.enabled: false` the base is saved as the anchor untouched)."""
     key = stage_key("anchor", _section(cfg, "sft"), data_id(data))
     out = stage_dir(cfg, "anchor", key)
-    return _run_stage("anchor", tasks.train_anchor, out / "manifest.json", cfg=cfg, key=key, out_dir=str(out))
+    return _run_stage("anchor", tasks.train_anchor, out / "manifest.json", trains=True, cfg=cfg, key=key,
+                      out_dir=str(out))
 
 
 @flow(name="perl-reward-model", log_prints=True)
@@ -136,7 +141,7 @@ def reward_model_flow(cfg: PerlConfig, data: dict, anchor: dict) -> dict:
     key = stage_key("reward_model", _section(cfg, "reward"), data_id(data),
                     (anchor["key"],) if from_anchor else ())
     out = stage_dir(cfg, "reward_model", key)
-    return _run_stage("reward_model", tasks.train_reward_model, out / "manifest.json", cfg=cfg, key=key,
+    return _run_stage("reward_model", tasks.train_reward_model, out / "manifest.json", trains=True, cfg=cfg, key=key,
                       out_dir=str(out), base_model=anchor["out_dir"] if from_anchor else None)
 
 
@@ -145,7 +150,8 @@ def policy_flow(cfg: PerlConfig, data: dict, anchor: dict, reward_model: dict) -
     key = stage_key("policy", _section(cfg, "policy"), data_id(data),
                     (anchor["key"], reward_model["key"]))
     out = stage_dir(cfg, "policy", key)
-    return _run_stage("policy", tasks.train_policy, out / "manifest.json", cfg=cfg, key=key, out_dir=str(out),
+    return _run_stage("policy", tasks.train_policy, out / "manifest.json", trains=True, samples=True, cfg=cfg, key=key,
+                      out_dir=str(out),
                       anchor_dir=anchor["out_dir"], reward_model_dir=reward_model["out_dir"])
 
 

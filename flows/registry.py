@@ -34,7 +34,7 @@ METRIC_TAG = "metric."
 # scoring/generation path). Each is pinned to the installed version: an environment built from
 # the model's own requirements.txt then matches the one it was trained in.
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "peft", "accelerate", "safetensors", "numpy",
-                    "pandas", "pydantic", "pyyaml")
+                    "scipy", "pandas", "pydantic", "pyyaml")
 
 
 # ---------------------------------------------------------------- loading back

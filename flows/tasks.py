@@ -11,10 +11,9 @@ Retries: only transient failures (network, I/O timeouts) retry, with exponential
 """
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 from prefect import task
@@ -23,26 +22,6 @@ from prefect.tasks import exponential_backoff
 
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
-
-# The library functions behind the tasks; tests swap entries for tiny fakes.
-IMPLEMENTATIONS: dict[str, str | Callable] = {
-    "prepare_data": "perl_core.data:prepare_dataset",
-    "data_version": "perl_core.data.versioning:data_version",
-    "train_anchor": "perl_core.sft:train_anchor",
-    "train_reward_model": "perl_core.ensemble:train_reward_stage",  # one reward model or an ensemble
-    "train_policy": "perl_core.rl:train_policy",
-    "evaluate_reward_model": "perl_core.evaluation:evaluate_reward_model",
-    "evaluate_policy": "perl_core.evaluation:evaluate_policy",
-}
-
-
-def library(name: str) -> Callable:
-    impl = IMPLEMENTATIONS[name]
-    if callable(impl):
-        return impl
-    module, attr = impl.split(":")
-    return getattr(importlib.import_module(module), attr)
-
 
 # ---------------------------------------------------------------- retries and caching
 def _transient_types() -> tuple[type, ...]:
@@ -99,35 +78,45 @@ def with_progress(callback: MetricsCallback, stage: str, total_steps: int) -> Me
 
 
 # ---------------------------------------------------------------- the stages
+# Each task imports its perl_core function when it runs: the CLI starts without loading torch,
+# and a test stands in for a stage by patching that function where it is defined.
 @task(name="prepare_data", **CACHED)
 def prepare_data(cfg: PerlConfig, key: str, run_id: str = "") -> dict:
-    result = library("prepare_data")(cfg)
-    version = library("data_version")(".")
+    from perl_core.data import prepare_dataset
+    from perl_core.data.versioning import data_version
+
+    result = prepare_dataset(cfg)
+    version = data_version(".")
     return _as_dict(result, key, run_id, data_version=version)
 
 
 @task(name="train_anchor", **CACHED)
 def train_anchor(cfg: PerlConfig, key: str, out_dir: str, run_id: str = "",
                  callback: MetricsCallback = null_callback) -> dict:
+    from perl_core.sft import train_anchor as run
+
     cb = with_progress(callback, "anchor", cfg.sft.train.max_steps)
-    result = library("train_anchor")(cfg, out_dir, callback=cb, resume=True)
+    result = run(cfg, out_dir, callback=cb, resume=True)
     return _as_dict(result, key, run_id)
 
 
 @task(name="train_reward_model", **CACHED)
 def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str | None = None, run_id: str = "",
                        callback: MetricsCallback = null_callback) -> dict:
+    from perl_core.ensemble import train_reward_stage  # one reward model or an ensemble
+
     cb = with_progress(callback, "reward_model", cfg.reward.train.max_steps * (cfg.reward.ensemble.size or 1))
-    result = library("train_reward_model")(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
+    result = train_reward_stage(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
     return _as_dict(result, key, run_id)
 
 
 @task(name="train_policy", **CACHED)
 def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, reward_model_dir: str, run_id: str = "",
                  callback: MetricsCallback = null_callback, samples_callback: SamplesCallback = null_samples) -> dict:
+    from perl_core.policy.stage import train_policy as run
+
     cb = with_progress(callback, "policy", cfg.policy.train.max_steps)
-    result = library("train_policy")(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True,
-                                     samples_callback=samples_callback)
+    result = run(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True, samples_callback=samples_callback)
     return _as_dict(result, key, run_id)
 
 
@@ -135,9 +124,12 @@ def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, rewar
 def evaluate(cfg: PerlConfig, key: str, out_dir: str, policy_dir: str, anchor_dir: str, reward_model_dir: str,
              run_id: str = "") -> dict:
     """Reward-model metrics (`reward.*`) and policy vs anchor (`policy.*`); reports and plots in `out_dir`."""
+    from perl_core.eval.policy import evaluate_policy
+    from perl_core.eval.reward import evaluate_reward_model
+
     out = Path(out_dir)
-    reward = library("evaluate_reward_model")(cfg, reward_model_dir, out / "reward_model")
-    policy = library("evaluate_policy")(cfg, policy_dir, anchor_dir, reward_model_dir, out / "policy")
+    reward = evaluate_reward_model(cfg, reward_model_dir, out / "reward_model")
+    policy = evaluate_policy(cfg, policy_dir, anchor_dir, reward_model_dir, out / "policy")
     metrics = {**{f"reward.{k}": v for k, v in _numbers(reward).items()},
                **{f"policy.{k}": v for k, v in _numbers(policy).items()}}
     reports = {p.relative_to(out).as_posix(): str(p) for p in sorted(out.rglob("*")) if p.suffix in (".md", ".json", ".png")}

@@ -37,9 +37,9 @@ from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
-from perl_core.generation import Samples
+from perl_core.policy.generation import Samples
 from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
-from perl_core.policy_models import OneBackbone, Roles, build_roles, load_reward_adapter, shares_backbone
+from perl_core.policy.roles import OneBackbone, Roles, build_roles, load_reward_adapter, shares_backbone
 from perl_core.reward import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
                               train_reward_model)
 

@@ -9,7 +9,7 @@ response's last token instead of the end token the reward model was trained on. 
 skip left padding exactly as `generate` does, so a left-padded batch (RL samples) and a
 right-padded one (reward training, :class:`~perl_core.reward.RewardScorer`) give the same
 scores. Reward training, `RewardScorer`, the one-backbone RL reward
-(`policy_models.OneBackbone.reward`) and evaluation all score through :func:`read_scores`.
+(`policy.roles.OneBackbone.reward`) and evaluation all score through :func:`read_scores`.
 
 Encoders (BERT, MiniLM) read their pooled [CLS] at position 0 and mask their pads; they keep
 the model's own forward.

@@ -95,7 +95,7 @@ def test_chat_template_off_reads_plain_text(tmp_path):
 
 
 def test_generation_stops_on_the_end_of_turn_and_decoding_drops_it(tokenizers):
-    from perl_core.generation import decode_responses, sample_responses
+    from perl_core.policy.generation import decode_responses, sample_responses
 
     tok = tokenizers["qwen2.5"]
     end, pad = response_end_id(tok), tok.pad_token_id
@@ -169,7 +169,7 @@ def test_sft_and_the_reward_model_follow_data_chat_template(tmp_path, monkeypatc
     (auto) or not (off), and RL's one-backbone roles read them the same way."""
     import perl_core.data
     from perl_core.config import build_config
-    from perl_core.policy_models import OneBackbone, build_roles
+    from perl_core.policy.roles import OneBackbone, build_roles
     from perl_core.reward import RewardScorer, train_reward_model
     from perl_core.sft import train_anchor
 

@@ -163,3 +163,13 @@ def test_reward_benchmark_prepares_its_data(workloads, tmp_path):
                              quick=True)
     assert (tmp_path / "fresh" / "synthetic" / "pairwise" / "train.jsonl").stat().st_size > 0
     assert set(bench["settings"]) == {"lora", "full"}
+
+
+def test_resident_memory_follows_an_allocation():
+    from perl_core.bench.isolation import _rss_bytes
+
+    before = _rss_bytes()
+    block = b"\x01" * (64 * 1024 * 1024)  # written, so every page is resident
+    grown = _rss_bytes() - before
+    del block
+    assert 56 * 1024 * 1024 < grown < 96 * 1024 * 1024

@@ -18,12 +18,12 @@ from perl_core.config import ConfigError, PerlConfig, build_config
 from perl_core.ensemble import (EnsembleRoles, EnsembleScorer, aggregate, bootstrap_rows, build_ensemble_roles,
                                 centre, load_reward_scorer, member_std, train_reward_ensemble, train_reward_stage)
 from perl_core.errors import UserError
-from perl_core.generation import Samples, left_pad
+from perl_core.policy.generation import Samples, left_pad
 from perl_core.modeling import (attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm,
                                 load_sequence_scorer, load_tokenizer, resolve_backbone)
-from perl_core.policy_models import OneBackbone, build_roles
+from perl_core.policy.roles import OneBackbone, build_roles
 from perl_core.reward import RewardScorer, save_reward_model, train_reward_model
-from perl_core.rl import rl_loop
+from perl_core.policy.rl import rl_loop
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
            for d in ("latte", "mocha") for m in ("oat", "soy")]
@@ -268,8 +268,8 @@ def eval_rows(monkeypatch):
 
 
 def test_eval_reward_reports_the_aggregate_each_member_and_the_disagreement(dirs, eval_rows, tmp_path):
-    from perl_core import metrics as M
-    from perl_core.evaluation import evaluate_reward_model
+    from perl_core.eval import metrics as M
+    from perl_core.eval.reward import evaluate_reward_model
 
     _, ens = dirs
     cfg = build_config({}, ["policy.ensemble_aggregation=min", "evaluation.bootstrap_samples=100"])
@@ -293,7 +293,7 @@ def test_eval_reward_reports_the_aggregate_each_member_and_the_disagreement(dirs
 
 
 def test_policy_evaluation_scores_with_the_members_aggregate(dirs):
-    from perl_core.evaluation import rm_scores
+    from perl_core.eval.policy import rm_scores
 
     _, ens = dirs
     scorer = load_reward_scorer(ens, aggregation="mean_minus_std", lam=2.0)
@@ -412,7 +412,7 @@ def test_ensemble_training_bootstrap_metrics_and_resume(tmp_path, train_rows):
     b = load_file(str(out / "member_1" / "adapter_model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # metrics recomputed from the saved members: each member's accuracy, the mean's, the disagreement
-    from perl_core import metrics as M
+    from perl_core.eval import metrics as M
 
     val = train_rows["validation"]
     prompts = [r["prompt"] for r in val]

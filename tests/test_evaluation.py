@@ -5,13 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from perl_core import evaluation as E
+from perl_core.eval import policy as EP
+from perl_core.eval import reward as ER
 from perl_core.config import EvaluationConfig
 
 
 def test_pairwise_report_by_hand():
     chosen, rejected = np.array([2.0, 0.0, 1.0]), np.array([1.0, 0.0, 3.0])
-    m, bins = E.pairwise_report(chosen, rejected, n_bins=4)
+    m, bins = ER.pairwise_report(chosen, rejected, n_bins=4)
     assert m["pairwise_accuracy"] == pytest.approx(1.5 / 3)  # win, tie (half), loss
     margins = np.array([1.0, 0.0, -2.0])
     assert m["pairwise_loss"] == pytest.approx(np.mean(np.log1p(np.exp(-margins))))
@@ -24,7 +25,7 @@ def test_pairwise_report_by_hand():
 def test_pointwise_report_by_hand():
     scores = np.array([-2.0, -1.0, 0.5, 3.0, 1.0])
     labels = np.array([0, 1, 0, 1, 1])
-    m, _ = E.pointwise_report(scores, labels)
+    m, _ = ER.pointwise_report(scores, labels)
     # positives {-1, 3, 1} vs negatives {-2, 0.5}: 5 of 6 pairs ordered right
     assert m["roc_auc"] == pytest.approx(5 / 6)
     # predicted 1 where score >= 0: [0, 0, 1, 1, 1] -> TPR 2/3, TNR 1/2
@@ -41,7 +42,7 @@ def test_policy_report_flags_reward_hacking_and_counts_ties():
     policy_r = np.array([1.0, 1.0, 1.0, 1.0, 0.0, -0.1])  # RM: 4 wins, 1 tie, 1 loss
     anchor_g = np.array([0.8] * 6)
     policy_g = np.array([0.5] * 6)                         # gold: every prompt worse
-    m, samples = E.policy_report(prompts, ["a b"] * 6, ["x y z"] * 6, anchor_r, policy_r, np.full(6, 2.0),
+    m, samples = EP.policy_report(prompts, ["a b"] * 6, ["x y z"] * 6, anchor_r, policy_r, np.full(6, 2.0),
                                  (np.full(6, 3.0), np.full(6, 4.0)), ev, anchor_g, policy_g)
     assert (m["win_rate"], m["tie_rate"], m["loss_rate"]) == pytest.approx((4 / 6, 1 / 6, 1 / 6))
     assert m["reward_gain"] == pytest.approx(3.9 / 6)
@@ -53,11 +54,11 @@ def test_policy_report_flags_reward_hacking_and_counts_ties():
     assert len(samples) == 2 and samples[0]["policy_gold"] == 0.5
 
     # gold agrees with the RM: no flag
-    m2, _ = E.policy_report(prompts, ["a"] * 6, ["b"] * 6, anchor_r, policy_r, np.zeros(6),
+    m2, _ = EP.policy_report(prompts, ["a"] * 6, ["b"] * 6, anchor_r, policy_r, np.zeros(6),
                             (np.ones(6), np.ones(6)), ev, anchor_g, anchor_g + 0.1)
     assert m2["reward_hacking"] == 0.0
     # no oracle: no gold keys and no flag at all
-    m3, _ = E.policy_report(prompts, ["a"] * 6, ["b"] * 6, anchor_r, policy_r, np.zeros(6),
+    m3, _ = EP.policy_report(prompts, ["a"] * 6, ["b"] * 6, anchor_r, policy_r, np.zeros(6),
                             (np.ones(6), np.ones(6)), ev)
     assert "gold_score_mean" not in m3 and "reward_hacking" not in m3
 
@@ -72,11 +73,11 @@ def pair_rows(margins, keys=None):
 
 def test_pairwise_intervals_by_hand():
     ev = EvaluationConfig(bootstrap_samples=500)
-    m = E.pairwise_intervals([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], ev)
+    m = ER.pairwise_intervals([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], ev)
     # every pair right by a margin of 1: nothing to resample
     assert (m["pairwise_accuracy_ci_low"], m["pairwise_accuracy_ci_high"]) == (1.0, 1.0)
     assert (m["pairwise_margin_mean_ci_low"], m["pairwise_margin_mean_ci_high"]) == (1.0, 1.0)
-    m = E.pairwise_intervals([2.0, 0.0, 1.0, 3.0], [1.0, 0.0, 3.0, 0.0], ev)  # credit 1, .5, 0, 1; margins 1, 0, -2, 3
+    m = ER.pairwise_intervals([2.0, 0.0, 1.0, 3.0], [1.0, 0.0, 3.0, 0.0], ev)  # credit 1, .5, 0, 1; margins 1, 0, -2, 3
     assert 0.0 <= m["pairwise_accuracy_ci_low"] < 2.5 / 4 < m["pairwise_accuracy_ci_high"] <= 1.0
     assert -2.0 <= m["pairwise_margin_mean_ci_low"] < 0.5 < m["pairwise_margin_mean_ci_high"] <= 3.0
 
@@ -85,14 +86,14 @@ def test_compare_pairwise_by_hand():
     ev = EvaluationConfig(bootstrap_samples=300)
     a = pair_rows([1, 1, 1, 1, 1, 1, 1, 1, 1, 1])            # all 10 right
     b = pair_rows([1, 1, 1, 1, 1, 1, 1, 1, 0, -1])           # 8 right, a tie, a wrong: 8.5 / 10
-    out = E.compare_pairwise(list(reversed(a)), b, ev)         # rows pair up by key, not by order
+    out = ER.compare_pairwise(list(reversed(a)), b, ev)         # rows pair up by key, not by order
     assert out["n_pairs"] == 10 and out["pairwise_accuracy_a"] == 1.0 and out["pairwise_accuracy_b"] == 0.85
     assert out["pairwise_accuracy_diff"] == pytest.approx(0.15)
     assert out["pairwise_accuracy_diff_ci_low"] >= 0.0 and out["pairwise_accuracy_diff_ci_high"] <= 0.5
     assert out["pairwise_margin_diff"] == pytest.approx(0.3)   # mean margin 1.0 against 0.7
     assert (out["pairs_only_a_right"], out["pairs_only_b_right"]) == (2, 0)
     # a model against itself: exactly no difference in every resample
-    same = E.compare_pairwise(a, a, ev)
+    same = ER.compare_pairwise(a, a, ev)
     assert (same["pairwise_accuracy_diff"], same["pairwise_accuracy_diff_ci_low"],
             same["pairwise_accuracy_diff_ci_high"]) == (0.0, 0.0, 0.0)
 
@@ -110,14 +111,14 @@ def test_paired_interval_covers_the_true_difference_and_shrinks_with_n():
         covered = 0
         for seed in range(40):
             a, b = _two_models_on_pairs(n, seed)
-            out = E.compare_pairwise(a, b, EvaluationConfig(bootstrap_samples=400, seed=seed))
+            out = ER.compare_pairwise(a, b, EvaluationConfig(bootstrap_samples=400, seed=seed))
             covered += out["pairwise_accuracy_diff_ci_low"] <= 0.10 <= out["pairwise_accuracy_diff_ci_high"]
             widths.setdefault(n, []).append(out["pairwise_accuracy_diff_ci_high"] - out["pairwise_accuracy_diff_ci_low"])
         assert covered >= 34, (n, covered)  # 95% intervals: 38 of 40 expected; 34 leaves room for chance
     # 16x the pairs: a quarter of the width (1 / sqrt(16)), up to bootstrap noise
     assert 0.2 < np.mean(widths[3200]) / np.mean(widths[200]) < 0.3
     # pair difficulty cancels in the paired interval: two separate intervals would be far wider
-    out = E.compare_pairwise(*_two_models_on_pairs(200, 0), EvaluationConfig(bootstrap_samples=400))
+    out = ER.compare_pairwise(*_two_models_on_pairs(200, 0), EvaluationConfig(bootstrap_samples=400))
     separate = np.hypot(out["pairwise_accuracy_a_ci_high"] - out["pairwise_accuracy_a_ci_low"],
                         out["pairwise_accuracy_b_ci_high"] - out["pairwise_accuracy_b_ci_low"])
     assert out["pairwise_accuracy_diff_ci_high"] - out["pairwise_accuracy_diff_ci_low"] < 0.7 * separate
@@ -133,7 +134,7 @@ def write_eval(folder, margins, objective="pairwise", keys=None, **extra):
 def test_compare_reward_evals_on_pairwise_evaluations(tmp_path):
     a = write_eval(tmp_path / "lora", [1, 1, 1, -1, 1, 1])   # 5 of 6
     b = write_eval(tmp_path / "full", [1, -1, 1, -1, 1, 1])  # 4 of 6
-    out = E.compare_reward_evals(a, b / "reward_eval.json", EvaluationConfig(bootstrap_samples=200))
+    out = ER.compare_reward_evals(a, b / "reward_eval.json", EvaluationConfig(bootstrap_samples=200))
     assert out["objective"] == "pairwise" and out["n_pairs"] == 6
     assert out["pairwise_accuracy_diff"] == pytest.approx(1 / 6)
     assert out["pairwise_accuracy_diff_ci_low"] <= 1 / 6 <= out["pairwise_accuracy_diff_ci_high"]
@@ -148,19 +149,19 @@ def test_compare_reward_evals_refuses_different_pairs_and_objectives(tmp_path):
                    skipped_too_long={"pairwise": 1})
     with pytest.raises(UserError, match=r"not score the same pairwise pairs: 2 of A's 5 are not in B and 1 of B's 4 "
                                         r"are not in A \(e\.g\. row 4, key k4, only in A\).*B skipped 1"):
-        E.compare_reward_evals(a, b)
+        ER.compare_reward_evals(a, b)
     c = tmp_path / "pointwise"
     c.mkdir()
     (c / "reward_eval.json").write_text(json.dumps({"objective": "pointwise", "scores": {"pointwise": [
         {"key": "p1", "label": 1, "score": 0.3}, {"key": "p2", "label": 0, "score": -0.3}]}}))
     with pytest.raises(UserError, match="a pairwise reward model and .* a pointwise one"):
-        E.compare_reward_evals(a, c)
+        ER.compare_reward_evals(a, c)
     # an evaluation written before per-pair scores were kept names what to do
     old = tmp_path / "old"
     old.mkdir()
     (old / "reward_eval.json").write_text(json.dumps({"objective": "pairwise", "scores": {}}))
     with pytest.raises(UserError, match="no per-row pairwise scores.*re-run `perl-rlhf eval reward`"):
-        E.compare_reward_evals(a, old)
+        ER.compare_reward_evals(a, old)
 
 
 def test_compare_reward_evals_names_a_missing_empty_or_corrupt_folder(tmp_path):
@@ -168,22 +169,22 @@ def test_compare_reward_evals_names_a_missing_empty_or_corrupt_folder(tmp_path):
 
     good = write_eval(tmp_path / "good", [1, 1])
     with pytest.raises(UserError, match=f"{tmp_path / 'nowhere'}: no such file or folder"):
-        E.compare_reward_evals(tmp_path / "nowhere", good)
+        ER.compare_reward_evals(tmp_path / "nowhere", good)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=f"{tmp_path / 'empty'} has no reward_eval.json"):
-        E.compare_reward_evals(good, tmp_path / "empty")
+        ER.compare_reward_evals(good, tmp_path / "empty")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "reward_eval.json").write_text('{"scores": {"pairwise": [')
     with pytest.raises(UserError, match="corrupt/reward_eval.json is not valid JSON"):
-        E.compare_reward_evals(good, tmp_path / "corrupt")
+        ER.compare_reward_evals(good, tmp_path / "corrupt")
     (tmp_path / "policy").mkdir()
     (tmp_path / "policy" / "reward_eval.json").write_text('{"metrics": {}}')
     with pytest.raises(UserError, match="is not a reward evaluation"):
-        E.compare_reward_evals(good, tmp_path / "policy")
+        ER.compare_reward_evals(good, tmp_path / "policy")
     (tmp_path / "rows").mkdir()
     (tmp_path / "rows" / "reward_eval.json").write_text('{"scores": {"pairwise": [{"key": "k0", "chosen": 1}]}}')
     with pytest.raises(UserError, match=r"scores.pairwise\[0\] lacks rejected"):
-        E.compare_reward_evals(good, tmp_path / "rows")
+        ER.compare_reward_evals(good, tmp_path / "rows")
 
 
 def test_cli_compare_reward_on_a_missing_folder_is_one_clear_line(tmp_path):
@@ -251,11 +252,11 @@ def rows(monkeypatch):
 
 
 def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows):
-    from perl_core import metrics as M
+    from perl_core.eval import metrics as M
     from perl_core.reward import RewardScorer
 
     cfg = build_config({})
-    m = E.evaluate_reward_model(cfg, artifacts["reward_model"], tmp_path)
+    m = ER.evaluate_reward_model(cfg, artifacts["reward_model"], tmp_path)
     scorer = RewardScorer.load(artifacts["reward_model"])
     pw = rows["pairwise"]
     chosen = scorer.score([r["prompt"] for r in pw], [r["chosen"] for r in pw])
@@ -281,23 +282,23 @@ def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows)
     margin = float((chosen - rejected).mean())
     assert m["pairwise_margin_mean_ci_low"] <= margin + 1e-6 and margin - 1e-6 <= m["pairwise_margin_mean_ci_high"]
     # the evaluation against itself: both views compared, no difference
-    same = E.compare_reward_evals(tmp_path, tmp_path / "reward_eval.json", EvaluationConfig(bootstrap_samples=100))
+    same = ER.compare_reward_evals(tmp_path, tmp_path / "reward_eval.json", EvaluationConfig(bootstrap_samples=100))
     assert same["n_pairs"] == 6 and same["pairwise_accuracy_diff_ci_high"] == 0.0 and same["roc_auc_diff"] == 0.0
 
 
 def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artifacts, rows):
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.reward import RewardScorer
 
     cfg = build_config({}, ["evaluation.bootstrap_samples=200", "evaluation.n_samples_table=6",
                             "policy.generation.max_new_tokens=6"])
-    same = E.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "same")
+    same = EP.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "same")
     # a zero adapter is the anchor: identical samples under the same seed, KL exactly 0, every prompt a tie
     assert same["kl_mean"] == pytest.approx(0.0, abs=1e-5)
     assert same["tie_rate"] == 1.0 and same["reward_gain"] == 0.0 and same["gold_gain"] == 0.0
     assert same["reward_hacking"] == 0.0
 
-    moved = E.evaluate_policy(cfg, artifacts["moved"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "moved")
+    moved = EP.evaluate_policy(cfg, artifacts["moved"], artifacts["anchor"], artifacts["reward_model"], tmp_path / "moved")
     saved = json.loads((tmp_path / "moved" / "policy_eval.json").read_text())
     samples = saved["samples"]
     # the sample table holds exactly what PolicyGenerator.generate produces with the evaluation's seed and temperature ...
@@ -318,7 +319,7 @@ def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artif
 
 
 def test_evaluate_policy_skips_prompts_longer_than_rl_trains_on(tmp_path, artifacts, rows, monkeypatch):
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.modeling import encode_prompt
 
     long_prompt = "Customer: " + "a large latte and a small mocha, " * 30 + "please.\nAgent:"
@@ -328,7 +329,7 @@ def test_evaluate_policy_skips_prompts_longer_than_rl_trains_on(tmp_path, artifa
     monkeypatch.setattr(data_api, "load_prompts", lambda cfg, split: [long_prompt, *ORDERS, long_prompt])
     cfg = build_config({}, ["evaluation.bootstrap_samples=100", "evaluation.n_prompts=3", "evaluation.n_samples_table=10",
                             "policy.generation.max_new_tokens=4", "policy.max_prompt_length=95"])
-    m = E.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path)
+    m = EP.evaluate_policy(cfg, artifacts["same"], artifacts["anchor"], artifacts["reward_model"], tmp_path)
     assert m["n_prompts"] == 3 and m["prompts_skipped_too_long"] == 2
     saved = json.loads((tmp_path / "policy_eval.json").read_text())
     assert [s["prompt"] for s in saved["samples"]] == ORDERS[:3]
@@ -341,7 +342,7 @@ def test_evaluation_and_generation_run_under_the_configured_precision(tmp_path, 
     import torch
 
     from perl_core.errors import UserError
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.reward import RewardScorer
 
     seen: dict[str, set] = {}
@@ -359,16 +360,16 @@ def test_evaluation_and_generation_run_under_the_configured_precision(tmp_path, 
     spy(PolicyGenerator, "sampling")
     spy(RewardScorer, "reward")
     base = ["evaluation.bootstrap_samples=100", "evaluation.n_prompts=3", "policy.generation.max_new_tokens=4"]
-    fp32 = E.evaluate_policy(build_config({}, base), artifacts["moved"], artifacts["anchor"],
+    fp32 = EP.evaluate_policy(build_config({}, base), artifacts["moved"], artifacts["anchor"],
                              artifacts["reward_model"], tmp_path / "auto")
     assert seen == {"sampling": {torch.float32}, "reward": {torch.float32}}
     seen.clear()
-    bf16 = E.evaluate_policy(build_config({}, base + ["policy.train.precision=bf16"]), artifacts["moved"],
+    bf16 = EP.evaluate_policy(build_config({}, base + ["policy.train.precision=bf16"]), artifacts["moved"],
                              artifacts["anchor"], artifacts["reward_model"], tmp_path / "bf16")
     assert seen == {"sampling": {torch.bfloat16}, "reward": {torch.float32}}
     assert bf16["kl_mean"] != fp32["kl_mean"]  # the same evaluation, in bf16 rounding
     seen.clear()
-    m = E.evaluate_reward_model(build_config({}, ["reward.train.precision=bf16"]), artifacts["reward_model"],
+    m = ER.evaluate_reward_model(build_config({}, ["reward.train.precision=bf16"]), artifacts["reward_model"],
                                 tmp_path / "rm")
     assert seen == {"reward": {torch.bfloat16}} and 0.0 <= m["pairwise_accuracy"] <= 1.0
     with pytest.raises(UserError, match=r"policy.train.precision='fp16' needs a CUDA GPU"):

@@ -94,9 +94,12 @@ def fake_eval_policy(cfg, policy_dir, anchor_dir, reward_model_dir, out_dir):
     return {"gold_score_mean": 1.0 - cfg.policy.kl_coef, "anchor_gold_score_mean": 0.4}
 
 
-FAKES = {"prepare_data": fake_prepare, "data_version": fake_data_version, "train_anchor": fake_anchor,
-         "train_reward_model": fake_reward, "train_policy": fake_policy,
-         "evaluate_reward_model": fake_eval_reward, "evaluate_policy": fake_eval_policy}
+# where each stage's perl_core function is defined (the tasks import it from there when they run)
+FAKES = {"perl_core.data.prepare_dataset": fake_prepare, "perl_core.data.versioning.data_version": fake_data_version,
+         "perl_core.sft.train_anchor": fake_anchor, "perl_core.ensemble.train_reward_stage": fake_reward,
+         "perl_core.policy.stage.train_policy": fake_policy,
+         "perl_core.eval.reward.evaluate_reward_model": fake_eval_reward,
+         "perl_core.eval.policy.evaluate_policy": fake_eval_policy}
 
 
 def free_port() -> int:
@@ -141,8 +144,8 @@ def workdir(tmp_path, monkeypatch, servers):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-    for name, fn in FAKES.items():
-        monkeypatch.setitem(tasks.IMPLEMENTATIONS, name, fn)
+    for target, fn in FAKES.items():
+        monkeypatch.setattr(target, fn)
     # other areas edit perl_core while these tests run; pin the code version so keys only follow inputs
     monkeypatch.setattr(pipeline, "code_version", lambda: "code-v1")
     CALLS.clear()
@@ -322,7 +325,7 @@ def test_serve_runs_the_configured_pipeline_one_at_a_time(monkeypatch):
     assert perl_pipeline.validate_parameters(served["parameters"])["cfg"] == load_config("tiny", ["policy.kl_coef=0.3"])
 
 
-def test_retries_transient_errors_only(workdir):
+def test_retries_transient_errors_only(workdir, monkeypatch):
     attempts = []
 
     def flaky(cfg, out_dir, callback, resume):
@@ -337,12 +340,12 @@ def test_retries_transient_errors_only(workdir):
 
     fast = tasks.train_anchor.with_options(retry_delay_seconds=0, refresh_cache=True)
     cfg = tiny(workdir)
-    tasks.IMPLEMENTATIONS["train_anchor"] = flaky
+    monkeypatch.setattr("perl_core.sft.train_anchor", flaky)
     result = fast(cfg, key="k1", out_dir=str(workdir / "a1"))
     assert len(attempts) == 2 and result["out_dir"] == str(workdir / "a1")
 
     attempts.clear()
-    tasks.IMPLEMENTATIONS["train_anchor"] = bad_input
+    monkeypatch.setattr("perl_core.sft.train_anchor", bad_input)
     with pytest.raises(UserError, match="max_length"):
         fast(cfg, key="k2", out_dir=str(workdir / "a2"))
     assert len(attempts) == 1
@@ -371,7 +374,7 @@ def test_real_tiny_pipeline_end_to_end(servers, tmp_path, monkeypatch):
 
     from flows.cli import app
     from perl_core.data.versioning import data_version
-    from perl_core.generation import PolicyGenerator
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.reward import RewardScorer
 
     repo = tmp_path / "repo"

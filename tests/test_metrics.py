@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from perl_core import metrics as M
+from perl_core.eval import metrics as M
 
 
 def brute_force_auc(scores, labels):
@@ -13,6 +13,14 @@ def brute_force_auc(scores, labels):
     neg = [s for s, y in zip(scores, labels) if y == 0]
     credit = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
     return credit / (len(pos) * len(neg))
+
+
+def test_average_ranks_share_ties():
+    # sorted: 1 (rank 1), 2 (rank 2), 3, 3 (ranks 3 and 4 -> 3.5 each), 7 (rank 5)
+    assert M.average_ranks([3, 1, 7, 3, 2]).tolist() == [3.5, 1.0, 5.0, 3.5, 2.0]
+    assert M.average_ranks([5.0] * 4).tolist() == [2.5] * 4
+    with pytest.raises(ValueError):
+        M.average_ranks([1.0, float("nan")])
 
 
 def test_roc_auc_known_ranking():
@@ -148,7 +156,7 @@ def test_compare_reward_evals_pairs_rows_by_id(tmp_path):
     import json
 
     from perl_core.errors import UserError
-    from perl_core.evaluation import compare_reward_evals
+    from perl_core.eval.reward import compare_reward_evals
 
     def write(name, scores, ids=("a", "b", "c", "d")):
         rows = [{"id": i, "label": y, "score": s} for i, y, s in zip(ids, [1, 1, 0, 0], scores)]

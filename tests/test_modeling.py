@@ -333,7 +333,7 @@ def test_reward_adapter_keeps_every_saved_lora_setting(micro, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from perl_core.policy_models import POLICY_ADAPTER, REWARD_ADAPTER, load_reward_adapter
+    from perl_core.policy.roles import POLICY_ADAPTER, REWARD_ADAPTER, load_reward_adapter
 
     tok = load_tokenizer(micro)
     torch.manual_seed(0)

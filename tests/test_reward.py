@@ -145,7 +145,7 @@ def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
     `eval_examples` subsample, and their scores are what the saved model gives those pairs."""
     import json
 
-    from perl_core import metrics as M
+    from perl_core.eval import metrics as M
     from perl_core.reward import row_keys
 
     result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")
@@ -394,7 +394,7 @@ def test_truncation_modes_cut_what_they_say(backbone, tiny_encoder):
 
 
 def test_truncated_rows_are_counted_in_training_and_evaluation(tmp_path, backbone, rows):
-    from perl_core.evaluation import evaluate_reward_model
+    from perl_core.eval.reward import evaluate_reward_model
 
     long_reply = " Sure" + ", really" * 100 + "."
     long_prompt = "Customer: " + "very " * 150 + "a latte\nAgent:"

@@ -11,13 +11,15 @@ from perl_core.artifacts import read_manifest, write_manifest
 from perl_core.callbacks import collect
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
 from perl_core.errors import NonFiniteError
-from perl_core.generation import PolicyGenerator, sample_responses
+from perl_core.policy.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
-from perl_core.policy_models import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
-from perl_core import devices, rl
+from perl_core.policy.roles import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
+from perl_core import devices
+from perl_core.policy import rl, stage
 from perl_core.checkpoints import latest_checkpoint
-from perl_core.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
-                          rl_loop, rloo_advantages, row_chunks, token_logprobs, train_policy)
+from perl_core.policy.rl import (RunningMoments, adapt_kl_coef, clip_reward, kl_penalised_reward, moving_average, policy_loss,
+                                 rl_loop, rloo_advantages, row_chunks, token_logprobs)
+from perl_core.policy.stage import train_policy
 from perl_core.training import make_optimizer
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")
@@ -100,7 +102,7 @@ def manual_logprobs(model, samples, temperature):
 
 def test_logprobs_are_of_the_tempered_distribution_that_was_sampled(dirs):
     from perl_core.config import GenerationConfig
-    from perl_core.evaluation import logprobs_of, sample_with_logprobs
+    from perl_core.eval.policy import logprobs_of, sample_with_logprobs
 
     roles = roles_for(dirs)  # a fresh adapter: policy == anchor
     torch.manual_seed(0)
@@ -198,7 +200,7 @@ def test_policy_loss_on_a_hand_example():
 
 def samples_from_text(tokenizer, prompts, responses):
     """Samples for known text: left-padded prompts, then responses (+ EOS) right-padded."""
-    from perl_core.generation import Samples, left_pad
+    from perl_core.policy.generation import Samples, left_pad
 
     prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
@@ -325,7 +327,7 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
         def fp16_anywhere(p, d, s="train.precision"):
             return torch.float16 if p == "fp16" else real(p, d, s)
         monkeypatch.setattr(devices, "autocast_dtype", fp16_anywhere)
-        monkeypatch.setattr(rl, "autocast_dtype", fp16_anywhere)  # the stage's check before any work
+        monkeypatch.setattr(stage, "autocast_dtype", fp16_anywhere)  # the stage's check before any work
     monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
     monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
     anchor, rm = dirs
@@ -421,7 +423,7 @@ def test_policy_artifact_round_trips_through_policy_generator(dirs, tmp_path):
     # greedy decoding of the merged artifact equals greedy decoding of the in-memory policy
     torch.manual_seed(0)
     ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS[:3]]
-    from perl_core.generation import decode_responses
+    from perl_core.policy.generation import decode_responses
 
     live = decode_responses(roles.tokenizer, sample_responses(roles.policy, roles.tokenizer, ids, max_new_tokens=6,
                                                               temperature=0))

@@ -9,9 +9,9 @@ import torch
 from chat_backbones import STYLES, build_chat_backbone
 from perl_core.artifacts import write_manifest
 from perl_core.config import PerlConfig, build_config
-from perl_core.generation import Samples, left_pad
+from perl_core.policy.generation import Samples, left_pad
 from perl_core.modeling import attach_lora, encode_pair, encode_prompt, load_sequence_scorer, load_tokenizer
-from perl_core.policy_models import OneBackbone, build_roles
+from perl_core.policy.roles import OneBackbone, build_roles
 from perl_core.reward import RewardScorer, save_reward_model
 
 PROMPTS = [
@@ -82,7 +82,7 @@ def test_one_backbone_reward_equals_the_reward_models_scorer(chat_dirs):
 
 
 def test_an_empty_response_is_prompt_plus_end_token_on_every_path(chat_dirs):
-    from perl_core.evaluation import rm_scores
+    from perl_core.eval.policy import rm_scores
     from perl_core.modeling import response_end_id
     from perl_core.scoring import sequence_scores
 

@@ -24,7 +24,7 @@ mlflow = pytest.importorskip("mlflow")
 from flows import registry, tasks, tracking  # noqa: E402
 from perl_core.artifacts import write_manifest  # noqa: E402
 from perl_core.config import PerlConfig, build_config  # noqa: E402
-from perl_core.generation import PolicyGenerator  # noqa: E402
+from perl_core.policy.generation import PolicyGenerator  # noqa: E402
 from perl_core.modeling import attach_lora, build_scratch_backbone, load_sequence_scorer, load_tokenizer  # noqa: E402
 from perl_core.reward import RewardScorer, save_reward_model  # noqa: E402
 
@@ -40,8 +40,8 @@ def _policy_cfg():
 
 
 def _train_tiny_models(root: Path) -> tuple[Path, Path, Path]:
-    from perl_core.policy_models import build_roles
-    from perl_core.rl import rl_loop
+    from perl_core.policy.roles import build_roles
+    from perl_core.policy.rl import rl_loop
 
     anchor = build_scratch_backbone("llama-micro", PROMPTS + [p + RESPONSE for p in PROMPTS], root / "anchor", 300)
     write_manifest(anchor, kind="anchor", base_model="scratch:llama-micro", tuning="none", config={})
@@ -109,7 +109,7 @@ def test_recorded_requirements_are_pinned_published_packages(registered):
             assert _normalise(package) in published, f"{package} is not in constraints.txt (unpublished?)"
             assert pinned == installed_version(package).split("+")[0]
         code = folder / "code"
-        assert (code / "perl_core" / "rl.py").is_file() and not (code / "flows").exists()
+        assert (code / "perl_core" / "policy" / "rl.py").is_file() and not (code / "flows").exists()
 
 
 def test_the_anchor_is_stored_once_and_referenced_by_both_models(registered):

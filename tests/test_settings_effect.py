@@ -20,7 +20,7 @@ import torch
 
 import perl_core.data
 from perl_core import reward as reward_mod
-from perl_core import rl as rl_mod
+from perl_core.policy import stage as stage_mod
 from perl_core import sft as sft_mod
 from perl_core.artifacts import write_manifest
 from perl_core.config import ConfigError, LoraConfig, PolicyTrainConfig, TrainConfig, build_config
@@ -157,7 +157,7 @@ def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
         mp.setattr(sft_mod, "_data_version", lambda: {"md5": "test"})
         mp.setattr(sft_mod, "train_loop", _record(sft_mod.train_loop, lambda model, *a: model, probes))
         mp.setattr(reward_mod, "train_loop", _record(reward_mod.train_loop, lambda model, *a: model, probes))
-        mp.setattr(rl_mod, "rl_loop", _record(rl_mod.rl_loop, lambda roles, *a: roles.policy, probes))
+        mp.setattr(stage_mod, "rl_loop", _record(stage_mod.rl_loop, lambda roles, *a: roles.policy, probes))
         for target, name, value in patches:
             mp.setattr(target, name, value)
         callback = lambda metrics, step: history.append((step, metrics))  # noqa: E731
@@ -169,7 +169,7 @@ def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
             elif stage == "reward":
                 metrics = reward_mod.train_reward_model(cfg, out, callback=callback).metrics
             else:
-                metrics = rl_mod.train_policy(cfg, out, root / "anchor", root / "rm", callback=callback).metrics
+                metrics = stage_mod.train_policy(cfg, out, root / "anchor", root / "rm", callback=callback).metrics
         except (UserError, ConfigError) as err:
             error = err
     probe = probes[0] if probes else None

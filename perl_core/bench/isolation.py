@@ -34,6 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import psutil
+
 MB = 1024 * 1024
 
 
@@ -88,8 +90,7 @@ def bench_config(preset: str, measure: Sequence[str], overrides: Sequence[str], 
 
 # ---------------------------------------------------------------- the child side
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
 
 
 def _peak_rss_bytes() -> int:

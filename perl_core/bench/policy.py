@@ -1,7 +1,7 @@
 """The policy-RL benchmark: full-tuning RL (separate policy, anchor and reward-model copies)
 against PERL (one backbone: policy adapter, reward adapter + head, anchor = adapters off).
 
-Both settings run the real loop (`perl_core.rl.rl_loop` on `perl_core.policy_models.build_roles`)
+Both settings run the real loop (`perl_core.policy.rl.rl_loop` on `perl_core.policy.roles.build_roles`)
 with the same backbone, prompts, batch, k and generation length, each in a fresh process
 (`isolation.run_isolated`) so peak memory is not shared between them. The anchor and the reward
 model are stand-ins with the production artifact layout (an anchor folder, a LoRA reward adapter
@@ -89,7 +89,7 @@ def policy_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
 
 
 def policy_table(report: dict) -> str:
-    from perl_core.reporting import markdown_table
+    from perl_core.eval.reporting import markdown_table
 
     rows = []
     for name, r in report["settings"].items():
@@ -141,8 +141,8 @@ def prepare_artifacts(backbone_dir: str, out: Path, lora_rank: int = 8, seed: in
 def policy_workload(config: dict, anchor_dir: str, reward_model_dir: str, prompts: list[str]) -> dict:
     """Run `config`'s policy RL (its `policy` section, all of it) in this process; return step times
     (split) and parameter counts."""
-    from perl_core.policy_models import build_roles
-    from perl_core.rl import rl_loop
+    from perl_core.policy.roles import build_roles
+    from perl_core.policy.rl import rl_loop
 
     cfg = PerlConfig.model_validate(config).policy
     roles = build_roles(cfg, Path(anchor_dir), Path(reward_model_dir), sample_texts=prompts[:32])

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core import reporting as R
+from perl_core.eval import reporting as R
 from perl_core.bench.isolation import peak_memory_mb, ratio, run_isolated
 from perl_core.errors import UserError
 
@@ -94,7 +94,7 @@ def quality_intervals(r: dict, full: Optional[dict] = None) -> dict:
     claim is read from that interval, not from two point estimates). Empty when the workload kept no
     per-pair scores (results saved before it did) or the two settings scored different pairs."""
     from perl_core.config import EvaluationConfig
-    from perl_core.evaluation import compare_pairwise, pairwise_intervals
+    from perl_core.eval.reward import compare_pairwise, pairwise_intervals
 
     pairs = (r.get("validation_rows") or {}).get("pairwise")
     if r.get("validation_metric") != "pairwise_accuracy" or not pairs:
@@ -437,7 +437,7 @@ TRL_CONFIGURATION = [
     "TRL's default is random batches), AdamW, same learning rate, warm-up and linear decay, max_grad_norm. "
     "TRL joins prompt + response + eos as one string without bos; ours joins token ids with bos. Quality: pairwise accuracy on the same validation pairs, "
     "scored by the same function after training.",
-    "- **RLOO.** PERL: `perl_core.rl.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
+    "- **RLOO.** PERL: `perl_core.policy.stage.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
     "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights). TRL 1.16: "
     "`trl.RLOOTrainer(model=<anchor>, reward_funcs=<callable>, peft_config=LoraConfig(task_type='CAUSAL_LM'))`; this "
     "version takes reward *functions*, so the callable scores with our trained reward model (`RewardScorer`, "

@@ -87,7 +87,7 @@ def reward_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
 
 
 def reward_table(report: dict) -> str:
-    from perl_core.reporting import markdown_table
+    from perl_core.eval.reporting import markdown_table
 
     rows = []
     for tuning, r in report["settings"].items():

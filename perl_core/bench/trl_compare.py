@@ -9,7 +9,7 @@ Reward model: ours is `perl_core.reward.train_reward_model`; TRL's is `trl.Rewar
 a `peft.LoraConfig` (task SEQ_CLS, the score head in `modules_to_save`, as ours). Both are
 scored afterwards on the same validation pairs by the same function.
 
-Policy RL: ours is `perl_core.rl.train_policy` (RLOO, k samples per prompt, one backbone);
+Policy RL: ours is `perl_core.policy.stage.train_policy` (RLOO, k samples per prompt, one backbone);
 TRL 1.16's `RLOOTrainer(model, reward_funcs, args, train_dataset, processing_class,
 peft_config)` takes *reward functions*, not a reward-model argument: we pass one callable that
 scores with our `RewardScorer` (the same trained RM our side uses, adapters merged). Step time is
@@ -58,7 +58,8 @@ def _preload() -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
     from trl import RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer  # noqa: F401
 
-    from perl_core import data, generation, modeling, policy_models, reward, rl  # noqa: F401
+    from perl_core import data, modeling, reward  # noqa: F401
+    from perl_core.policy import generation, rl, roles  # noqa: F401
     from perl_core.data import versioning  # noqa: F401
     from perl_core.bench.isolation import _rss_bytes
 
@@ -135,7 +136,7 @@ def trl_reward_workload(config: dict) -> dict:
     baseline = _preload()
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
-    from perl_core.metrics import pairwise_accuracy
+    from perl_core.eval.metrics import pairwise_accuracy
     from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
                                     resolve_backbone)
     from perl_core.reward import head_name, score_sequences
@@ -213,7 +214,7 @@ def trl_reward_workload(config: dict) -> dict:
 def ours_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> dict:
     """Our RLOO (`train_policy`, LoRA, one backbone) for the configured steps; seconds per RL step."""
     from perl_core.config import PerlConfig
-    from perl_core.rl import train_policy
+    from perl_core.policy.stage import train_policy
 
     baseline = _preload()
     cfg = PerlConfig.model_validate(config)
@@ -258,7 +259,7 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     rm_calls: list[float] = []
 
     def perl_reward_model(prompts, completions, **kwargs) -> list[float]:
-        from perl_core.evaluation import rm_scores
+        from perl_core.eval.policy import rm_scores
 
         t0 = time.perf_counter()
         scores = rm_scores(scorer, list(prompts), list(completions))
@@ -312,8 +313,8 @@ def _policy_quality(cfg, policy_dir, reward_model_dir, *, model=None, tokenizer=
     import numpy as np
 
     from perl_core import data as data_api
-    from perl_core.evaluation import gold_oracle, rm_scores
-    from perl_core.generation import PolicyGenerator
+    from perl_core.eval.policy import gold_oracle, rm_scores
+    from perl_core.policy.generation import PolicyGenerator
     from perl_core.reward import RewardScorer
 
     if model is None:

@@ -15,7 +15,7 @@ One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahm
 pi and pi_anchor are the tempered distributions softmax(logits / T), T = `generation.temperature`:
 the policy samples from pi_T, so its gradient and the KL are taken for pi_T (:func:`token_logprobs`).
 Only the policy's LoRA adapter trains (every weight in `full` mode, the baseline). The roles
-(policy, anchor, reward model) live in `perl_core.policy_models`: in PERL's default they are
+(policy, anchor, reward model) live in `perl_core.policy.roles`: in PERL's default they are
 ONE backbone (adapter on, adapters off, reward adapter + head).
 
 Every forward of a step (sampling, scoring, update) runs under `policy.train.precision`; with
@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from perl_core.config import ConfigError, PerlConfig, PolicyConfig
-from perl_core.devices import autocast, autocast_dtype, grad_scaler, run_device
+from perl_core.config import ConfigError, PolicyConfig
+from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
-from perl_core.generation import Samples, sample_responses
+from perl_core.policy.generation import Samples, decode_responses, sample_responses
 from perl_core.modeling import prompts_within
 from perl_core.scoring import position_ids
 from perl_core.training import make_optimizer, make_scheduler, optimizer_step, require_finite, set_seed
@@ -188,7 +187,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
 
     Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
     """
-    from perl_core.generation import decode_responses
+    from perl_core.policy.generation import decode_responses
 
     check_policy_config(cfg)
     encoded = prompts_within(tokenizer, prompts, cfg.max_prompt_length)
@@ -324,45 +323,3 @@ def completion_rows(prompts: list[str], responses: list[str], rewards: list[floa
     for row, g in zip(rows, gold or []):
         row["gold_score"] = float(g)
     return rows
-
-
-# ---------------------------------------------------------------- the stage
-def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
-    """Means over the last `last` steps (RL metrics are noisy step to step)."""
-    tail = history[-last:]
-    return {f"final_{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
-
-
-def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
-                 callback: MetricsCallback = null_callback, resume: bool = False,
-                 samples_callback: SamplesCallback = null_samples) -> StageResult:
-    """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
-    from perl_core.data import load_prompts
-    from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
-    from perl_core.policy_models import build_roles
-
-    check_policy_config(cfg.policy)
-    autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
-    out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
-    anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
-    rm_manifest = read_reward_manifest(reward_model_dir)
-    prompts = load_prompts(cfg.data, "train")
-    build = build_ensemble_roles if rm_manifest["kind"] == ENSEMBLE_KIND else build_roles
-    roles = build(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
-    gold = None
-    if cfg.data.source == "synthetic":
-        from perl_core.data.synthetic import gold_score as gold
-    result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
-                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
-                     samples_callback=samples_callback)
-    roles.save_policy(out_dir)
-    from perl_core.sft import _data_version
-
-    metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
-                                          "final_kl_coef": result.kl_coef, **roles.parameter_counts()}
-    write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning=cfg.policy.tuning,
-                   config=cfg.policy.model_dump(mode="json"), data_version=_data_version(), metrics=metrics,
-                   anchor=str(anchor_dir.resolve()), reward_model=str(reward_model_dir.resolve()),
-                   backbone=anchor_manifest.get("base_model"), reward_model_base=rm_manifest.get("base_model"),
-                   one_backbone=roles.one_backbone)
-    return StageResult(out_dir, metrics, {"policy": out_dir})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def _as_array(values, name: str) -> np.ndarray:
@@ -52,16 +53,7 @@ def _binary(predictions, threshold: float | None, name: str = "predictions") -> 
 # ---------------------------------------------------------------- pointwise (thumbs up/down)
 def average_ranks(values) -> np.ndarray:
     """1-based ranks of `values`; tied values share the mean of the ranks they span."""
-    arr = _as_array(values, "values")
-    order = np.argsort(arr, kind="mergesort")
-    sorted_vals = arr[order]
-    ranks = np.empty(arr.size, dtype=np.float64)
-    # boundaries of runs of equal values in the sorted order
-    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
-    ends = np.r_[starts[1:], arr.size]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2.0  # mean of ranks s+1 .. e
-    return ranks
+    return rankdata(_as_array(values, "values"), method="average").astype(np.float64)
 
 
 def roc_auc(scores, labels) -> float:

@@ -23,10 +23,10 @@ from torch import nn
 from perl_core.artifacts import read_manifest
 from perl_core.config import ConfigError, PolicyConfig
 from perl_core.devices import enable_gradient_checkpointing, run_device
-from perl_core.generation import Samples
+from perl_core.policy.generation import Samples
 from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
                                 response_end_id)
-from perl_core.rl import token_logprobs
+from perl_core.policy.rl import token_logprobs
 from perl_core.scoring import read_scores
 from perl_core.training import set_seed
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, reporting (JSON, Markdown, plots), reward-model and policy evaluation."""

@@ -1,0 +1,54 @@
+"""The policy stage: RL the anchor against the reward model and write the policy artifact.
+
+The roles come from `perl_core.policy.roles` (or `perl_core.ensemble` for a reward-model ensemble),
+the loop and its math from `perl_core.policy.rl`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from perl_core.artifacts import StageResult, read_manifest, write_manifest
+from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
+from perl_core.config import PerlConfig
+from perl_core.devices import autocast_dtype, run_device
+from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
+from perl_core.policy.rl import check_policy_config, rl_loop
+from perl_core.policy.roles import build_roles
+
+
+def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
+    """Means over the last `last` steps (RL metrics are noisy step to step)."""
+    tail = history[-last:]
+    return {f"final_{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+
+
+def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, reward_model_dir: str | Path,
+                 callback: MetricsCallback = null_callback, resume: bool = False,
+                 samples_callback: SamplesCallback = null_samples) -> StageResult:
+    """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
+    from perl_core.data import load_prompts  # looked up at call time: tests stand in for the data
+    from perl_core.sft import _data_version
+
+    check_policy_config(cfg.policy)
+    autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
+    out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
+    anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
+    rm_manifest = read_reward_manifest(reward_model_dir)
+    prompts = load_prompts(cfg.data, "train")
+    build = build_ensemble_roles if rm_manifest["kind"] == ENSEMBLE_KIND else build_roles
+    roles = build(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
+    gold = None
+    if cfg.data.source == "synthetic":
+        from perl_core.data.synthetic import gold_score as gold
+    result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
+                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
+                     samples_callback=samples_callback)
+    roles.save_policy(out_dir)
+    metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
+                                          "final_kl_coef": result.kl_coef, **roles.parameter_counts()}
+    write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning=cfg.policy.tuning,
+                   config=cfg.policy.model_dump(mode="json"), data_version=_data_version(), metrics=metrics,
+                   anchor=str(anchor_dir.resolve()), reward_model=str(reward_model_dir.resolve()),
+                   backbone=anchor_manifest.get("base_model"), reward_model_base=rm_manifest.get("base_model"),
+                   one_backbone=roles.one_backbone)
+    return StageResult(out_dir, metrics, {"policy": out_dir})
