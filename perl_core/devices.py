@@ -25,11 +25,20 @@ from perl_core.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def process_state():
+    """accelerate's `PartialState` of this process: its device, rank and process group (perl_core.parallel).
+
+    `ACCELERATE_USE_CPU=1` (what `accelerate launch --cpu` sets) keeps every process on the CPU, with
+    gloo between the processes of a launch."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def run_device() -> torch.device:
     """The device this process computes on (see the module docstring)."""
-    from accelerate import PartialState
-
-    return PartialState().device
+    return process_state().device
 
 
 def autocast_dtype(precision: str, device: torch.device, setting: str = "train.precision") -> Optional[torch.dtype]:
