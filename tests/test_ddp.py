@@ -99,3 +99,17 @@ def test_a_global_batch_that_does_not_split_evenly_names_the_setting(monkeypatch
     with pytest.raises(UserError, match=r"reward\.train\.batch_size=8 .*3 processes"):
         parallel.per_process(8, "reward.train.batch_size")
     assert parallel.per_process(9, "reward.train.batch_size") == 3
+
+
+def test_auto_precision_follows_accelerate_launch_mixed_precision(monkeypatch):
+    from perl_core.devices import autocast_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert autocast_dtype("auto", cpu) == torch.bfloat16
+    assert autocast_dtype("fp32", cpu) is None  # an explicit setting wins over the launch flag
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UserError, match="auto, from accelerate launch --mixed_precision.*CUDA"):
+        autocast_dtype("auto", cpu, "reward.train.precision")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: auto decides as without it
+    assert autocast_dtype("auto", cpu) is None
