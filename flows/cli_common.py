@@ -58,7 +58,9 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ConfigError, UserError) as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            quiet, console.quiet = console.quiet, False  # every process says why it stopped
+            console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            console.quiet = quiet
             sys.exit(2)
 
     return wrapper
