@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -11,7 +12,8 @@ from rich.console import Console
 
 from perl_core.config import ConfigError, PerlConfig, load_config
 
-console = Console(stderr=True)
+# under `accelerate launch` only the main process (RANK 0) prints; errors print on every process
+console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 
 ConfigOpt = typer.Option("default", "--config", "-c", help="preset name in configs/ (default, taskmaster4, ...) or a YAML path")
 SetOpt = typer.Option(None, "--set", "-s", help="override a setting, e.g. --set reward.lora.rank=4 (repeatable)")
@@ -56,7 +58,9 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ConfigError, UserError) as err:
+            quiet, console.quiet = console.quiet, False  # every process says why it stopped
             console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            console.quiet = quiet
             sys.exit(2)
 
     return wrapper

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 import perl_core
 from flows import tasks, tracking
 from perl_core.config import PerlConfig
+from perl_core.errors import UserError
 
 STAGES = ("data", "anchor", "reward_model", "policy", "evaluate", "register")
 
@@ -209,6 +211,9 @@ def _evaluation_artifacts(evaluation: dict, stages: list[dict]) -> None:
 @flow(name="perl-pipeline", log_prints=True)
 def perl_pipeline(cfg: PerlConfig = PerlConfig()) -> dict:
     """The whole PERL pipeline in one parent MLflow run. Fails before training if a server is unreachable."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by accelerate launch (torchrun) for N > 1 processes
+        raise UserError("the pipeline trains every stage in one process: under `accelerate launch` run a stage "
+                        "command instead (perl-rlhf sft train / reward train / policy train)")
     tracking.check_servers(cfg)
     with tracking.pipeline_run(cfg, run_name=f"perl-{cfg.preset}") as parent:
         data = data_flow(cfg)

@@ -4,7 +4,8 @@
   GPU of its local rank; a plain run gets the GPU when there is one, else the CPU
   (`ACCELERATE_USE_CPU=1` or `accelerate launch --cpu` forces the CPU). Every stage places its
   models with :func:`run_device`, and the same state tells a process its rank.
-* Precision (`*.train.precision`): fp32 weights, forwards under `torch.autocast`: what
+* Precision (`*.train.precision`; `auto` follows `accelerate launch --mixed_precision bf16|fp16`):
+  fp32 weights, forwards under `torch.autocast`: what
   accelerate's `mixed_precision` does. It is plain autocast rather than
   `Accelerator(mixed_precision=...)` because accelerate fixes one mixed precision per process
   and refuses a second one, while one pipeline process trains the anchor, the reward model and
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -25,11 +27,20 @@ from perl_core.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def process_state():
+    """accelerate's `PartialState` of this process: its device, rank and process group (perl_core.parallel).
+
+    `ACCELERATE_USE_CPU=1` (what `accelerate launch --cpu` sets) keeps every process on the CPU, with
+    gloo between the processes of a launch."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def run_device() -> torch.device:
     """The device this process computes on (see the module docstring)."""
-    from accelerate import PartialState
-
-    return PartialState().device
+    return process_state().device
 
 
 def autocast_dtype(precision: str, device: torch.device, setting: str = "train.precision") -> Optional[torch.dtype]:
@@ -38,11 +49,16 @@ def autocast_dtype(precision: str, device: torch.device, setting: str = "train.p
     `auto` is bf16 on CUDA GPUs that support it, fp16 on older ones, and fp32 elsewhere (bf16
     autocast on a CPU is correct but usually slower than fp32). `bf16` runs on the CPU too.
     `fp16` needs CUDA: its loss scaling guards against fp16's narrow range, which CPUs do not need.
+    Under `accelerate launch --mixed_precision bf16|fp16` (the `ACCELERATE_MIXED_PRECISION` it sets),
+    `auto` is that precision; an explicit setting wins over the launch flag.
     """
     if precision not in PRECISIONS:
         raise UserError(f"{setting}={precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if precision == "auto" and launched in ("bf16", "fp16"):  # accelerate launch --mixed_precision bf16|fp16
+        return autocast_dtype(launched, device, f"{setting} (auto, from accelerate launch --mixed_precision)")
     if precision == "auto":
         if device.type != "cuda":
             return None

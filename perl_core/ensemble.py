@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from perl_core import parallel
 from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
@@ -166,7 +167,8 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
 
             train_reward_model(member_cfg, folder, callback=member_callback, resume=resume, base_model=base_model,
                                train_rows=rows)
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: resume keeps it as it is
+            if parallel.is_main():  # finished: resume keeps it as it is
+                shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         members.append({"folder": member_folder(i), "seed": seed, "bootstrap": rcfg.ensemble.bootstrap})
 
     # every member on the same validation rows: the offsets, each member's metrics, the ensemble's
@@ -194,10 +196,12 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
                    total_params=member_metrics[0].get("total_params", 0) + (size - 1) * per_member,
                    steps=sum(m.get("steps", 0) for m in member_metrics),
                    train_seconds=sum(m.get("train_seconds", 0.0) for m in member_metrics))
-    write_manifest(out, kind=ENSEMBLE_KIND, base_model=first["base_model"], tuning=rcfg.tuning,
-                   config=rcfg.model_dump(mode="json"), data_version=first.get("data_version"), metrics=metrics,
-                   members=members, head=first["head"], objective=rcfg.objective, max_length=rcfg.max_length,
-                   truncation=rcfg.truncation, data=first.get("data"))
+    if parallel.is_main():
+        write_manifest(out, kind=ENSEMBLE_KIND, base_model=first["base_model"], tuning=rcfg.tuning,
+                       config=rcfg.model_dump(mode="json"), data_version=first.get("data_version"), metrics=metrics,
+                       members=members, head=first["head"], objective=rcfg.objective, max_length=rcfg.max_length,
+                       truncation=rcfg.truncation, data=first.get("data"))
+    parallel.barrier()
     scores_file = out / "validation_scores.json"
     scores_file.write_text(json.dumps({"split": "validation", "objective": rcfg.objective, "aggregation": "mean",
                                        "scores": {rcfg.objective: score_rows(rows, mean, rcfg.objective, numbers)}}))

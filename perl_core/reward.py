@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perl_core import parallel
 from perl_core.eval import metrics as M
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
@@ -301,6 +302,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     rcfg, out = cfg.reward, Path(out_dir)
     objective = rcfg.objective
     autocast_dtype(rcfg.train.precision, run_device(), "reward.train.precision")  # refuse before any work
+    parallel.per_process(rcfg.train.batch_size, "reward.train.batch_size")
     if train_rows is None:
         train_rows = data_api.load_rows(cfg.data, objective, "train")
     val_rows = data_api.load_rows(cfg.data, objective, "validation")
@@ -308,7 +310,8 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
         base = str(base_model)
     else:
         corpus = data_api.corpus(cfg.data) if rcfg.backbone.name.startswith("scratch:") else None
-        base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
+        with parallel.main_first():  # a scratch backbone is built once, by the main process
+            base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     model, head = build_reward_model(base, cfg, tokenizer)
     encoder = head == "classifier"
@@ -340,7 +343,9 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
         labels = torch.tensor([e[1] for e in batch], device=scores.device)
         weights = (torch.tensor([class_weight[e[1]] for e in batch], device=scores.device)
                    if rcfg.class_balance else None)
-        return pointwise_bce_loss(scores, labels, weights), {"batch_size": len(batch)}
+        # a weighted mean: processes sharing a batch weigh their losses by their summed class weights
+        weight = float(weights.sum()) if weights is not None else len(batch)
+        return pointwise_bce_loss(scores, labels, weights), {"batch_size": len(batch), "loss_weight": weight}
 
     eval_metric = "pairwise_accuracy" if objective == "pairwise" else "roc_auc"
 
@@ -364,12 +369,14 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     if rcfg.truncation != "error":  # rows that were cut to fit reward.max_length, whole splits
         for split, cut in (("train", train_cut), ("validation", val_cut)):
             metrics.update({f"{split}/truncated_{part}": float(n) for part, n in cut.items()})
-    save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
-    # per-row validation scores: the validation metric's interval, and paired comparisons of two
-    # training runs on the same rows (the efficiency report's LoRA against full tuning)
     scores_file = out / "validation_scores.json"
-    scores_file.write_text(json.dumps({"split": "validation", "objective": objective, "scores": {objective: score_rows(
-        [val_rows[i] for i in val_numbers], last_scores[0], objective, [i + 1 for i in val_numbers])}}))
+    if parallel.is_main():
+        save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
+        # per-row validation scores: the validation metric's interval, and paired comparisons of two
+        # training runs on the same rows (the efficiency report's LoRA against full tuning)
+        scores_file.write_text(json.dumps({"split": "validation", "objective": objective, "scores": {objective: score_rows(
+            [val_rows[i] for i in val_numbers], last_scores[0], objective, [i + 1 for i in val_numbers])}}))
+    parallel.barrier()  # the reward model is whole before any process goes on to read it
     return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out, "validation_scores": scores_file})
 
 

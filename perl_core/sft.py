@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from perl_core import parallel
 from perl_core.artifacts import StageResult, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import PerlConfig
@@ -62,16 +63,18 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     n_tokens = target_mask.sum().clamp(min=1)
     loss = (nll.view_as(target_mask) * target_mask).sum() / n_tokens
-    return loss, {"batch_size": ids.shape[0], "response_tokens": float(n_tokens)}
+    # a mean over response tokens: processes sharing a batch weigh their losses by their token counts
+    return loss, {"batch_size": ids.shape[0], "response_tokens": float(n_tokens), "loss_weight": float(n_tokens)}
 
 
-def batch_stream(examples: list, batch_size: int, pad_id: int, seed: int):
-    """`batches(epoch)` for `train_loop`: the order depends only on (seed, epoch), so resume is exact."""
+def batch_stream(examples: list, batch_size: int, seed: int):
+    """`batches(epoch)` for `train_loop`, lists of examples: the order depends only on (seed, epoch),
+    so resume is exact (and the processes of a launch shard the same batches)."""
     def batches(epoch: int):
         order = list(range(len(examples)))
         random.Random(seed * 1000003 + epoch).shuffle(order)
         for i in range(0, len(order), batch_size):
-            yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+            yield [examples[j] for j in order[i:i + batch_size]]
     return batches
 
 
@@ -103,9 +106,11 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     out_dir = Path(out_dir)
     sft = cfg.sft
     device = run_device()
-    if sft.enabled:
-        autocast_dtype(sft.train.precision, device, "sft.train.precision")  # refuse before any work
-    base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
+    if sft.enabled:  # refuse before any work
+        autocast_dtype(sft.train.precision, device, "sft.train.precision")
+        parallel.per_process(sft.train.batch_size, "sft.train.batch_size")
+    with parallel.main_first():  # a scratch backbone is built once, by the main process
+        base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     set_seed(sft.train.seed)  # a new pad row and the fresh adapter's initialisation are part of the run's seed
     model = fit_embeddings(load_causal_lm(base, sft.backbone.dtype), tokenizer)
@@ -125,9 +130,11 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
             enable_gradient_checkpointing(model, lora=sft.tuning == "lora")
         model.to(device)
         counts = parameter_counts(model)
-        batches = batch_stream(train, sft.train.batch_size, tokenizer.pad_token_id, sft.train.seed)
-        eval_fn = (lambda m: validation_loss(m, val, sft.train.batch_size, tokenizer.pad_token_id)) if val else None
-        result = train_loop(model, batches, response_loss, sft.train, eval_fn=eval_fn,
+        pad_id = tokenizer.pad_token_id
+        batches = batch_stream(train, sft.train.batch_size, sft.train.seed)
+        eval_fn = (lambda m: validation_loss(m, val, sft.train.batch_size, pad_id)) if val else None
+        result = train_loop(model, batches, lambda m, rows: response_loss(m, collate(rows, pad_id)), sft.train,
+                            eval_fn=eval_fn,
                             eval_metric="loss" if val else None, eval_mode="min", callback=callback,
                             checkpoint_dir=out_dir / "checkpoints", resume=resume, desc="sft")
         if sft.tuning == "lora":
@@ -137,9 +144,11 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
                        trainable_params=counts["trainable"], total_params=counts["total"])
         if result.best_metric is not None:
             metrics["best_val_loss"] = result.best_metric
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    write_manifest(out_dir, kind="anchor", base_model=base, tuning=sft.tuning if sft.enabled else "none",
-                   config=sft.model_dump(mode="json") | {"generation": cfg.policy.generation.model_dump()},
-                   data_version=_data_version(), metrics=metrics)
+    if parallel.is_main():
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        write_manifest(out_dir, kind="anchor", base_model=base, tuning=sft.tuning if sft.enabled else "none",
+                       config=sft.model_dump(mode="json") | {"generation": cfg.policy.generation.model_dump()},
+                       data_version=_data_version(), metrics=metrics)
+    parallel.barrier()  # the anchor is whole before any process goes on to read it
     return StageResult(out_dir, metrics, {"anchor": out_dir})

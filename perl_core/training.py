@@ -4,6 +4,12 @@ One loop, top to bottom: AdamW, warmup then linear/cosine decay, gradient accumu
 clipping, mixed precision by `train.precision` (perl_core.devices), validation every N steps
 with early stopping, checkpoints every N steps (`perl_core.checkpoints`), a stop on a non-finite
 loss that keeps the last good checkpoint. Metrics go to the callback it is handed.
+
+Under `accelerate launch --num_processes N` (perl_core.parallel) each process takes its shard of
+every batch and DistributedDataParallel averages the gradients; each shard's loss is weighted by
+its share of the batch's loss denominator (rows, or response tokens for SFT), so one step of N
+processes is the step one process takes on the whole batch. Only the main process reports,
+evaluates for the record and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from perl_core import parallel
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.checkpoints import (latest_checkpoint, load_best_state, load_checkpoint, load_trainable_state,
                                    save_checkpoint, trainable_state)
@@ -116,6 +123,34 @@ def _progress(total: int, start: int, desc: str):
     return bar
 
 
+class LossStep(nn.Module):
+    """`loss_fn(model, batch)` as a module, so that DistributedDataParallel sees the forward
+    (loss functions reach inside the model, e.g. a reward model's body and head)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def shard_loss(step: nn.Module, batch: list, world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """This process's loss on its shard of `batch`, scaled so that DDP's mean over the processes is the
+    loss of the whole batch, and its metrics scaled alike (their sum over processes / N is the batch's).
+
+    A loss function returns a mean over `metrics["loss_weight"]` (default: `batch_size`) units; the
+    whole batch's loss is sum_r weight_r * loss_r / sum_r weight_r. A process whose shard is empty
+    (a batch with fewer rows than processes) runs one row at weight 0: DDP needs every process's backward.
+    """
+    rows = parallel.shard(batch)
+    loss, metrics = step(rows or list(batch[:1]))
+    weight = float(metrics.get("loss_weight", metrics.get("batch_size", 1))) if rows else 0.0
+    share = world * weight / float(parallel.sum_across(torch.tensor([weight]))[0])
+    metrics = {k: float(v) * share for k, v in metrics.items()} | {"batch_size": len(rows)}
+    return loss * share, metrics
+
+
 def train_loop(
     model: nn.Module,
     batches: Callable[[int], Iterable[Any]],
@@ -135,9 +170,13 @@ def train_loop(
     `batches(epoch)` yields the micro-batches of one epoch in an order that depends only on
     the epoch number (seeded), so a resumed run skips exactly the batches already consumed.
     `loss_fn(model, batch)` returns the loss and per-batch metrics. With `eval_fn`, the best
-    weights by `eval_metric` are restored at the end.
+    weights by `eval_metric` are restored at the end. Under N processes, `batches` yields the global
+    batches as sequences of rows (each process takes its shard) and only the main process calls
+    `callback` and writes checkpoints.
     """
     device = next(model.parameters()).device
+    world = parallel.world_size()
+    main = parallel.is_main()
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     scaler = grad_scaler(cfg.precision, device)
@@ -172,34 +211,47 @@ def train_loop(
             epoch += 1
 
     started = time.perf_counter()
-    bar = _progress(cfg.max_steps, step, desc)
+    bar = _progress(cfg.max_steps, step, desc) if main else None
     model.train()
     stream = _batches_from(micro_done)
+    ddp = parallel.data_parallel(LossStep(model, loss_fn)) if world > 1 else None
     try:
         while step < cfg.max_steps and not result.stopped_early:
             t0 = time.perf_counter()
             totals: dict[str, float] = {}
             n_examples = 0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = next(stream)
-                with autocast(cfg.precision, device):
-                    loss, metrics = loss_fn(model, batch)
-                require_finite(loss, "training loss", step + 1, checkpoint_dir)
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                # gradients are all-reduced once per step, in the last micro-batch's backward
+                with parallel.no_sync(ddp, sync=micro == cfg.grad_accum - 1):
+                    with autocast(cfg.precision, device):
+                        if ddp is None:
+                            loss, metrics = loss_fn(model, batch)
+                        else:
+                            loss, metrics = shard_loss(ddp, batch, world)
+                    require_finite(loss, "training loss", step + 1, checkpoint_dir)
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 micro_done += 1
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
                 totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
                 n_examples += int(metrics.get("batch_size", 0))
+            if ddp is not None:  # the whole batch's metrics: each process's are scaled by its share
+                keys = sorted(totals)
+                summed = parallel.sum_across(torch.tensor([totals[k] for k in keys] + [n_examples], dtype=torch.float64))
+                totals = {k: float(v) / world for k, v in zip(keys, summed[:-1])}
+                n_examples = int(summed[-1])
             grad_norm = optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm, step + 1, checkpoint_dir)
             step += 1
             seconds = time.perf_counter() - t0
             totals.pop("batch_size", None)
+            totals.pop("loss_weight", None)
             totals.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), step_seconds=seconds)
             if n_examples:
                 totals["examples_per_second"] = n_examples / seconds
-            callback({f"train/{k}": v for k, v in totals.items()}, step)
+            if main:
+                callback({f"train/{k}": v for k, v in totals.items()}, step)
             if bar:
                 bar.update(bar.task_ids[0], completed=step, info=f"loss {totals['loss']:.4f}")
 
@@ -208,7 +260,10 @@ def train_loop(
                 with torch.no_grad(), autocast(cfg.precision, device):
                     result.last_eval = eval_fn(model)
                 model.train()
-                callback({f"eval/{k}": v for k, v in result.last_eval.items()}, step)
+                # every process evaluates (its copy of the weights is the same); the main one's numbers decide
+                result.last_eval = parallel.from_main(result.last_eval)
+                if main:
+                    callback({f"eval/{k}": v for k, v in result.last_eval.items()}, step)
                 if eval_metric:
                     value = result.last_eval[eval_metric]
                     better = best is None or (value > best if eval_mode == "max" else value < best)
@@ -221,12 +276,14 @@ def train_loop(
                             result.stopped_early = True
             if checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps or result.stopped_early):
                 # everything the rest of the run and its summary read, so a resume from here ends identically
-                save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
-                                extra={"micro_done": micro_done, "best_metric": best, "best_step": best_step,
-                                       "patience_left": patience_left, "stopped_early": result.stopped_early,
-                                       "last_eval": result.last_eval,
-                                       "grad_scaler": scaler.state_dict() if scaler else None},
-                                best=best_state if best_step not in (None, step) else None)
+                if main:
+                    save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
+                                    extra={"micro_done": micro_done, "best_metric": best, "best_step": best_step,
+                                           "patience_left": patience_left, "stopped_early": result.stopped_early,
+                                           "last_eval": result.last_eval,
+                                           "grad_scaler": scaler.state_dict() if scaler else None},
+                                    best=best_state if best_step not in (None, step) else None)
+                parallel.barrier()  # no process reads or resumes from a checkpoint before it is whole
     finally:
         if bar:
             bar.stop()

@@ -25,6 +25,15 @@ Every forward of a step (sampling, scoring, update) runs under `policy.train.pre
 With `policy.train.micro_batch_size` the B*k samples go through the reward model, the anchor and
 the policy's forward/backward in chunks, each chunk's loss weighted by its share of the mean: the
 same gradient, with memory set by the chunk instead of B*k (sampling stays one `generate`).
+
+Under `accelerate launch --num_processes N` (perl_core.parallel) each process samples for its B/N
+prompts of the step's batch (RLOO's leave-one-out stays within a prompt's k samples, so within a
+process) and DistributedDataParallel averages the update's gradients, the mean over all B*k
+samples. What is computed over the whole batch is computed over all processes' samples: the
+reward moments, the reinforce moving-average baseline and the adaptive-KL controller's mean KL.
+Sampling draws from a stream of its own per process, seeded by (seed, step, rank): N processes
+draw other samples than one process would, so a run matches a one-process run in distribution,
+not sample for sample; on the same samples the update is the same (tests/test_ddp.py).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perl_core import parallel
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import ConfigError, PolicyConfig
@@ -143,9 +153,22 @@ def sample_rows(samples: Samples, rows: slice) -> Samples:
                    response_mask=samples.response_mask[rows], finished=samples.finished[rows])
 
 
-def chunked_logprobs(model: nn.Module, samples: Samples, chunks: list[slice], with_hidden: bool = False):
-    """`token_logprobs` of `chunks` in turn, concatenated: the whole batch's values, one chunk's activations at a time."""
-    parts = [token_logprobs(model, sample_rows(samples, rows), with_hidden=with_hidden) for rows in chunks]
+class PolicyLogprobs(nn.Module):
+    """`token_logprobs` of `policy` as a module's forward: the update's forward, which
+    DistributedDataParallel wraps under N processes so that its backward averages the gradients."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, samples: Samples, with_hidden: bool = False):
+        return token_logprobs(self.policy, samples, with_hidden=with_hidden)
+
+
+def chunked_logprobs(logprobs: nn.Module, samples: Samples, chunks: list[slice], with_hidden: bool = False):
+    """`logprobs` (a `PolicyLogprobs`) of `chunks` in turn, concatenated: the whole batch's values, one
+    chunk's activations at a time."""
+    parts = [logprobs(sample_rows(samples, rows), with_hidden) for rows in chunks]
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
@@ -194,7 +217,9 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     if not encoded:
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
     tc, k = cfg.train, cfg.k
+    parallel.per_process(tc.batch_size, "policy.train.batch_size")
     device = next(roles.policy.parameters()).device
+    world, main = parallel.world_size(), parallel.is_main()
 
     def amp():  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
         return autocast(tc.precision, device, "policy.train.precision")
@@ -207,6 +232,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
     optimizer, scheduler = make_optimizer(trainable, tc), None
     scheduler = make_scheduler(optimizer, tc)
+    update_forward = parallel.data_parallel(PolicyLogprobs(roles.policy))
+    value_forward = parallel.data_parallel(value_head) if value_head is not None else None
     kl_coef, baseline, moments, step, extra = cfg.kl_coef, None, RunningMoments(), 0, {}
     if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
         meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
@@ -220,8 +247,11 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     roles.policy.train()
     while step < tc.max_steps:
         t0 = time.perf_counter()
-        chosen = [encoded[i] for i in prompt_batches(len(encoded), tc.batch_size, tc.seed, step)]
+        # this process's prompts of the step's batch (all of them for one process)
+        chosen = [encoded[i] for i in parallel.shard(prompt_batches(len(encoded), tc.batch_size, tc.seed, step))]
         batch_prompts = [p for p, _ in chosen for _ in range(k)]  # k consecutive samples per prompt
+        if world > 1:  # each process its own sampling stream, the same after a resume
+            torch.manual_seed(random.Random(f"{tc.seed}-{step}-{parallel.rank()}").getrandbits(63))
 
         # 1. sample k responses per prompt from the current policy
         with amp():
@@ -248,41 +278,44 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         #    chunk runs again with gradients: only one chunk's activations are alive at a time.
         one_pass = len(chunks) == 1
         with torch.set_grad_enabled(one_pass), amp():
-            policy_logp, entropy, *hidden = chunked_logprobs(roles.policy, samples, chunks, value_head is not None)
-        moments.update(rm_reward)
+            policy_logp, entropy, *hidden = chunked_logprobs(update_forward, samples, chunks, value_head is not None)
+        moments.update(parallel.gather(rm_reward))  # the moments of every process's rewards
         reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
         total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
         value_loss = torch.zeros(())
         if cfg.algorithm == "rloo":
             advantage = rloo_advantages(total, k)
         elif value_head is not None:
-            value = value_head(hidden[0].detach().float()).squeeze(-1)
+            value = value_forward(hidden[0].detach().float()).squeeze(-1)
             value_loss = F.mse_loss(value, total)
             advantage = total - value.detach()
             require_finite(value_loss, "value loss", step + 1, checkpoint_dir)
             # a graph of its own: the value head reads detached hidden states
             (scaler.scale(value_loss) if scaler else value_loss).backward()
         else:
-            advantage = total - (baseline if baseline is not None else float(total.mean()))
-            baseline = moving_average(baseline, float(total.mean()), cfg.baseline_decay)
+            batch_mean = float(parallel.gather(total).mean())  # over every process's samples
+            advantage = total - (baseline if baseline is not None else batch_mean)
+            baseline = moving_average(baseline, batch_mean, cfg.baseline_decay)
         loss = 0.0
-        for rows in chunks:
-            if one_pass:
-                logp = policy_logp
-            else:
-                with amp():
-                    logp = token_logprobs(roles.policy, sample_rows(samples, rows))[0]
-            # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
-            part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
-            require_finite(part, "policy loss", step + 1, checkpoint_dir)
-            (scaler.scale(part) if scaler else part).backward()
+        for i, rows in enumerate(chunks):
+            # under N processes the gradients are all-reduced once, in the last chunk's backward
+            with parallel.no_sync(update_forward, sync=i == len(chunks) - 1):
+                if one_pass:
+                    logp = policy_logp
+                else:
+                    with amp():
+                        logp = update_forward(sample_rows(samples, rows))[0]
+                # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
+                part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
+                require_finite(part, "policy loss", step + 1, checkpoint_dir)
+                (scaler.scale(part) if scaler else part).backward()
             loss += float(part.detach())
         grad_norm = optimizer_step(trainable, optimizer, scheduler, scaler, tc.max_grad_norm, step + 1, checkpoint_dir)
         step += 1
         t3 = time.perf_counter()
 
         n_tokens = float(samples.response_mask.sum())
-        mean_kl = float(kl.mean())
+        mean_kl = float(parallel.gather(kl).mean())  # the controller's KL: every process's samples
         metrics = {
             "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
             "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
@@ -299,18 +332,27 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
         if gold is not None:
             metrics["gold_score"] = sum(gold) / len(gold)
+        if world > 1:  # the batch's numbers: means over the processes' equal shares, the reward's over every sample
+            keys = sorted(metrics)
+            means = parallel.sum_across(torch.tensor([float(metrics[key]) for key in keys])) / world
+            metrics = dict(zip(keys, means.tolist()))
+            every_reward = parallel.gather(rm_reward)
+            metrics.update(reward=float(every_reward.mean()), reward_std=float(every_reward.std()), kl=mean_kl)
         if cfg.adaptive_kl:
-            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses), cfg.kl_horizon)
-        callback({f"rl/{name}": v for name, v in metrics.items()}, step)
+            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses) * world, cfg.kl_horizon)
+        if main:
+            callback({f"rl/{name}": v for name, v in metrics.items()}, step)
         every = cfg.log_samples_every
-        if every and (step % every == 0 or step == tc.max_steps):
+        if main and every and (step % every == 0 or step == tc.max_steps):  # the main process's completions
             samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
-            save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
-                            extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
-                                   "grad_scaler": scaler.state_dict() if scaler else None,
-                                   "history": result.history})  # the stage's summary averages the last steps
+            if main:
+                save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
+                                extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
+                                       "grad_scaler": scaler.state_dict() if scaler else None,
+                                       "history": result.history})  # the stage's summary averages the last steps
+            parallel.barrier()  # no process resumes from a checkpoint before it is whole
     roles.policy.eval()
     result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perl_core import parallel
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
@@ -31,6 +32,7 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
 
     check_policy_config(cfg.policy)
     autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
+    parallel.per_process(cfg.policy.train.batch_size, "policy.train.batch_size")
     out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
     anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
     rm_manifest = read_reward_manifest(reward_model_dir)
@@ -43,12 +45,16 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
                      checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
                      samples_callback=samples_callback)
-    roles.save_policy(out_dir)
     metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
                                           "final_kl_coef": result.kl_coef, **roles.parameter_counts()}
+    if not parallel.is_main():  # the main process writes the policy; the others wait for it
+        parallel.barrier()
+        return StageResult(out_dir, metrics, {"policy": out_dir})
+    roles.save_policy(out_dir)
     write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning=cfg.policy.tuning,
                    config=cfg.policy.model_dump(mode="json"), data_version=_data_version(), metrics=metrics,
                    anchor=str(anchor_dir.resolve()), reward_model=str(reward_model_dir.resolve()),
                    backbone=anchor_manifest.get("base_model"), reward_model_base=rm_manifest.get("base_model"),
                    one_backbone=roles.one_backbone)
+    parallel.barrier()
     return StageResult(out_dir, metrics, {"policy": out_dir})
