@@ -87,17 +87,22 @@ def run_stage(cfg: PerlConfig, stage: str, out_dir: str | Path, callback: Metric
     offset, result = 0, None
     with log_file.open("w", encoding="utf-8") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while True:
-            try:
-                proc.wait(timeout=poll_seconds)
-                finished = True
-            except subprocess.TimeoutExpired:
-                finished = False
-            offset, lines = _new_lines(metrics_file, offset)
-            for line in lines:
-                result = replay(line, callback, samples_callback) or result
-            if finished:
-                break
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll_seconds)
+                    finished = True
+                except subprocess.TimeoutExpired:
+                    finished = False
+                offset, lines = _new_lines(metrics_file, offset)
+                for line in lines:
+                    result = replay(line, callback, samples_callback) or result
+                if finished:
+                    break
+        finally:
+            if proc.returncode is None:  # the task was cancelled or a callback failed: stop the launch too
+                proc.terminate()
+                proc.wait()
     what = f"`accelerate launch --num_processes {cfg.launch.num_processes} perl-rlhf {' '.join(STAGE_COMMANDS[stage])}`"
     if proc.returncode != 0:
         raise LaunchFailed(f"{stage}: {what} failed (exit code {proc.returncode}): {last_lines(log_file)} "

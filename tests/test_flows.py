@@ -287,21 +287,24 @@ def test_stage_keys_follow_data_code_and_upstream(monkeypatch):
 
 def test_deployments_run_the_embedded_default_one_at_a_time():
     """prefect.yaml, read through Prefect's own deployment schema (it ignores keys it does not know):
-    every deployment's parameters resolve to `load_config("default")`, what `perl-rlhf run` trains,
-    and at most one run of it is active."""
+    every deployment's parameters resolve to `load_config("default")`, what `perl-rlhf run` trains
+    (the multi-GPU one: with its `launch` section), and at most one run of it is active."""
     import inspect
 
     import yaml
     from prefect.cli.deploy._models import PrefectYamlModel
 
     spec = PrefectYamlModel.model_validate(yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text()))
-    assert [d.name for d in spec.deployments] == ["perl-nightly", "perl-nightly-docker"]
+    expected = {"perl-nightly": load_config("default"), "perl-nightly-docker": load_config("default"),
+                "perl-nightly-multi-gpu": load_config("default", ["launch.num_processes=4",
+                                                                  "launch.mixed_precision=bf16"])}
+    assert sorted(d.name for d in spec.deployments) == sorted(expected)
     for deployment in spec.deployments:
         assert deployment.entrypoint == "flows/pipeline.py:perl_pipeline"
         assert deployment.concurrency_limit == 1, deployment.name
         call = inspect.signature(perl_pipeline.fn).bind(**perl_pipeline.validate_parameters(deployment.parameters))
         call.apply_defaults()
-        assert call.arguments["cfg"] == load_config("default"), deployment.name
+        assert call.arguments["cfg"] == expected[deployment.name], deployment.name
 
 
 def test_serve_runs_the_configured_pipeline_one_at_a_time(monkeypatch):

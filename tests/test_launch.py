@@ -48,7 +48,7 @@ class FakeLaunch:
 
     def __init__(self, lines=(), output="", returncode=0):
         self.lines, self.output, self.code = list(lines), output, returncode
-        self.argv, self.env, self.config_text, self.waits = None, None, None, 0
+        self.argv, self.env, self.config_text, self.waits, self.terminated = None, None, None, 0, False
 
     def __call__(self, argv, stdout, stderr, env):
         self.argv, self.env = list(argv), env
@@ -64,6 +64,9 @@ class FakeLaunch:
     def _append(self, text):
         with open(self.option("--metrics-file"), "a") as f:
             f.write(text)
+
+    def terminate(self):
+        self.terminated = True
 
     def wait(self, timeout=None):
         self.waits += 1
@@ -172,6 +175,19 @@ def test_a_failed_launch_names_the_stage_and_the_error_on_one_line(tmp_path, mon
     monkeypatch.setattr(subprocess, "Popen", FakeLaunch(output="done\n"))  # exit 0, no result line
     with pytest.raises(launch.LaunchFailed, match=r"^anchor: .* exited without writing its result to .*metrics\.jsonl"):
         tasks.train_anchor.fn(cfg, key="k", out_dir=str(tmp_path / "a"))
+
+
+def test_a_task_that_stops_while_the_stage_trains_stops_the_launch(tmp_path, monkeypatch, no_progress_artifacts):
+    cfg = load_config("tiny", [f"artifacts_dir={tmp_path}", "launch.num_processes=2"])
+    fake = FakeLaunch(['{"step": 1, "metrics": {"train/loss": 1.0}}', '{"step": 2, "metrics": {"train/loss": 0.5}}'])
+    monkeypatch.setattr(subprocess, "Popen", fake)
+
+    def tracking_down(metrics, step):
+        raise ConnectionError("MLflow went away")
+
+    with pytest.raises(ConnectionError):
+        tasks.train_anchor.fn(cfg, key="k", out_dir=str(tmp_path / "a"), callback=tracking_down)
+    assert fake.terminated and fake.waits == 2  # terminated, then waited for
 
 
 @pytest.mark.parametrize("command", ["sft", "reward", "policy"])
