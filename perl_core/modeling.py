@@ -35,7 +35,7 @@ import shutil
 import socket
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -264,6 +264,27 @@ def prompts_within(tokenizer, prompts, max_prompt_length: int) -> list[tuple[str
     trains under (`policy.max_prompt_length`), which evaluation and the TRL comparison apply too."""
     encoded = ((p, encode_prompt(tokenizer, p)) for p in prompts)
     return [(p, ids) for p, ids in encoded if len(ids) <= max_prompt_length]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `rows` padded to the longest with `pad_id`, on the CPU.
+
+    `side="left"` for generation (the prompt's last token sits next to the first sampled one),
+    `"right"` for training and scoring. Any `pad_id` works: the mask is 0 on every pad, and
+    `scoring.position_ids` / `scoring.last_attended` read the mask, never the pad id.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise UserError("cannot pad an empty batch: pass at least one sequence")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
 # ---------------------------------------------------------------- backbones

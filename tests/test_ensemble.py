@@ -18,8 +18,8 @@ from perl_core.config import ConfigError, PerlConfig, build_config
 from perl_core.ensemble import (EnsembleRoles, EnsembleScorer, aggregate, bootstrap_rows, build_ensemble_roles,
                                 centre, load_reward_scorer, member_std, train_reward_ensemble, train_reward_stage)
 from perl_core.errors import UserError
-from perl_core.policy.generation import Samples, left_pad
-from perl_core.modeling import (attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm,
+from known_samples import samples_from_text
+from perl_core.modeling import (attach_lora, build_scratch_backbone, load_causal_lm,
                                 load_sequence_scorer, load_tokenizer, resolve_backbone)
 from perl_core.policy.roles import OneBackbone, build_roles
 from perl_core.reward import RewardScorer, save_reward_model, train_reward_model
@@ -107,18 +107,6 @@ def policy_cfg(**policy):
                        "train": {"batch_size": 3, "max_steps": 2, "learning_rate": 0.02, "warmup_ratio": 0.0},
                        **policy}}
     return build_config(tree).policy
-
-
-def samples_from_text(tokenizer, prompts, responses) -> Samples:
-    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    width = max(map(len, resp))
-    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
-    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
-                   torch.ones(len(resp), dtype=torch.bool))
 
 
 def test_each_member_on_one_backbone_scores_exactly_as_it_does_alone(dirs):

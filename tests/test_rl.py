@@ -10,6 +10,7 @@ import torch
 from perl_core.artifacts import read_manifest, write_manifest
 from perl_core.callbacks import collect
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
+from known_samples import samples_from_text
 from perl_core.errors import NonFiniteError
 from perl_core.policy.generation import PolicyGenerator, sample_responses
 from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
@@ -196,21 +197,6 @@ def test_policy_loss_on_a_hand_example():
     # d loss / d log pi(y_it) = -A_i / N at every token; the advantage is a constant (no gradient)
     assert logp.grad.tolist() == [[-1.0, -1.0, -1.0], [0.5, 0.5, 0.5]]
     assert advantage.grad is None
-
-
-def samples_from_text(tokenizer, prompts, responses):
-    """Samples for known text: left-padded prompts, then responses (+ EOS) right-padded."""
-    from perl_core.policy.generation import Samples, left_pad
-
-    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    width = max(map(len, resp))
-    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
-    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
-                   torch.ones(len(resp), dtype=torch.bool))
 
 
 def test_one_backbone_reward_equals_the_reward_models_own_scorer(dirs):
