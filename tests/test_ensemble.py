@@ -18,9 +18,9 @@ from perl_core.config import ConfigError, PerlConfig, build_config
 from perl_core.ensemble import (EnsembleRoles, EnsembleScorer, aggregate, bootstrap_rows, build_ensemble_roles,
                                 centre, load_reward_scorer, member_std, train_reward_ensemble, train_reward_stage)
 from perl_core.errors import UserError
-from known_samples import samples_from_text
+from stand_ins import samples_from_text
 from perl_core.modeling import (attach_lora, build_scratch_backbone, load_causal_lm,
-                                load_sequence_scorer, load_tokenizer, resolve_backbone)
+                                load_sequence_scorer, load_tokenizer)
 from perl_core.policy.roles import OneBackbone, build_roles
 from perl_core.reward import RewardScorer, save_reward_model, train_reward_model
 from perl_core.policy.rl import rl_loop
@@ -463,7 +463,8 @@ def test_overopt_benchmark_quick_writes_gold_and_proxy_per_step(tmp_path):
     assert list(report["runs"]) == ["single", "mean", "min", "mean_minus_std"] and report["members"] == 2
     for name, run in report["runs"].items():
         assert run["step"] == [1, 2]
-        assert all(0.0 <= g <= 1.0 for g in run["gold"]) and all(math.isfinite(p) for p in run["proxy"])
+        # the oracle's score is recorded at every step (a missing one is None)
+        assert all(isinstance(v, float) and math.isfinite(v) for v in run["gold"] + run["proxy"])
         assert (run["member_std"] == [None, None]) == (name == "single")
     assert report["runs"]["single"]["reward_model"].endswith("member_0")
     # the single run's proxy on the ensemble's scale: member 0's raw reward less its offset

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from chat_backbones import STYLES, build_chat_backbone
-from known_samples import samples_from_text
+from stand_ins import samples_from_text, stand_in_reward_model
 from perl_core.artifacts import write_manifest
-from perl_core.config import PerlConfig, build_config
-from perl_core.modeling import attach_lora, encode_pair, encode_prompt, load_sequence_scorer, load_tokenizer, pad_rows
+from perl_core.config import build_config
+from perl_core.modeling import encode_pair, encode_prompt, load_tokenizer, pad_rows
 from perl_core.policy.roles import OneBackbone, build_roles
-from perl_core.reward import RewardScorer, save_reward_model
+from perl_core.reward import RewardScorer
 
 PROMPTS = [
     "Human: I want a coffee.\n\nAssistant: Hot or iced?\n\nHuman: Iced, please.\n\nAssistant:",
@@ -29,21 +29,10 @@ RESPONSES = ["Sure, one iced coffee coming up.", "a large latte", "Hot or iced?"
 @pytest.fixture(scope="module", params=sorted(STYLES))
 def chat_dirs(request, tmp_path_factory):
     """An anchor in `request.param`'s style and a stand-in LoRA reward model on it, in the reward stage's format."""
-    from perl_core.modeling import fit_embeddings
-
     root = tmp_path_factory.mktemp(request.param)
     anchor = Path(build_chat_backbone(root / "anchor", request.param))
     write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
-    tok = load_tokenizer(str(anchor))
-    rm = attach_lora(fit_embeddings(load_sequence_scorer(str(anchor), tok.pad_token_id), tok),
-                     PerlConfig().reward.lora, "SEQ_CLS", modules_to_save=["score"])
-    torch.manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in RM adapter real weights
-        for name, p in rm.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.normal_(0, 0.5)
-    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
-    return request.param, anchor, root / "rm"
+    return request.param, anchor, stand_in_reward_model(anchor, root / "rm", fit_vocab=True)
 
 
 def roles_for(anchor, rm):
