@@ -454,12 +454,34 @@ def test_label_noise_flips_a_seeded_fraction_of_preferences():
     assert bench.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
+def test_peak_and_final_gold_windows():
+    from perl_core.config import PerlConfig
+
+    bench = load_benchmark()
+    steps, gold = [1, 2, 3, 4, 5, 6], [0.1, 0.5, 0.7, 0.6, 0.2, 0.4]
+    peak = bench.window_gold(steps, gold, 2, PerlConfig(), "peak")  # steps 3-4: mean 0.65, the best pair
+    final = bench.window_gold(steps, gold, 2, PerlConfig(), "final")
+    assert (peak["first_step"], peak["last_step"]) == (3, 4) and peak["mean"] == pytest.approx(0.65)
+    assert (final["first_step"], final["last_step"]) == (5, 6) and final["mean"] == pytest.approx(0.3)
+    # bootstrap over two values: every resampled mean lies between them
+    assert 0.6 <= peak["ci_low"] <= peak["ci_high"] <= 0.7 and 0.2 <= final["ci_low"] <= final["ci_high"] <= 0.4
+    assert bench.window_gold(steps, gold, 50, PerlConfig(), "peak")["mean"] == pytest.approx(sum(gold) / 6)
+
+
 def test_overopt_benchmark_quick_writes_gold_and_proxy_per_step(tmp_path):
     bench = load_benchmark()
     out = tmp_path / "overopt.json"
-    bench.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    bench.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--cost-steps", "2",
                 "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}"])
     report = json.loads(out.read_text())
+    for run in report["runs"].values():  # the final policy evaluated on held-out prompts by the gold oracle
+        held = run["heldout"]
+        assert held["gold_gain_ci_low"] <= held["gold_gain"] <= held["gold_gain_ci_high"]
+        assert held["gold_gain"] == pytest.approx(held["gold_score_mean"] - held["anchor_gold_score_mean"])
+        assert run["gold_final"]["last_step"] == 2
+    cost = report["cost"]  # the 2-member ensemble's adapters share member 0's backbone
+    assert cost["ensemble"]["resident_params"] > cost["single"]["resident_params"]
+    assert cost["ensemble_over_single"]["resident_params"] < 1.1
     assert list(report["runs"]) == ["single", "mean", "min", "mean_minus_std"] and report["members"] == 2
     for name, run in report["runs"].items():
         assert run["step"] == [1, 2]

@@ -127,11 +127,14 @@ def prepare_artifacts(backbone_dir: str, out: Path, lora_rank: int = 8, seed: in
 def policy_workload(config: dict, anchor_dir: str, reward_model_dir: str, prompts: list[str]) -> dict:
     """Run `config`'s policy RL (its `policy` section, all of it) in this process; return step times
     (split) and parameter counts."""
+    from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
     from perl_core.policy.roles import build_roles
     from perl_core.policy.rl import rl_loop
 
     cfg = PerlConfig.model_validate(config).policy
-    roles = build_roles(cfg, Path(anchor_dir), Path(reward_model_dir), sample_texts=prompts[:32])
+    # a reward-model ensemble (its members' adapters on the same backbone) builds its roles as the policy stage does
+    build = build_ensemble_roles if read_reward_manifest(Path(reward_model_dir))["kind"] == ENSEMBLE_KIND else build_roles
+    roles = build(cfg, Path(anchor_dir), Path(reward_model_dir), sample_texts=prompts[:32])
     rows: list[dict] = []
     rl_loop(roles, roles.tokenizer, prompts, cfg, callback=lambda m, s: rows.append(m))
     warm = rows[2:] if len(rows) > 3 else rows  # allocator and kernel warm-up
@@ -157,8 +160,9 @@ def _models(roles) -> list:
     models = [roles.policy]
     if roles.anchor is not None:
         models.append(roles.anchor)
-    if getattr(roles, "scorer", None) is not None:
-        models.append(roles.scorer.model)
-    if getattr(roles, "reward_head", None) is not None:
-        models.append(roles.reward_head)
+    for member in getattr(roles, "members", [roles]):  # an ensemble: every member's scorer or head
+        if getattr(member, "scorer", None) is not None and all(member.scorer.model is not m for m in models):
+            models.append(member.scorer.model)
+        if getattr(member, "reward_head", None) is not None:
+            models.append(member.reward_head)
     return models
