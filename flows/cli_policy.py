@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, read_text_file
+from flows.cli_common import (ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, print_metrics,
+                              read_text_file)
 
 app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
                   no_args_is_help=True)
@@ -46,8 +47,7 @@ def train(
     check_model_dir(reward_model, "reward_model")
     result = train_policy(cfg, out or root / "policy", anchor, reward_model, callback=show, resume=resume)
     console.print(f"policy saved to {result.out_dir}")
-    for key, value in sorted(result.metrics.items()):
-        console.print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    print_metrics(result.metrics)
 
 
 @app.command("generate")

@@ -7,15 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, print_metrics
 
 app = typer.Typer(help="Reward models: LoRA or full, pairwise (Bradley-Terry) or pointwise (thumbs up/down).",
                   no_args_is_help=True)
-
-
-def _print_metrics(metrics: dict) -> None:
-    for key, value in sorted(metrics.items()):
-        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
 
 
 @app.command("train")
@@ -39,7 +34,7 @@ def train(
     result = train_reward_stage(cfg, out_dir, resume=resume, base_model=base_model)
     what = "reward model" if cfg.reward.ensemble.size is None else f"ensemble of {cfg.reward.ensemble.size} reward models"
     console.print(f"{what} saved to {result.out_dir}")
-    _print_metrics(result.metrics)
+    print_metrics(result.metrics)
 
 
 @app.command("score")

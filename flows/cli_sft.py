@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, cli_config, console, friendly_errors, print_metrics
 
 app = typer.Typer(help="The anchor policy: SFT on the data's `sft` view (full or LoRA, saved merged).",
                   no_args_is_help=True)
@@ -33,5 +33,4 @@ def train(
 
     result = train_anchor(cfg, out or Path(cfg.artifacts_dir) / "anchor", callback=show, resume=resume)
     console.print(f"anchor saved to {result.out_dir}")
-    for key, value in sorted(result.metrics.items()):
-        console.print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    print_metrics(result.metrics)

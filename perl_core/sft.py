@@ -27,7 +27,7 @@ from perl_core.config import PerlConfig
 from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
-                                parameter_counts, resolve_backbone)
+                                pad_rows, parameter_counts, resolve_backbone)
 from perl_core.training import set_seed, train_loop
 
 
@@ -44,13 +44,9 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tupl
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids and a mask over the tokens that carry loss (response tokens incl. EOS)."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
+    input_ids, attention_mask = pad_rows([ids for ids, _ in examples], pad_id, side="right")
     loss_mask = torch.zeros_like(input_ids)
     for i, (ids, start) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
         loss_mask[i, start:len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
