@@ -114,6 +114,8 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     if sft.enabled:
         train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)
         val, val_dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "validation"), sft.max_length)
+        if sft.eval_examples is not None and len(val) > sft.eval_examples:
+            val = [val[i] for i in sorted(random.Random(sft.train.seed).sample(range(len(val)), sft.eval_examples))]
         if not train:
             raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "
                             f"({dropped} dropped); raise sft.max_length")
