@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout's perl_core, installed or not
 
+from perl_core.bench.isolation import as_overrides  # noqa: E402
 from perl_core.bench.policy import FULL_LEARNING_RATE, policy_benchmark, policy_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "policy_efficiency.json"
@@ -44,10 +45,11 @@ def parse_args(argv=None):
 
 
 def overrides(args) -> list[str]:
-    options = {"sft.backbone.name": args.backbone, "sft.backbone.vocab_size": args.vocab_size,
-               "policy.train.max_steps": args.steps, "policy.train.batch_size": args.batch_size, "policy.k": args.k,
-               "policy.generation.max_new_tokens": args.max_new_tokens, "policy.lora.rank": args.lora_rank}
-    return list(args.set) + [f"{key}={value}" for key, value in options.items() if value is not None]
+    """--set, then the shorthand options (given ones only), which win."""
+    return list(args.set) + as_overrides({
+        "sft.backbone.name": args.backbone, "sft.backbone.vocab_size": args.vocab_size,
+        "policy.train.max_steps": args.steps, "policy.train.batch_size": args.batch_size, "policy.k": args.k,
+        "policy.generation.max_new_tokens": args.max_new_tokens, "policy.lora.rank": args.lora_rank})
 
 
 def main(argv=None) -> dict:

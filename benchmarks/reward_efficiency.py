@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout's perl_core, installed or not
 
+from perl_core.bench.isolation import as_overrides  # noqa: E402
 from perl_core.bench.reward import FULL_LEARNING_RATE, ORDER, reward_benchmark, reward_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "reward_efficiency.json"
@@ -42,12 +43,13 @@ def parse_args(argv=None):
 
 
 def overrides(args) -> list[str]:
-    options = {"reward.backbone.name": args.backbone, "reward.backbone.vocab_size": args.vocab_size,
-               "reward.train.max_steps": args.steps, "reward.train.batch_size": args.batch_size,
-               "reward.max_length": args.max_length, "reward.eval_examples": args.eval_examples,
-               "reward.train.learning_rate": args.lr_lora, "reward.lora.rank": args.lora_rank,
-               "reward.lora.alpha": 2 * args.lora_rank if args.lora_rank else None}
-    return list(args.set) + [f"{key}={value}" for key, value in options.items() if value is not None]
+    """--set, then the shorthand options (given ones only), which win."""
+    return list(args.set) + as_overrides({
+        "reward.backbone.name": args.backbone, "reward.backbone.vocab_size": args.vocab_size,
+        "reward.train.max_steps": args.steps, "reward.train.batch_size": args.batch_size,
+        "reward.max_length": args.max_length, "reward.eval_examples": args.eval_examples,
+        "reward.train.learning_rate": args.lr_lora, "reward.lora.rank": args.lora_rank,
+        "reward.lora.alpha": 2 * args.lora_rank if args.lora_rank else None})
 
 
 def main(argv=None) -> dict:

@@ -61,6 +61,19 @@ def read_text_file(path: Path, option: str) -> str:
     return decode_utf8(path.read_bytes(), str(path))
 
 
+def metric_lines(metrics: dict) -> list[str]:
+    """One `  name  value` line a metric, sorted by name, names aligned, floats to 4 decimals."""
+    width = max((len(key) for key in metrics), default=0)
+    return [f"  {key:{width}s}  {value:.4f}" if isinstance(value, float) else f"  {key:{width}s}  {value}"
+            for key, value in sorted(metrics.items())]
+
+
+def print_metrics(metrics: dict) -> None:
+    """The metrics a command ends with (training, evaluation, comparison), as :func:`metric_lines`."""
+    for line in metric_lines(metrics):
+        console.print(line, markup=False, highlight=False)
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Expected user errors (bad config, bad data) print one clear message and exit 2, no traceback."""
     from perl_core.errors import UserError

@@ -6,14 +6,13 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors
+from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, print_metrics
 
 app = typer.Typer(help="Evaluate trained models; writes JSON, Markdown and PNG into --out.", no_args_is_help=True)
 
 
 def _print(metrics: dict, out: Path, report: str) -> None:
-    for key, value in metrics.items():
-        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    print_metrics(metrics)
     console.print(f"report: {out / report}")
 
 
@@ -70,8 +69,7 @@ def compare_reward(
 
     cfg = cli_config(config, overrides)
     out = compare_reward_evals(a, b, cfg.evaluation)
-    for key, value in out.items():
-        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+    print_metrics(out)
     pct = f"{out['confidence']:.0%}"
     for name, n in (("pairwise_accuracy", "n_pairs"), ("roc_auc", "n")):
         if f"{name}_diff" in out:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors,
-                              metrics_file_log, read_text_file)
+                              metrics_file_log, print_metrics, read_text_file)
 
 app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
                   no_args_is_help=True)
@@ -55,8 +55,7 @@ def train(
     if log:
         log.result(result.metrics, result.artifacts)
     console.print(f"policy saved to {result.out_dir}")
-    for key, value in sorted(result.metrics.items()):
-        console.print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    print_metrics(result.metrics)
 
 
 @app.command("generate")

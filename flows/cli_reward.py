@@ -8,15 +8,10 @@ from typing import List, Optional
 import typer
 
 from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors,
-                              metrics_file_log)
+                              metrics_file_log, print_metrics)
 
 app = typer.Typer(help="Reward models: LoRA or full, pairwise (Bradley-Terry) or pointwise (thumbs up/down).",
                   no_args_is_help=True)
-
-
-def _print_metrics(metrics: dict) -> None:
-    for key, value in sorted(metrics.items()):
-        console.print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
 
 
 @app.command("train")
@@ -45,7 +40,7 @@ def train(
         log.result(result.metrics, result.artifacts)
     what = "reward model" if cfg.reward.ensemble.size is None else f"ensemble of {cfg.reward.ensemble.size} reward models"
     console.print(f"{what} saved to {result.out_dir}")
-    _print_metrics(result.metrics)
+    print_metrics(result.metrics)
 
 
 @app.command("score")

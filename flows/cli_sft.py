@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, MetricsFileOpt, SetOpt, cli_config, console, friendly_errors, metrics_file_log
+from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, cli_config, console, friendly_errors, metrics_file_log,
+                              print_metrics)
 
 app = typer.Typer(help="The anchor policy: SFT on the data's `sft` view (full or LoRA, saved merged).",
                   no_args_is_help=True)
@@ -39,5 +40,4 @@ def train(
     if log:
         log.result(result.metrics, result.artifacts)
     console.print(f"anchor saved to {result.out_dir}")
-    for key, value in sorted(result.metrics.items()):
-        console.print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    print_metrics(result.metrics)

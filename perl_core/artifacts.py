@@ -5,6 +5,7 @@ was trained against, which data version it learned from, and the exact config.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,16 @@ class StageResult:
     out_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def file_hash(path: str | Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes with `algorithm` ("sha256", "md5": DVC's), read in 4 MiB blocks
+    (GGUF and weight files are larger than memory should hold twice)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(out_dir: str | Path, *, kind: str, base_model: str, tuning: str, config: dict,

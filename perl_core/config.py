@@ -162,6 +162,9 @@ class SFTConfig(Section):
     # 1,000 steps: at 400 the anchor rarely copies the order and RL moves only the proxy reward (docs/policy.md)
     train: TrainConfig = TrainConfig(learning_rate=1e-3, max_steps=1000)
     max_length: int = Field(128, ge=8)
+    eval_examples: Optional[int] = Field(
+        None, ge=2, description="validation rows scored at each eval (a seeded sample); none = every row that fits"
+    )
 
 
 class EnsembleConfig(Section):

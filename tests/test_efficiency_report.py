@@ -173,3 +173,106 @@ def test_resident_memory_follows_an_allocation():
     grown = _rss_bytes() - before
     del block
     assert 56 * 1024 * 1024 < grown < 96 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- rows and rendering of a hand-made result set
+def _result(params, peak_above, peak_rss, step, **extra) -> dict:
+    return {"trainable_params": params, "median_step_seconds": step,
+            "memory": {"peak_rss_mb": peak_rss, "peak_above_baseline_mb": peak_above,
+                       "ratio_basis": "peak_above_baseline_mb"}, **extra}
+
+
+def test_cost_summary_and_tuning_settings_by_hand():
+    from perl_core.bench.isolation import as_overrides, cost_summary, tuning_settings
+
+    lora = _result(10, 80.0, 380.0, 0.2, median_generate_seconds=0.3)
+    full = _result(1000, 200.0, 500.0, 0.4, median_generate_seconds=0.6)
+    assert cost_summary(lora, full, parts=("generate",)) == {
+        "memory_ratio": 0.4, "memory_ratio_basis": "peak_above_baseline_mb", "absolute_peak_rss_ratio": 0.76,
+        "step_time_ratio": 0.5, "generate_time_ratio": 0.5, "trainable_param_ratio": 0.01}
+    settings = tuning_settings("default", ["reward.train.max_steps=5"], ["reward.train.learning_rate=0.01"],
+                               "reward", 1e-4, ("full", "lora"))
+    assert list(settings) == ["full", "lora"]
+    full_cfg, lora_cfg = settings["full"], settings["lora"]
+    assert (full_cfg.reward.tuning, full_cfg.reward.train.learning_rate) == ("full", 1e-4)
+    assert (lora_cfg.reward.tuning, lora_cfg.reward.train.learning_rate) == ("lora", 0.01)
+    assert lora_cfg.reward.train.eval_every == lora_cfg.reward.train.checkpoint_every == 5  # once, at the end
+    assert as_overrides({"a.b": 3, "c": None, "d": "x"}) == ["a.b=3", "d=x"]
+
+
+def test_report_rows_and_markdown_from_a_hand_made_result_set():
+    from perl_core.bench.report import policy_rows, report_markdown, reward_rows, target_verdict, trl_rows
+
+    reward_bench = {
+        "settings": {
+            "full": _result(1000, 200.0, 500.0, 0.4, validation_metric="pairwise_accuracy", validation_value=0.80),
+            "lora": _result(10, 80.0, 380.0, 0.2, validation_metric="pairwise_accuracy", validation_value=0.78,
+                            config={"reward": {"lora": {"rank": 8}}})},
+        "summary": {"memory_ratio": 0.4, "memory_ratio_basis": "peak_above_baseline_mb",
+                    "absolute_peak_rss_ratio": 0.76, "step_time_ratio": 0.5, "trainable_param_ratio": 0.01,
+                    "validation_metric": "pairwise_accuracy", "validation_gap_points": -2.0,
+                    "targets": {"memory_ratio": 0.5, "step_time_ratio": 0.65, "validation_gap_points": -1.0}}}
+    policy_bench = {
+        "settings": {
+            "full": _result(3000, 600.0, 900.0, 2.0, layout="separate policy, anchor, reward model"),
+            "lora": _result(30, 240.0, 540.0, 1.8, layout="one backbone", config={"policy": {"lora": {"rank": 4}}})},
+        "summary": {"memory_ratio": 0.4, "step_time_ratio": 0.9, "trainable_param_ratio": 0.01,
+                    "targets": {"memory_ratio": 0.5, "step_time_ratio": 0.85}}}
+    rows = reward_rows(reward_bench) + policy_rows(policy_bench)
+    assert [(r["stage"], r["setting"]) for r in rows] == [
+        ("reward", "full"), ("reward", "LoRA r=8"), ("policy", "full (separate policy, anchor, reward model)"),
+        ("policy", "PERL LoRA r=4 (one backbone)")]
+    assert [(r["params_ratio"], r["memory_ratio"], r["step_time_ratio"]) for r in rows] == [
+        (1.0, 1.0, 1.0), (0.01, 0.4, 0.5), (1.0, 1.0, 1.0), (0.01, 0.4, 0.9)]
+    assert [r["peak_memory_mb"] for r in rows] == [200.0, 80.0, 600.0, 240.0]  # the ratio basis, not the RSS
+    assert [r["quality"] for r in rows] == [0.80, 0.78, None, None]
+    assert rows[0]["quality_delta"] == 0.0 and rows[1]["quality_delta"] == pytest.approx(-0.02)
+    assert rows[2]["quality_delta"] is None
+
+    trl_raw = {"trl_version": "9.9",
+               "reward": {"perl": {"examples_per_second": 30.0, "median_step_seconds": 0.5, "workload_peak_mb": 100.0,
+                                   "trainable_params": 10, "validation_metric": "pairwise_accuracy",
+                                   "validation_value": 0.78},
+                          "trl": {"examples_per_second": 20.0, "median_step_seconds": 0.75, "workload_peak_mb": 125.0,
+                                  "trainable_params": 10, "validation_metric": "pairwise_accuracy",
+                                  "validation_value": 0.77}},
+               "rloo": {"perl": {"samples_per_second": 10.0, "median_step_seconds": 3.2, "workload_peak_mb": 90.0,
+                                 "trainable_params": 20, "validation_rm_reward": 0.25},
+                        "trl": {"samples_per_second": 9.0, "median_step_seconds": 3.6, "workload_peak_mb": 80.0,
+                                "trainable_params": 20, "validation_rm_reward": 0.5}}}
+    trl = trl_rows(trl_raw)
+    # goal: >= 1.25x TRL's throughput and no more memory; rloo misses on both counts
+    assert [(t["stage"], t["speedup"], t["memory_ratio"], t["meets_goal"]) for t in trl] == [
+        ("reward", 1.5, 0.8, True), ("rloo", pytest.approx(10 / 9), 1.125, False)]
+
+    report = {"command": "perl-rlhf report efficiency --out r", "resumed": False, "seconds": 90.0, "quick": False,
+              "machine": {"platform": "TestOS", "cpu_count": 4, "torch_threads": 2,
+                          "load_average_1_5_15min": {"start": [0.5, 0, 0], "end": [1.25, 0, 0]}},
+              "rows": rows, "rank_sweep": [], "ranks_requested": [1, 8],
+              "benchmarks": {"reward": reward_bench, "policy": policy_bench}, "trl_raw": trl_raw, "trl": trl}
+    lines = report_markdown(report).splitlines()
+    assert lines[2].startswith("Produced by `perl-rlhf report efficiency --out r` in 1.5 min on TestOS (4 CPUs, "
+                               "2 torch threads; 1-min load average 0.5 at the start, 1.2 at the end).")
+    table = lines[lines.index("## PERL against full tuning") + 2:][:6]
+    assert table == [
+        "| stage | setting | trainable params | × full | peak MB | × full | step s | × full | quality | Δ vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| reward | full | 1,000 | 1.00× | 200 | 1.00× | 0.400 | 1.00× | pairwise_accuracy = 0.800 | +0.000 |",
+        "| reward | LoRA r=8 | 10 | 0.01× | 80 | 0.40× | 0.200 | 0.50× | pairwise_accuracy = 0.780 | -0.020 |",
+        "| policy | full (separate policy, anchor, reward model) | 3,000 | 1.00× | 600 | 1.00× | 2.000 | 1.00× "
+        "| not measured | — |",
+        "| policy | PERL LoRA r=4 (one backbone) | 30 | 0.01× | 240 | 0.40× | 1.800 | 0.90× | not measured | — |",
+    ]
+    assert "Rank sweep: r = 1, 8 not measured in this run." in lines
+    assert "- reward benchmark: memory_ratio = 0.400 (target ≤ 0.5: met); absolute_peak_rss_ratio = 0.760; " \
+           "step_time_ratio = 0.500 (target ≤ 0.65: met); trainable_param_ratio = 0.010; " \
+           "validation_gap_points = -2.000 (target ≥ -1: missed)" in lines
+    assert "- policy benchmark: memory_ratio = 0.400 (target ≤ 0.5: met); step_time_ratio = 0.900 " \
+           "(target ≤ 0.85: missed); trainable_param_ratio = 0.010" in lines
+    trl_table = lines[lines.index("## Side by side with Hugging Face TRL") + 6:][:2]
+    assert trl_table == [
+        "| reward | 30.00 | 20.00 | 1.50× | 100 | 125 | 0.80× | pairwise_accuracy = 0.780 | 0.770 | yes |",
+        "| rloo | 10.00 | 9.00 | 1.11× | 90 | 80 | 1.12× | validation_rm_reward = 0.250 | 0.500 | no |",
+    ]
+    assert target_verdict("memory_ratio", float("nan"), 0.5) == "target ≤ 0.5: not measured"
+    assert target_verdict("validation_gap_points", -1.0, -1.0) == "target ≥ -1: met"  # the bound itself meets it

@@ -18,9 +18,9 @@ from perl_core.config import ConfigError, PerlConfig, build_config
 from perl_core.ensemble import (EnsembleRoles, EnsembleScorer, aggregate, bootstrap_rows, build_ensemble_roles,
                                 centre, load_reward_scorer, member_std, train_reward_ensemble, train_reward_stage)
 from perl_core.errors import UserError
-from perl_core.policy.generation import Samples, left_pad
-from perl_core.modeling import (attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm,
-                                load_sequence_scorer, load_tokenizer, resolve_backbone)
+from stand_ins import samples_from_text
+from perl_core.modeling import (attach_lora, build_scratch_backbone, load_causal_lm,
+                                load_sequence_scorer, load_tokenizer)
 from perl_core.policy.roles import OneBackbone, build_roles
 from perl_core.reward import RewardScorer, save_reward_model, train_reward_model
 from perl_core.policy.rl import rl_loop
@@ -107,18 +107,6 @@ def policy_cfg(**policy):
                        "train": {"batch_size": 3, "max_steps": 2, "learning_rate": 0.02, "warmup_ratio": 0.0},
                        **policy}}
     return build_config(tree).policy
-
-
-def samples_from_text(tokenizer, prompts, responses) -> Samples:
-    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    width = max(map(len, resp))
-    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
-    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
-                   torch.ones(len(resp), dtype=torch.bool))
 
 
 def test_each_member_on_one_backbone_scores_exactly_as_it_does_alone(dirs):
@@ -497,7 +485,8 @@ def test_overopt_benchmark_quick_writes_gold_and_proxy_per_step(tmp_path):
     assert list(report["runs"]) == ["single", "mean", "min", "mean_minus_std"] and report["members"] == 2
     for name, run in report["runs"].items():
         assert run["step"] == [1, 2]
-        assert all(0.0 <= g <= 1.0 for g in run["gold"]) and all(math.isfinite(p) for p in run["proxy"])
+        # the oracle's score is recorded at every step (a missing one is None)
+        assert all(isinstance(v, float) and math.isfinite(v) for v in run["gold"] + run["proxy"])
         assert (run["member_std"] == [None, None]) == (name == "single")
     assert report["runs"]["single"]["reward_model"].endswith("member_0")
     # the single run's proxy on the ensemble's scale: member 0's raw reward less its offset

@@ -1,5 +1,7 @@
 """Metric functions against values computed by hand (and ROC-AUC against brute-force pair counting)."""
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,14 @@ def brute_force_auc(scores, labels):
     neg = [s for s, y in zip(scores, labels) if y == 0]
     credit = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
     return credit / (len(pos) * len(neg))
+
+
+def test_importing_the_metrics_does_not_import_scipy():
+    """A served reward model imports this module; scipy is loaded only when ranks are computed."""
+    code = ("import sys, perl_core.eval.metrics as M; before = 'scipy' in sys.modules; M.average_ranks([2, 1]); "
+            "print(before, 'scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_average_ranks_share_ties():

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from perl_core.config import BackboneConfig, ConfigError, LoraConfig, build_config
+from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, load_causal_lm, load_sequence_scorer, load_tokenizer,
-                                parameter_counts, resolve_backbone)
+                                pad_rows, parameter_counts, resolve_backbone)
+from perl_core.scoring import position_ids
 
 TEXTS = [f"Customer: a {s} {d}, please.\nAgent: One {s} {d}. Anything else?"
          for s in ("small", "medium", "large") for d in ("latte", "mocha", "flat white", "tea")] * 5
@@ -35,6 +37,23 @@ def test_encode_pair_marks_the_response_and_round_trips(micro):
     assert tok.decode(ids[start:-1]) == " One large latte."
     with pytest.raises(ValueError, match="longer than max_length=4"):
         encode_pair(tok, "Customer: a large latte.\nAgent:", " One large latte.", max_length=4)
+
+
+def test_pad_rows_pads_left_or_right_with_a_mask_over_the_tokens():
+    rows = [[5, 6, 7], [8], []]
+    ids, mask = pad_rows(rows, pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 0]]  # left pads skipped, as generate does
+    ids, mask = pad_rows(rows, pad_id=9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long and ids.device.type == "cpu"
+    assert pad_rows([[4, 5]], pad_id=0)[0].tolist() == [[4, 5]]  # right is the default
+    with pytest.raises(UserError, match="empty batch"):
+        pad_rows([], pad_id=0)
+    with pytest.raises(ValueError, match="'left' or 'right'"):
+        pad_rows(rows, pad_id=0, side="top")
 
 
 def test_lora_trains_only_adapters_and_head(micro):

@@ -9,10 +9,11 @@ import torch
 
 from perl_core.artifacts import read_manifest, write_manifest
 from perl_core.callbacks import collect
-from perl_core.config import ConfigError, PerlConfig, PolicyConfig, build_config
+from perl_core.config import ConfigError, PolicyConfig, build_config
+from stand_ins import samples_from_text, stand_in_reward_model
 from perl_core.errors import NonFiniteError
 from perl_core.policy.generation import PolicyGenerator, sample_responses
-from perl_core.modeling import attach_lora, build_scratch_backbone, encode_prompt, load_causal_lm, load_sequence_scorer
+from perl_core.modeling import build_scratch_backbone, encode_prompt, load_causal_lm
 from perl_core.policy.roles import OneBackbone, build_roles, check_reward_tokenizer, with_final_eos
 from perl_core import devices
 from perl_core.policy import rl, stage
@@ -40,24 +41,11 @@ def policy_cfg(**over) -> PolicyConfig:
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """A random llama-micro anchor and a stand-in LoRA reward model on it, in the reward helper's format."""
-    from perl_core.reward import save_reward_model
-
+    """A random llama-micro anchor and a stand-in LoRA reward model on it, in the reward stage's format."""
     root = tmp_path_factory.mktemp("rl")
     anchor = build_scratch_backbone("llama-micro", CORPUS, root / "anchor", vocab_size=300)
     write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
-    from perl_core.modeling import load_tokenizer
-
-    tok = load_tokenizer(str(anchor))
-    rm = attach_lora(load_sequence_scorer(str(anchor), tok.pad_token_id), PerlConfig().reward.lora, "SEQ_CLS",
-                     modules_to_save=["score"])
-    torch.manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in RM adapter real weights
-        for name, p in rm.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.normal_(0, 0.5)
-    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
-    return anchor, root / "rm"
+    return anchor, stand_in_reward_model(anchor, root / "rm")
 
 
 def roles_for(dirs, cfg=None):
@@ -196,21 +184,6 @@ def test_policy_loss_on_a_hand_example():
     # d loss / d log pi(y_it) = -A_i / N at every token; the advantage is a constant (no gradient)
     assert logp.grad.tolist() == [[-1.0, -1.0, -1.0], [0.5, 0.5, 0.5]]
     assert advantage.grad is None
-
-
-def samples_from_text(tokenizer, prompts, responses):
-    """Samples for known text: left-padded prompts, then responses (+ EOS) right-padded."""
-    from perl_core.policy.generation import Samples, left_pad
-
-    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    width = max(map(len, resp))
-    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
-    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
-                   torch.ones(len(resp), dtype=torch.bool))
 
 
 def test_one_backbone_reward_equals_the_reward_models_own_scorer(dirs):

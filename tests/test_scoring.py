@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from chat_backbones import STYLES, build_chat_backbone
+from stand_ins import samples_from_text, stand_in_reward_model
 from perl_core.artifacts import write_manifest
-from perl_core.config import PerlConfig, build_config
-from perl_core.policy.generation import Samples, left_pad
-from perl_core.modeling import attach_lora, encode_pair, encode_prompt, load_sequence_scorer, load_tokenizer
+from perl_core.config import build_config
+from perl_core.modeling import encode_pair, encode_prompt, load_tokenizer, pad_rows
 from perl_core.policy.roles import OneBackbone, build_roles
-from perl_core.reward import RewardScorer, save_reward_model
+from perl_core.reward import RewardScorer
 
 PROMPTS = [
     "Human: I want a coffee.\n\nAssistant: Hot or iced?\n\nHuman: Iced, please.\n\nAssistant:",
@@ -29,37 +29,10 @@ RESPONSES = ["Sure, one iced coffee coming up.", "a large latte", "Hot or iced?"
 @pytest.fixture(scope="module", params=sorted(STYLES))
 def chat_dirs(request, tmp_path_factory):
     """An anchor in `request.param`'s style and a stand-in LoRA reward model on it, in the reward stage's format."""
-    from perl_core.modeling import fit_embeddings
-
     root = tmp_path_factory.mktemp(request.param)
     anchor = Path(build_chat_backbone(root / "anchor", request.param))
     write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
-    tok = load_tokenizer(str(anchor))
-    rm = attach_lora(fit_embeddings(load_sequence_scorer(str(anchor), tok.pad_token_id), tok),
-                     PerlConfig().reward.lora, "SEQ_CLS", modules_to_save=["score"])
-    torch.manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in RM adapter real weights
-        for name, p in rm.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.normal_(0, 0.5)
-    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
-    return request.param, anchor, root / "rm"
-
-
-def samples_from_ids(tokenizer, prompts, responses, end_id, cut=()):
-    """RL samples for known text: left-padded prompts, then the response ids + the end token (none
-    for rows in `cut`, as when max_new_tokens stops a response), right-padded."""
-    prompt_ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([] if i in cut else [end_id])
-            for i, r in enumerate(responses)]
-    width = max(map(len, resp))
-    r_ids = torch.full((len(resp), width), tokenizer.pad_token_id)
-    r_mask = torch.zeros((len(resp), width), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-    finished = torch.tensor([i not in cut for i in range(len(resp))])
-    return Samples(torch.cat([prompt_ids, r_ids], 1), torch.cat([mask, r_mask], 1), r_mask, prompt_ids.shape[1],
-                   finished)
+    return request.param, anchor, stand_in_reward_model(anchor, root / "rm", fit_vocab=True)
 
 
 def roles_for(anchor, rm):
@@ -73,7 +46,7 @@ def test_one_backbone_reward_equals_the_reward_models_scorer(chat_dirs):
     assert isinstance(roles, OneBackbone)
     tok = roles.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")  # the template's end-of-turn (== eos only for smollm2)
-    samples = samples_from_ids(tok, PROMPTS, RESPONSES, end, cut={2})
+    samples = samples_from_text(tok, PROMPTS, RESPONSES, end, cut={2})
     got = roles.reward(samples, PROMPTS, RESPONSES)
     # independent path: the reward model's folder loaded on its own (merged, right padding, text in)
     expected = RewardScorer.load(rm).score(PROMPTS, RESPONSES)
@@ -90,7 +63,7 @@ def test_an_empty_response_is_prompt_plus_end_token_on_every_path(chat_dirs):
     roles = roles_for(anchor, rm)
     scorer = RewardScorer.load(rm)
     end = response_end_id(roles.tokenizer)
-    samples = samples_from_ids(roles.tokenizer, PROMPTS[:3], ["", "Sure", ""], end)
+    samples = samples_from_text(roles.tokenizer, PROMPTS[:3], ["", "Sure", ""], end)
     one_backbone = roles.reward(samples, PROMPTS[:3], ["", "Sure", ""])
     by_text = scorer.score(PROMPTS[:3], ["", "Sure", ""])
     evaluation = torch.from_numpy(rm_scores(scorer, PROMPTS[:3], ["", "Sure", ""])).float()
@@ -104,15 +77,15 @@ def test_an_empty_response_is_prompt_plus_end_token_on_every_path(chat_dirs):
 
 def test_left_and_right_padding_read_the_end_token_of_an_unpadded_forward(chat_dirs):
     from perl_core.modeling import response_end_id
-    from perl_core.scoring import pad_right, sequence_scores
+    from perl_core.scoring import sequence_scores
 
     style, anchor, rm = chat_dirs
     scorer = RewardScorer.load(rm)
     model, tok = scorer.model, scorer.tokenizer
     seqs = [encode_pair(tok, p, r, 256)[0] for p, r in zip(PROMPTS, RESPONSES)]
     assert len({len(s) for s in seqs}) > 1 and all(s[-1] == response_end_id(tok) for s in seqs)
-    right = pad_right(seqs, tok.pad_token_id, torch.device("cpu"))
-    left = left_pad(seqs, tok.pad_token_id)
+    right = pad_rows(seqs, tok.pad_token_id, side="right")
+    left = pad_rows(seqs, tok.pad_token_id, side="left")
     with torch.no_grad():
         by_right, by_left = sequence_scores(model, *right), sequence_scores(model, *left)
         # independent path: each sequence alone, no padding, the head on the final hidden state

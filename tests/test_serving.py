@@ -17,16 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 mlflow = pytest.importorskip("mlflow")
 
 from flows import registry, tasks, tracking  # noqa: E402
 from perl_core.artifacts import write_manifest  # noqa: E402
-from perl_core.config import PerlConfig, build_config  # noqa: E402
+from stand_ins import stand_in_reward_model  # noqa: E402
+from perl_core.config import build_config  # noqa: E402
 from perl_core.policy.generation import PolicyGenerator  # noqa: E402
-from perl_core.modeling import attach_lora, build_scratch_backbone, load_sequence_scorer, load_tokenizer  # noqa: E402
-from perl_core.reward import RewardScorer, save_reward_model  # noqa: E402
+from perl_core.modeling import build_scratch_backbone  # noqa: E402
+from perl_core.reward import RewardScorer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"Customer: a {s} {d} please\nAgent:" for s in ("small", "large") for d in ("latte", "mocha", "tea")]
@@ -45,15 +45,7 @@ def _train_tiny_models(root: Path) -> tuple[Path, Path, Path]:
 
     anchor = build_scratch_backbone("llama-micro", PROMPTS + [p + RESPONSE for p in PROMPTS], root / "anchor", 300)
     write_manifest(anchor, kind="anchor", base_model="scratch:llama-micro", tuning="none", config={})
-    tok = load_tokenizer(str(anchor))
-    rm = attach_lora(load_sequence_scorer(str(anchor), tok.pad_token_id), PerlConfig().reward.lora, "SEQ_CLS",
-                     modules_to_save=["score"])
-    torch.manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in RM adapter real weights
-        for name, p in rm.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.normal_(0, 0.5)
-    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
+    stand_in_reward_model(anchor, root / "rm")
     roles = build_roles(_policy_cfg(), anchor, root / "rm", sample_texts=PROMPTS)
     rl_loop(roles, roles.tokenizer, PROMPTS, _policy_cfg())
     roles.save_policy(root / "policy")

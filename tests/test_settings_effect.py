@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import perl_core.data
+from stand_ins import stand_in_reward_model
 from perl_core import reward as reward_mod
 from perl_core.policy import stage as stage_mod
 from perl_core import sft as sft_mod
@@ -108,21 +109,11 @@ def _record(loop: Callable, model_of: Callable, probes: list):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("settings")
-    from perl_core.modeling import attach_lora, build_scratch_backbone, load_sequence_scorer, load_tokenizer
-    from perl_core.config import PerlConfig
-    from perl_core.reward import save_reward_model
+    from perl_core.modeling import build_scratch_backbone
 
     anchor = build_scratch_backbone("llama-micro", CORPUS, root / "anchor", vocab_size=300)
     write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
-    tok = load_tokenizer(str(anchor))
-    rm = attach_lora(load_sequence_scorer(str(anchor), tok.pad_token_id), LoraConfig(rank=4), "SEQ_CLS",
-                     modules_to_save=["score"])
-    torch.manual_seed(3)
-    with torch.no_grad():  # a fresh LoRA is a no-op; give the stand-in reward adapter real weights
-        for name, p in rm.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.normal_(0, 0.5)
-    save_reward_model(rm, tok, root / "rm", PerlConfig(), base=str(anchor), head="score", metrics={})
+    stand_in_reward_model(anchor, root / "rm", LoraConfig(rank=4))
     return root
 
 

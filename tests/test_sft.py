@@ -121,3 +121,18 @@ def test_early_stopping_without_validation_rows_is_refused(tmp_path, monkeypatch
     cfg.sft.train.early_stopping_patience = 2
     with pytest.raises(UserError, match=r"sft.train.early_stopping_patience needs validation rows to stop on"):
         train_anchor(cfg, tmp_path / "anchor")
+
+
+def test_eval_examples_scores_a_seeded_sample_of_the_validation_rows(tmp_path, sft_data, monkeypatch):
+    import perl_core.sft as sft_module
+
+    seen = []
+    real = sft_module.validation_loss
+    monkeypatch.setattr(sft_module, "validation_loss",
+                        lambda model, examples, *a, **k: seen.append(list(examples)) or real(model, examples, *a, **k))
+    cfg = cfg_for(tmp_path, "lora", steps=10)
+    train_anchor(cfg, tmp_path / "all")
+    assert len(seen[-1]) == 4  # every validation row
+    cfg.sft.eval_examples = 2
+    train_anchor(cfg, tmp_path / "two")
+    assert len(seen[-1]) == 2 and all(row in seen[0] for row in seen[-1])

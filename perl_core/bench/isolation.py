@@ -26,6 +26,7 @@ import argparse
 import importlib
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -86,6 +87,45 @@ def bench_config(preset: str, measure: Sequence[str], overrides: Sequence[str], 
     if stage != "policy":
         once.append(f"{stage}.train.eval_every={steps}")
     return load_config(preset, [*measure, *once, *overrides])
+
+
+def tuning_settings(preset: str, measure: Sequence[str], overrides: Sequence[str], stage: str,
+                    full_learning_rate: float, order: Sequence[str]) -> dict:
+    """A benchmark's two settings, in `order`: LoRA as configured, and full tuning differing only in
+    `<stage>.tuning` and its own learning rate (full tuning moves every weight: a smaller step)."""
+    cfg = bench_config(preset, measure, overrides, stage)
+    settings = {}
+    for tuning in order:
+        setting = cfg.model_copy(deep=True)
+        getattr(setting, stage).tuning = tuning
+        if tuning == "full":
+            getattr(setting, stage).train.learning_rate = full_learning_rate
+        settings[tuning] = setting
+    return settings
+
+
+def cost_summary(lora: dict, full: dict, parts: Sequence[str] = ()) -> dict:
+    """LoRA / full ratios of two workload results: peak memory (on the `ratio_basis`), absolute peak
+    RSS, median step time, then each of `parts` ("generate", ...) and the trainable parameters."""
+    return {
+        "memory_ratio": ratio(peak_memory_mb(lora), peak_memory_mb(full)),
+        "memory_ratio_basis": lora["memory"]["ratio_basis"],
+        "absolute_peak_rss_ratio": ratio(lora["memory"]["peak_rss_mb"], full["memory"]["peak_rss_mb"]),
+        "step_time_ratio": ratio(lora["median_step_seconds"], full["median_step_seconds"]),
+        **{f"{part}_time_ratio": ratio(lora[f"median_{part}_seconds"], full[f"median_{part}_seconds"])
+           for part in parts},
+        "trainable_param_ratio": ratio(lora["trainable_params"], full["trainable_params"]),
+    }
+
+
+def machine() -> dict:
+    """The machine a result describes (absolute seconds and megabytes hold only there)."""
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+def as_overrides(options: dict[str, Any]) -> list[str]:
+    """Command-line shorthand options as the `setting=value` overrides they stand for; None = not given."""
+    return [f"{key}={value}" for key, value in options.items() if value is not None]
 
 
 # ---------------------------------------------------------------- the child side

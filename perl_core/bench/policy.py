@@ -13,14 +13,12 @@ step time split into generate / score / update, trainable and resident parameter
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core.bench.isolation import bench_config, peak_memory_mb, ratio, run_isolated
+from perl_core.bench.isolation import cost_summary, machine, peak_memory_mb, run_isolated, tuning_settings
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset and the caller's overrides (which win): the anchor
@@ -37,13 +35,8 @@ N_PROMPTS = 256
 def policy_settings(preset: str = "default", overrides: Sequence[str] = (), quick: bool = False,
                     full_learning_rate: float = FULL_LEARNING_RATE) -> dict[str, PerlConfig]:
     """The two settings: PERL (LoRA) as configured, and full tuning differing only in `tuning` and its learning rate."""
-    cfg = bench_config(preset, QUICK if quick else MEASURE, overrides, "policy")
-    lora = cfg.model_copy(deep=True)
-    lora.policy.tuning = "lora"
-    full = cfg.model_copy(deep=True)
-    full.policy.tuning = "full"
-    full.policy.train.learning_rate = full_learning_rate
-    return {"full": full, "lora": lora}
+    return tuning_settings(preset, QUICK if quick else MEASURE, overrides, "policy", full_learning_rate,
+                           ("full", "lora"))
 
 
 def policy_benchmark(preset: str = "default", overrides: Sequence[str] = (), quick: bool = False,
@@ -72,20 +65,13 @@ def policy_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
             results[tuning]["config"] = tree
     lora, full = results["lora"], results["full"]
     summary = {
-        "memory_ratio": ratio(peak_memory_mb(lora), peak_memory_mb(full)),
-        "memory_ratio_basis": lora["memory"]["ratio_basis"],
-        "absolute_peak_rss_ratio": ratio(lora["memory"]["peak_rss_mb"], full["memory"]["peak_rss_mb"]),
-        "step_time_ratio": ratio(lora["median_step_seconds"], full["median_step_seconds"]),
-        **{f"{part}_time_ratio": ratio(lora[f"median_{part}_seconds"], full[f"median_{part}_seconds"])
-           for part in ("generate", "score", "update")},
-        "trainable_param_ratio": ratio(lora["trainable_params"], full["trainable_params"]),
+        **cost_summary(lora, full, parts=("generate", "score", "update")),
         "targets": {"memory_ratio": 0.5, "step_time_ratio": 0.85},
     }
     return {"settings": results, "summary": summary, "backbone": backbone,
             "request": {"preset": preset, "overrides": list(overrides), "quick": quick,
                         "full_learning_rate": full_learning_rate, "work_dir": str(work_dir) if work_dir else None},
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_count": os.cpu_count()}}
+            "machine": machine()}
 
 
 def policy_table(report: dict) -> str:

@@ -20,14 +20,14 @@ the TRL comparison start from those very configs.
 from __future__ import annotations
 
 import json
+import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from perl_core.eval import reporting as R
-from perl_core.bench.isolation import peak_memory_mb, ratio, run_isolated
+from perl_core.bench.isolation import as_overrides, machine, peak_memory_mb, ratio, run_isolated
 from perl_core.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32)
@@ -297,8 +297,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
                              if part),
         "quick": quick, "config": cfg.model_dump(mode="json"),
         "data": {"source": cfg.data.source, "metrics": data.metrics},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "torch_threads": _torch_threads(),
+        "machine": {**machine(), "torch_threads": _torch_threads(),
                     "load_average_1_5_15min": {**load, "end": os.getloadavg()}},
         "rows": reward_rows(reward_bench) + (policy_rows(policy_bench) if policy_bench else []),
         "rank_sweep": sweep, "ranks_requested": list(ranks), "resumed": bool(resume),
@@ -316,10 +315,10 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
 def option_overrides(backbone: Optional[str] = None, reward_steps: Optional[int] = None,
                      reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None) -> list[str]:
     """The report's shorthand options as the config overrides they stand for."""
-    return ([f"reward.backbone.name={backbone}", f"sft.backbone.name={backbone}"] if backbone else []) \
-        + ([f"reward.train.max_steps={reward_steps}"] if reward_steps else []) \
-        + ([f"reward.train.batch_size={reward_batch_size}"] if reward_batch_size else []) \
-        + ([f"policy.train.max_steps={policy_steps}"] if policy_steps else [])
+    return as_overrides({"reward.backbone.name": backbone or None, "sft.backbone.name": backbone or None,
+                         "reward.train.max_steps": reward_steps or None,
+                         "reward.train.batch_size": reward_batch_size or None,
+                         "policy.train.max_steps": policy_steps or None})
 
 
 def _torch_threads() -> int:
@@ -349,6 +348,19 @@ def _plots(report: dict, out: Path) -> dict[str, Path]:
             {f"{t['stage']}: {side}": t[f"{side}_throughput"] for t in report["trl"] for side in ("perl", "trl")},
             out / "trl_throughput_bars.png", "Throughput, PERL vs TRL (higher is better)", "examples or samples / s")
     return plots
+
+
+# A benchmark's target bounds its ratio from above (memory, step time), except these, bounded from below.
+AT_LEAST = frozenset({"validation_gap_points"})
+
+
+def target_verdict(name: str, value: Optional[float], target: float) -> str:
+    """`target ≤ 0.5: met`, `target ≥ -1: missed`; a value that is missing or NaN is `not measured`."""
+    at_least = name in AT_LEAST
+    bound = f"target {'≥' if at_least else '≤'} {target:g}"
+    if value is None or not math.isfinite(value):
+        return f"{bound}: not measured"
+    return f"{bound}: {'met' if (value >= target if at_least else value <= target) else 'missed'}"
 
 
 def _ratio_cell(value: Optional[float]) -> str:
@@ -395,7 +407,7 @@ def report_markdown(report: dict) -> str:
         elif bench.get("summary"):
             s = bench["summary"]
             targets = s.get("targets", {})
-            parts = [f"{k} = {R.fmt(v)}" + (f" (target {targets[k]})" if k in targets else "")
+            parts = [f"{k} = {R.fmt(v)}" + (f" ({target_verdict(k, v, targets[k])})" if k in targets else "")
                      for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
             lines += [f"- {name} benchmark: " + "; ".join(parts)]
     lines += ["", "![quality vs rank](quality_vs_rank.png) ![memory](memory_bars.png) ![step time](step_time_bars.png)", ""]

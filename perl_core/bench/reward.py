@@ -10,13 +10,12 @@ validation metric. PERL's claim on a ~30M backbone: LoRA/full peak memory <= 0.5
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core.bench.isolation import bench_config, median_step_seconds, peak_memory_mb, ratio, run_isolated
+from perl_core.bench.isolation import (cost_summary, machine, median_step_seconds, peak_memory_mb, run_isolated,
+                                       tuning_settings)
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset (data, LoRA settings) and the caller's overrides
@@ -36,13 +35,8 @@ ORDER = ("lora", "full")  # which setting runs first matters on a shared machine
 def reward_settings(preset: str = "default", overrides: Sequence[str] = (), quick: bool = False,
                     full_learning_rate: float = FULL_LEARNING_RATE) -> dict[str, PerlConfig]:
     """The two settings: LoRA as configured, and full tuning differing only in `tuning` and its learning rate."""
-    cfg = bench_config(preset, QUICK if quick else MEASURE, overrides, "reward")
-    lora = cfg.model_copy(deep=True)
-    lora.reward.tuning = "lora"
-    full = cfg.model_copy(deep=True)
-    full.reward.tuning = "full"
-    full.reward.train.learning_rate = full_learning_rate
-    return {"lora": lora, "full": full}
+    return tuning_settings(preset, QUICK if quick else MEASURE, overrides, "reward", full_learning_rate,
+                           ("lora", "full"))
 
 
 def reward_benchmark(preset: str = "default", overrides: Sequence[str] = (), quick: bool = False,
@@ -70,11 +64,7 @@ def reward_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
         results[tuning]["config"] = setting.model_dump(mode="json")
     lora, full = results["lora"], results["full"]
     summary = {
-        "memory_ratio": ratio(peak_memory_mb(lora), peak_memory_mb(full)),
-        "memory_ratio_basis": lora["memory"]["ratio_basis"],
-        "absolute_peak_rss_ratio": ratio(lora["memory"]["peak_rss_mb"], full["memory"]["peak_rss_mb"]),
-        "step_time_ratio": ratio(lora["median_step_seconds"], full["median_step_seconds"]),
-        "trainable_param_ratio": ratio(lora["trainable_params"], full["trainable_params"]),
+        **cost_summary(lora, full),
         "validation_metric": lora["validation_metric"],
         "validation_gap_points": 100 * (lora["validation_value"] - full["validation_value"]),
         "targets": {"memory_ratio": 0.5, "step_time_ratio": 0.65, "validation_gap_points": -1.0},
@@ -82,8 +72,7 @@ def reward_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
     return {"settings": results, "summary": summary,
             "request": {"preset": preset, "overrides": list(overrides), "quick": quick,
                         "full_learning_rate": full_learning_rate, "order": list(order)},
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpu_count": os.cpu_count()}}
+            "machine": machine()}
 
 
 def reward_table(report: dict) -> str:

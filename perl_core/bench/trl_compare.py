@@ -22,8 +22,6 @@ TRL is imported lazily, so the core package works without the extra.
 """
 from __future__ import annotations
 
-import os
-import statistics
 import tempfile
 import time
 from pathlib import Path

@@ -22,6 +22,7 @@ from typing import Optional
 
 import yaml
 
+from perl_core.artifacts import file_hash
 from perl_core.errors import UserError
 
 DVC_FILE = "data.dvc"
@@ -38,21 +39,13 @@ def tracking_repo(data_dir: str | Path) -> Optional[Path]:
     return None
 
 
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dir_md5(path: str | Path) -> Optional[str]:
     """DVC 3's hash of a directory (`hash: md5`), or None when it does not exist."""
     path = Path(path)
     if not path.is_dir():
         return None
     entries = sorted(
-        ({"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
+        ({"md5": file_hash(p, "md5"), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
         key=lambda e: e["relpath"],
     )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"

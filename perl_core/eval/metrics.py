@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def _as_array(values, name: str) -> np.ndarray:
@@ -53,6 +52,8 @@ def _binary(predictions, threshold: float | None, name: str = "predictions") -> 
 # ---------------------------------------------------------------- pointwise (thumbs up/down)
 def average_ranks(values) -> np.ndarray:
     """1-based ranks of `values`; tied values share the mean of the ranks they span."""
+    from scipy.stats import rankdata  # here, not at the top: a served reward model imports this module
+
     return rankdata(_as_array(values, "values"), method="average").astype(np.float64)
 
 

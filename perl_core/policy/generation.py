@@ -15,7 +15,8 @@ import torch
 from perl_core.artifacts import read_manifest
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
-from perl_core.modeling import encode_prompt, fit_embeddings, load_causal_lm, load_tokenizer, response_end_id
+from perl_core.modeling import (encode_prompt, fit_embeddings, load_causal_lm, load_tokenizer, pad_rows,
+                                response_end_id)
 
 
 @dataclass
@@ -43,16 +44,6 @@ class Samples:
                        response_mask=self.response_mask.to(device), finished=self.finished.to(device))
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0) -> Samples:
@@ -62,7 +53,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     if max_new_tokens < 1:
         raise UserError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
     eos, pad = response_end_id(tokenizer), tokenizer.pad_token_id
-    ids, mask = left_pad(prompt_ids, pad)
+    ids, mask = pad_rows(prompt_ids, pad, side="left")
     device = next(model.parameters()).device
     greedy = temperature == 0
     gen_cfg = GenerationConfig(
