@@ -17,10 +17,22 @@ console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 
 ConfigOpt = typer.Option("default", "--config", "-c", help="preset name in configs/ (default, taskmaster4, ...) or a YAML path")
 SetOpt = typer.Option(None, "--set", "-s", help="override a setting, e.g. --set reward.lora.rank=4 (repeatable)")
+MetricsFileOpt = typer.Option(None, "--metrics-file", help="also write the per-step metrics and the final ones as "
+                              "JSON lines to this file (the main process; the pipeline reads it under "
+                              "launch.num_processes > 1)")
 
 
 def cli_config(config: str, overrides: Optional[List[str]]) -> PerlConfig:
     return load_config(config, list(overrides or []))
+
+
+def metrics_file_log(path: Optional[Path]):
+    """The `--metrics-file` writer (perl_core.callbacks.JsonlLog) on the main process, else None."""
+    if path is None or os.environ.get("RANK", "0") != "0":
+        return None
+    from perl_core.callbacks import JsonlLog
+
+    return JsonlLog(path)
 
 
 def check_model_dir(path: Path, *kinds: str) -> None:

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import (ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, print_metrics,
-                              read_text_file)
+from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors,
+                              metrics_file_log, print_metrics, read_text_file)
 
 app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
                   no_args_is_help=True)
@@ -31,21 +31,29 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="policy folder (default: <artifacts_dir>/policy)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
     every: int = typer.Option(10, "--log-every", help="print metrics every N steps"),
+    metrics_file: Optional[Path] = MetricsFileOpt,
 ) -> None:
     """Train the policy adapter (no tracking; `perl-rlhf run` logs to MLflow)."""
+    from perl_core.callbacks import null_samples
     from perl_core.policy.stage import train_policy
 
     cfg = cli_config(config, overrides)
     root = Path(cfg.artifacts_dir)
+    log = metrics_file_log(metrics_file)
 
     def show(metrics: dict, step: int) -> None:
+        if log:
+            log(metrics, step)
         if step % every == 0 or step == 1:
             _log_line(metrics, step)
 
     anchor, reward_model = anchor or root / "anchor", reward_model or root / "reward_model"
     check_model_dir(anchor, "anchor")
     check_model_dir(reward_model, "reward_model")
-    result = train_policy(cfg, out or root / "policy", anchor, reward_model, callback=show, resume=resume)
+    result = train_policy(cfg, out or root / "policy", anchor, reward_model, callback=show, resume=resume,
+                          samples_callback=log.samples if log else null_samples)
+    if log:
+        log.result(result.metrics, result.artifacts)
     console.print(f"policy saved to {result.out_dir}")
     print_metrics(result.metrics)
 

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from flows.cli_common import ConfigOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors, print_metrics
+from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors,
+                              metrics_file_log, print_metrics)
 
 app = typer.Typer(help="Reward models: LoRA or full, pairwise (Bradley-Terry) or pointwise (thumbs up/down).",
                   no_args_is_help=True)
@@ -21,17 +22,22 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="artifact folder (default: <artifacts_dir>/reward_model)"),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="anchor folder to initialise from (with reward.init_from_anchor)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in <out>/checkpoints"),
+    metrics_file: Optional[Path] = MetricsFileOpt,
 ) -> None:
     """Train a reward model on the configured data (no tracking; `perl-rlhf run` logs to MLflow).
 
     With `--set reward.ensemble.size=N`, N reward models (seeds reward.train.seed + i) in one folder."""
+    from perl_core.callbacks import null_callback
     from perl_core.ensemble import train_reward_stage
 
     cfg = cli_config(config, overrides)
     if base_model is not None:
         check_model_dir(Path(base_model), "anchor")
     out_dir = out or Path(cfg.artifacts_dir) / "reward_model"
-    result = train_reward_stage(cfg, out_dir, resume=resume, base_model=base_model)
+    log = metrics_file_log(metrics_file)
+    result = train_reward_stage(cfg, out_dir, callback=log or null_callback, resume=resume, base_model=base_model)
+    if log:
+        log.result(result.metrics, result.artifacts)
     what = "reward model" if cfg.reward.ensemble.size is None else f"ensemble of {cfg.reward.ensemble.size} reward models"
     console.print(f"{what} saved to {result.out_dir}")
     print_metrics(result.metrics)

@@ -212,8 +212,8 @@ def _evaluation_artifacts(evaluation: dict, stages: list[dict]) -> None:
 def perl_pipeline(cfg: PerlConfig = PerlConfig()) -> dict:
     """The whole PERL pipeline in one parent MLflow run. Fails before training if a server is unreachable."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by accelerate launch (torchrun) for N > 1 processes
-        raise UserError("the pipeline trains every stage in one process: under `accelerate launch` run a stage "
-                        "command instead (perl-rlhf sft train / reward train / policy train)")
+        raise UserError("run the pipeline as one process, not under `accelerate launch`: it launches each training "
+                        "stage in N processes itself with --set launch.num_processes=N")
     tracking.check_servers(cfg)
     with tracking.pipeline_run(cfg, run_name=f"perl-{cfg.preset}") as parent:
         data = data_flow(cfg)

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
+from flows import launch
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
 
@@ -79,7 +80,8 @@ def with_progress(callback: MetricsCallback, stage: str, total_steps: int) -> Me
 
 # ---------------------------------------------------------------- the stages
 # Each task imports its perl_core function when it runs: the CLI starts without loading torch,
-# and a test stands in for a stage by patching that function where it is defined.
+# and a test stands in for a stage by patching that function where it is defined. With
+# launch.num_processes > 1 a training task runs its stage under `accelerate launch` instead (flows/launch.py).
 @task(name="prepare_data", **CACHED)
 def prepare_data(cfg: PerlConfig, key: str, run_id: str = "") -> dict:
     from perl_core.data import prepare_dataset
@@ -93,30 +95,42 @@ def prepare_data(cfg: PerlConfig, key: str, run_id: str = "") -> dict:
 @task(name="train_anchor", **CACHED)
 def train_anchor(cfg: PerlConfig, key: str, out_dir: str, run_id: str = "",
                  callback: MetricsCallback = null_callback) -> dict:
-    from perl_core.sft import train_anchor as run
-
     cb = with_progress(callback, "anchor", cfg.sft.train.max_steps)
-    result = run(cfg, out_dir, callback=cb, resume=True)
+    if launch.launched(cfg):
+        result = launch.run_stage(cfg, "anchor", out_dir, cb)
+    else:
+        from perl_core.sft import train_anchor as run
+
+        result = run(cfg, out_dir, callback=cb, resume=True)
     return _as_dict(result, key, run_id)
 
 
 @task(name="train_reward_model", **CACHED)
 def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str | None = None, run_id: str = "",
                        callback: MetricsCallback = null_callback) -> dict:
-    from perl_core.ensemble import train_reward_stage  # one reward model or an ensemble
-
     cb = with_progress(callback, "reward_model", cfg.reward.train.max_steps * (cfg.reward.ensemble.size or 1))
-    result = train_reward_stage(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
+    if launch.launched(cfg):
+        result = launch.run_stage(cfg, "reward_model", out_dir, cb,
+                                  stage_args=("--base-model", str(base_model)) if base_model else ())
+    else:
+        from perl_core.ensemble import train_reward_stage  # one reward model or an ensemble
+
+        result = train_reward_stage(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
     return _as_dict(result, key, run_id)
 
 
 @task(name="train_policy", **CACHED)
 def train_policy(cfg: PerlConfig, key: str, out_dir: str, anchor_dir: str, reward_model_dir: str, run_id: str = "",
                  callback: MetricsCallback = null_callback, samples_callback: SamplesCallback = null_samples) -> dict:
-    from perl_core.policy.stage import train_policy as run
-
     cb = with_progress(callback, "policy", cfg.policy.train.max_steps)
-    result = run(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True, samples_callback=samples_callback)
+    if launch.launched(cfg):
+        result = launch.run_stage(cfg, "policy", out_dir, cb, samples_callback,
+                                  stage_args=("--anchor", str(anchor_dir), "--reward-model", str(reward_model_dir)))
+    else:
+        from perl_core.policy.stage import train_policy as run
+
+        result = run(cfg, out_dir, anchor_dir, reward_model_dir, callback=cb, resume=True,
+                     samples_callback=samples_callback)
     return _as_dict(result, key, run_id)
 
 

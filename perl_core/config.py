@@ -283,6 +283,24 @@ class TrackingConfig(Section):
     promotion_mode: Literal["max", "min"] = "max"
 
 
+class LaunchConfig(Section):
+    """How the pipeline's training tasks (anchor, reward model, policy) run. Read by flows/ only; not
+    part of any stage key, since N processes train the same global batch as one."""
+
+    num_processes: int = Field(
+        1, ge=1, description="1: each stage trains inside the task's process; N > 1: the task runs the stage as "
+        "`accelerate launch --multi_gpu --num_processes N perl-rlhf <stage> train` (data parallel, one process "
+        "per GPU) and forwards its metrics to MLflow")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate launch --mixed_precision; `auto` *.train.precision follows it, an explicit "
+        "one wins")
+    cpu: bool = Field(False, description="N processes on the CPU (gloo; sets ACCELERATE_USE_CPU=1 for the launch): "
+                      "tests and machines without GPUs")
+    accelerate_args: list[str] = Field(
+        default_factory=list, description="more accelerate launch options, e.g. [--gpu_ids, '0,1'] or "
+        "[--main_process_port, '29600']")
+
+
 class PerlConfig(Section):
     preset: str = "default"
     artifacts_dir: str = "artifacts"
@@ -292,6 +310,7 @@ class PerlConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    launch: LaunchConfig = LaunchConfig()
 
 
 # ---------------------------------------------------------------- loading

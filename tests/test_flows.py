@@ -287,21 +287,24 @@ def test_stage_keys_follow_data_code_and_upstream(monkeypatch):
 
 def test_deployments_run_the_embedded_default_one_at_a_time():
     """prefect.yaml, read through Prefect's own deployment schema (it ignores keys it does not know):
-    every deployment's parameters resolve to `load_config("default")`, what `perl-rlhf run` trains,
-    and at most one run of it is active."""
+    every deployment's parameters resolve to `load_config("default")`, what `perl-rlhf run` trains
+    (the multi-GPU one: with its `launch` section), and at most one run of it is active."""
     import inspect
 
     import yaml
     from prefect.cli.deploy._models import PrefectYamlModel
 
     spec = PrefectYamlModel.model_validate(yaml.safe_load((Path(__file__).parent.parent / "prefect.yaml").read_text()))
-    assert [d.name for d in spec.deployments] == ["perl-nightly", "perl-nightly-docker"]
+    expected = {"perl-nightly": load_config("default"), "perl-nightly-docker": load_config("default"),
+                "perl-nightly-multi-gpu": load_config("default", ["launch.num_processes=4",
+                                                                  "launch.mixed_precision=bf16"])}
+    assert sorted(d.name for d in spec.deployments) == sorted(expected)
     for deployment in spec.deployments:
         assert deployment.entrypoint == "flows/pipeline.py:perl_pipeline"
         assert deployment.concurrency_limit == 1, deployment.name
         call = inspect.signature(perl_pipeline.fn).bind(**perl_pipeline.validate_parameters(deployment.parameters))
         call.apply_defaults()
-        assert call.arguments["cfg"] == load_config("default"), deployment.name
+        assert call.arguments["cfg"] == expected[deployment.name], deployment.name
 
 
 def test_serve_runs_the_configured_pipeline_one_at_a_time(monkeypatch):
@@ -349,6 +352,59 @@ def test_retries_transient_errors_only(workdir, monkeypatch):
     with pytest.raises(UserError, match="max_length"):
         fast(cfg, key="k2", out_dir=str(workdir / "a2"))
     assert len(attempts) == 1
+
+
+REAL_POPEN = subprocess.Popen
+
+
+class InProcessLaunch:
+    """`subprocess.Popen` for a training task's `accelerate launch ... perl-rlhf <stage> train ...`: runs
+    that stage command line here, on the fake stages, and records it. Other commands (git) run as usual."""
+
+    launched: list[list[str]] = []
+
+    def __new__(cls, argv, *args, **kwargs):
+        if "accelerate.commands.launch" not in argv:
+            return REAL_POPEN(argv, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, argv, stdout, stderr, env):
+        from typer.testing import CliRunner
+
+        from flows.cli import app
+
+        script = next(i for i, arg in enumerate(argv) if arg.endswith("perl-rlhf"))
+        self.launched.append(argv)
+        run = CliRunner().invoke(app, argv[script + 1:])
+        stdout.write(run.output)
+        self.returncode = run.exit_code
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def test_launched_stages_log_to_mlflow_and_cache_as_in_one_process(workdir, monkeypatch):
+    """launch.num_processes=2: each training stage runs as its command line (here without the processes),
+    and MLflow receives the same per-step metrics, samples and models as in one process."""
+    from flows import cli_policy, cli_reward
+
+    monkeypatch.setattr(subprocess, "Popen", InProcessLaunch)
+    monkeypatch.setattr(cli_policy, "check_model_dir", lambda *args: None)  # the fake stages write no weights
+    monkeypatch.setattr(cli_reward, "check_model_dir", lambda *args: None)
+    InProcessLaunch.launched.clear()
+    cfg = tiny(workdir, "policy.kl_coef=0.1", "launch.num_processes=2")
+    first = perl_pipeline(cfg)
+    assert trained(CALLS) == ["data", "anchor", "reward_model", "policy", "evaluate_policy"]
+    assert [argv[argv.index("--num_processes") + 1] for argv in InProcessLaunch.launched] == ["2", "2", "2"]
+    assert [argv[argv.index("--out") - 4] for argv in InProcessLaunch.launched] == ["sft", "reward", "policy"]
+    check_mlflow_contents(first, cfg)
+    assert first["registry"]["promoted"]
+
+    InProcessLaunch.launched.clear()
+    CALLS.clear()
+    second = perl_pipeline(cfg)
+    assert trained(CALLS) == [] and InProcessLaunch.launched == []
+    assert all(s["cached"] for s in second["stages"].values())
 
 
 def test_unreachable_tracking_server_fails_before_training(workdir, monkeypatch):
