@@ -13,7 +13,8 @@ from rich.console import Console
 from perl_core.config import ConfigError, PerlConfig, load_config
 
 # under `accelerate launch` only the main process (RANK 0) prints; errors print on every process
-console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
+# soft_wrap: a progress or metric line stays one line in a log file, whatever the terminal width
+console = Console(stderr=True, soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
 
 ConfigOpt = typer.Option("default", "--config", "-c", help="preset name in configs/ (default, taskmaster4, ...) or a YAML path")
 SetOpt = typer.Option(None, "--set", "-s", help="override a setting, e.g. --set reward.lora.rank=4 (repeatable)")
