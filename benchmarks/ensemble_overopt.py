@@ -21,7 +21,7 @@ anchor and the members' spread, as JSON and one plot. Per setting it also report
 * with `--cost-steps N`: memory and step time of RL on the ensemble against one reward model, each
   in a fresh process (`perl_core.bench.policy.policy_workload`), N steps each.
 
-    python benchmarks/ensemble_overopt.py                     # configs/overopt.yaml, 4 members: hours on a CPU
+    python benchmarks/ensemble_overopt.py --cost-steps 10     # configs/overopt.yaml, 4 members: about an hour on 2 CPU cores
     python benchmarks/ensemble_overopt.py --quick             # the tiny preset, a few steps: shape only (CI)
 
 Stages already in --work-dir are reused (the anchor, the ensemble), and RL resumes from its checkpoints.
