@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +23,27 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import perl_core
 from flows import tasks, tracking
-from perl_core.config import PerlConfig
+from perl_core.config import ConfigError, PerlConfig
 from perl_core.errors import UserError
 
 STAGES = ("data", "anchor", "reward_model", "policy", "evaluate", "register")
+
+
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow run's exception with its traceback. A `UserError` or
+    `ConfigError` already says what to fix (the CLI prints it as one line), so its record keeps the
+    message and drops the traceback; any other exception, a bug, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, ConfigError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, UserErrorsWithoutTraceback) for f in _logger.filters):
+        _logger.addFilter(UserErrorsWithoutTraceback())
 
 
 # ---------------------------------------------------------------- keys

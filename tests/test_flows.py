@@ -486,3 +486,33 @@ def load_rows_prompt(repo) -> str:
 
     cfg = load_config("tiny", [f"data.data_dir={repo / 'data'}"])
     return load_prompts(cfg.data, "test")[0]
+
+
+def test_run_logs_keep_the_traceback_of_bugs_only():
+    """A user error's record reaches Prefect's handlers without a traceback; a bug's keeps it."""
+    import logging
+
+    import flows.pipeline  # noqa: F401  (installs the filter)
+    from perl_core.config import ConfigError
+    from perl_core.errors import UserError
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger, handler = logging.getLogger(name), Keep()
+        logger.addHandler(handler)
+        try:
+            for exc in (UserError("data.path: x.jsonl does not exist"), ConfigError("policy.k: expected >= 2"),
+                        RuntimeError("a bug")):
+                try:
+                    raise exc
+                except Exception:
+                    logger.error("Encountered exception during execution: %r", exc, exc_info=True)
+        finally:
+            logger.removeHandler(handler)
+    assert [r.exc_info is None for r in seen] == [True, True, False] * 2
+    assert "data.path: x.jsonl does not exist" in seen[0].getMessage()
