@@ -34,7 +34,7 @@ from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
                                 pad_rows, parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
 from perl_core.scoring import sequence_scores
-from perl_core.training import set_seed, train_loop
+from perl_core.training import eval_subset, set_seed, train_loop
 
 HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
 
@@ -315,10 +315,8 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     encoder = head == "classifier"
     train, train_cut = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
     val, val_cut = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
-    val_numbers = list(range(len(val)))
-    if rcfg.eval_examples is not None and len(val) > rcfg.eval_examples:
-        val_numbers = sorted(random.Random(rcfg.train.seed).sample(range(len(val)), rcfg.eval_examples))
-        val = [val[i] for i in val_numbers]
+    val_numbers = eval_subset(len(val), rcfg.eval_examples, rcfg.train.seed)
+    val = [val[i] for i in val_numbers]
     pad_id = tokenizer.pad_token_id
     bs = rcfg.train.batch_size
 

@@ -28,7 +28,7 @@ from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
                                 pad_rows, parameter_counts, resolve_backbone)
-from perl_core.training import set_seed, train_loop
+from perl_core.training import eval_subset, set_seed, train_loop
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> tuple[list[tuple[list[int], int]], int]:
@@ -114,8 +114,7 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
     if sft.enabled:
         train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)
         val, val_dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "validation"), sft.max_length)
-        if sft.eval_examples is not None and len(val) > sft.eval_examples:
-            val = [val[i] for i in sorted(random.Random(sft.train.seed).sample(range(len(val)), sft.eval_examples))]
+        val = [val[i] for i in eval_subset(len(val), sft.eval_examples, sft.train.seed)]
         if not train:
             raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "
                             f"({dropped} dropped); raise sft.max_length")

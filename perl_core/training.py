@@ -46,6 +46,14 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def eval_subset(n_rows: int, n: Optional[int], seed: int) -> list[int]:
+    """Indices, in order, of the validation rows an evaluation scores: a seeded sample of `n` of the
+    `n_rows` (`*.eval_examples`), or all of them when `n` is None or not smaller."""
+    if n is None or n_rows <= n:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), n))
+
+
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, max_grad_norm: float,
                    step: int, checkpoint_dir: Optional[Path]) -> torch.Tensor:
     """Clip, step, schedule, zero: the end of every optimisation step (SFT, reward model, RL).

@@ -245,3 +245,13 @@ def test_fp16_skips_overflowing_steps_and_resumes_with_its_loss_scale(tmp_path, 
     resumed = fresh(seed=99)
     train_loop(resumed, batches, mse, cfg, checkpoint_dir=tmp_path / "b", resume=True)
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+
+
+def test_eval_subset_is_a_seeded_ordered_sample_or_everything():
+    import random
+
+    from perl_core.training import eval_subset
+
+    assert eval_subset(5, None, 0) == [0, 1, 2, 3, 4] and eval_subset(5, 5, 0) == [0, 1, 2, 3, 4]
+    assert eval_subset(10, 3, 7) == sorted(random.Random(7).sample(range(10), 3))
+    assert eval_subset(10, 3, 7) == eval_subset(10, 3, 7) != eval_subset(10, 3, 8)
