@@ -179,7 +179,9 @@ def test_sft_and_the_reward_model_follow_data_chat_template(tmp_path, monkeypatc
     monkeypatch.setattr(perl_core.data, "load_rows", lambda cfg, view, split: views[view], raising=False)
     monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
     backbone = build_chat_backbone(tmp_path / "backbone", "qwen2.5")
-    cfg = build_config({"artifacts_dir": str(tmp_path / "artifacts"), "data": {"chat_template": setting},
+    # data_dir under tmp: the stand-in rows only, whatever a prepared data/ holds in the working folder
+    cfg = build_config({"artifacts_dir": str(tmp_path / "artifacts"),
+                        "data": {"chat_template": setting, "data_dir": str(tmp_path / "data")},
                         "sft": {"backbone": {"name": backbone}, "train": {"batch_size": 2, "max_steps": 1}},
                         "reward": {"train": {"batch_size": 2, "max_steps": 1, "eval_every": 1}},
                         "policy": {"max_prompt_length": 60}})
