@@ -33,7 +33,7 @@ from perl_core.devices import autocast, autocast_dtype, enable_gradient_checkpoi
 from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
                                 pad_rows, parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
-from perl_core.scoring import sequence_scores
+from perl_core.scoring import pair_scores, sequence_scores
 from perl_core.training import eval_subset, set_seed, train_loop
 
 HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
@@ -330,8 +330,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     def loss_fn(m: nn.Module, batch: list[tuple]):
         if objective == "pairwise":
-            scores = score_sequences(m, [e[0] for e in batch] + [e[1] for e in batch], pad_id)
-            rc, rr = scores[:len(batch)], scores[len(batch):]
+            rc, rr = pair_scores(m, [(e[0], e[1]) for e in batch], pad_id)
             loss = bradley_terry_loss(rc, rr, rcfg.margin)
             return loss, {"batch_size": len(batch), "pairwise_accuracy": float((rc > rr).float().mean()),
                           "reward_margin": float((rc - rr).detach().mean())}

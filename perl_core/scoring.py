@@ -9,7 +9,9 @@ response's last token instead of the end token the reward model was trained on. 
 skip left padding exactly as `generate` does, so a left-padded batch (RL samples) and a
 right-padded one (reward training, :class:`~perl_core.reward.RewardScorer`) give the same
 scores. Reward training, `RewardScorer`, the one-backbone RL reward
-(`policy.roles.OneBackbone.reward`) and evaluation all score through :func:`read_scores`.
+(`policy.roles.OneBackbone.reward`) and evaluation all score through :func:`read_scores`;
+pairwise training reads a pair's chosen and rejected sequences through :func:`pair_scores`, which
+computes their shared prompt once (`perl_core.packing`) and reads the same positions.
 
 Encoders (BERT, MiniLM) read their pooled [CLS] at position 0 and mask their pads; they keep
 the model's own forward.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from perl_core.packing import can_pack, pack_shared, read_packed_scores
 
 ENCODER_HEAD = "classifier"  # BERT-style heads read the pooled [CLS]; causal LMs name theirs `score`
 
@@ -64,3 +68,18 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
     # the transformer body (`model.model` for Llama/Qwen) and the `score` head, LoRA layers active
     return read_scores(inner.base_model, inner.score, input_ids, attention_mask)
+
+
+def pair_scores(model: nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores of (chosen_ids, rejected_ids) pairs. A causal reward model reads each
+    pair as one packed row, the shared prompt computed once (`perl_core.packing`); the scores are
+    those of :func:`sequence_scores` on each sequence alone."""
+    from perl_core.modeling import pad_rows
+
+    inner = classifier_of(model)
+    if not isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module) and can_pack(inner):
+        scores = read_packed_scores(inner.base_model, inner.score, pack_shared(pairs, pad_id))
+        return scores[0::2], scores[1::2]
+    n = len(pairs)
+    scores = sequence_scores(model, *pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_id, side="right"))
+    return scores[:n], scores[n:]

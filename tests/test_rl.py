@@ -259,7 +259,8 @@ def test_micro_batched_update_has_the_one_pass_gradient(dirs, monkeypatch, over,
         assert step_got.keys() == step_expected.keys()
         assert any(g.abs().max() > 1e-3 for g in step_expected.values())
         for name in step_expected:
-            torch.testing.assert_close(step_got[name], step_expected[name], rtol=1e-5, atol=1e-7,
+            # packed rows (perl_core.packing) are as wide as a chunk's samples need: float sums in another order
+            torch.testing.assert_close(step_got[name], step_expected[name], rtol=1e-5, atol=1e-6,
                                        msg=lambda detail, name=name: f"{name}: {detail}")
     for m_got, m_expected in zip(got_metrics, expected_metrics):
         for key in ("rl/reward", "rl/kl", "rl/entropy", "rl/policy_loss", "rl/advantage_std", "rl/grad_norm"):

@@ -1,4 +1,5 @@
-"""Sampling from the anchor or the policy: batched, left-padded, KV cache on, one `generate` call per batch.
+"""Sampling from the anchor or the policy: batched, left-padded, KV cache on, one `generate` call per batch,
+a LoRA policy's adapter folded into copies of the weights while it samples (:func:`merged_adapters`).
 
 The RL loop and evaluation both sample through :func:`sample_responses`, so the response a
 policy is trained on and the response it is evaluated on are produced the same way.
@@ -6,6 +7,7 @@ policy is trained on and the response it is evaluated on are produced the same w
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -44,6 +46,43 @@ class Samples:
                        response_mask=self.response_mask.to(device), finished=self.finished.to(device))
 
 
+@contextlib.contextmanager
+def merged_adapters(model):
+    """For sampling: each active LoRA adapter folded into a COPY of the weight it adapts, adapters off.
+
+    Decoding runs the model once per new token; unmerged, every adapted projection adds two small
+    matmuls to each of those forwards. Merged into copies, the forward is the plain model's. The
+    original weight tensors are put back untouched afterwards (never merged and unmerged in place,
+    which would round them), so with adapters off the model is still exactly the anchor. Costs one
+    copy of the adapted weights while sampling. Anything but plain LoRA on linear layers (DoRA, other
+    layer types), or no PEFT model at all, samples as it is."""
+    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if hasattr(model, "disable_adapter") else []
+    active = [(m, [a for a in m.active_adapters if a in m.lora_A]) for m in layers]
+    active = [(m, names) for m, names in active if names and not getattr(m, "merged", False)]
+    plain = all(isinstance(m, LoraLinear) and not any(m.use_dora.get(a, False) for a in names) for m, names in active)
+    if not active or not plain:
+        yield
+        return
+    originals = []
+    try:
+        device_type = next(model.parameters()).device.type
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):  # the delta in the weights' dtype
+            for layer, names in active:
+                base = layer.get_base_layer()
+                merged = base.weight.detach().clone()
+                for name in names:
+                    merged += layer.get_delta_weight(name).to(merged.dtype)
+                originals.append((base, base.weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for base, weight in originals:
+            base.weight = weight
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0) -> Samples:
@@ -63,7 +102,8 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     )
     was_training = model.training
     model.eval()  # no dropout, and gradient-checkpointed layers keep the KV cache (they drop it in training mode)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+    with merged_adapters(model):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
     model.train(was_training)
     out = out.cpu()
     width = ids.shape[1]

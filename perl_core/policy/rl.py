@@ -56,32 +56,66 @@ from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
 from perl_core.policy.generation import Samples, decode_responses, sample_responses
 from perl_core.modeling import prompts_within
+from perl_core.packing import can_pack, pack, packed_token_logits, plain_logits
 from perl_core.scoring import position_ids
 from perl_core.training import make_optimizer, make_scheduler, optimizer_step, require_finite, set_seed
 
 
 # ---------------------------------------------------------------- the math
+def sample_groups(samples: Samples, end_id: Optional[int] = None) -> Optional[list[tuple[list[int], list[list[int]]]]]:
+    """The samples as (prompt, [responses]) groups, consecutive samples of one prompt together: the form
+    `perl_core.packing.pack` computes each prompt once in. A response is its tokens up to and including
+    the first end token; with `end_id`, a response cut by max_new_tokens gets that token appended (what
+    a reward model reads: `roles.with_final_eos`). None when a prompt or a response is empty."""
+    p = samples.prompt_width
+    seq, mask = samples.sequences.cpu(), samples.attention_mask.cpu()
+    lengths = samples.response_mask.sum(-1).cpu().tolist()
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    for i in range(seq.shape[0]):
+        prompt = seq[i, :p][mask[i, :p] == 1].tolist()
+        response = seq[i, p:p + lengths[i]].tolist()
+        if end_id is not None and not bool(samples.finished[i]):
+            response.append(end_id)
+        if not prompt or not response:
+            return None
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append(response)
+        else:
+            groups.append((prompt, [response]))
+    return groups
+
+
 def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False):
     """log pi_T(y_t | x, y_<t) and the entropy of pi_T at every response position, [N, T] each.
 
     pi_T = softmax(logits / T) with T = `samples.temperature`: the distribution the tokens were
     drawn from, so the policy gradient, the KL (policy and anchor both under T, as TRL does) and
-    the entropy are those of what was sampled (top-p truncation is not modelled). The forward uses
-    the same left padding and position ids as `generate`, so these are exactly the sampled tokens.
+    the entropy are those of what was sampled (top-p truncation is not modelled). Each token sees
+    the positions and context it had in `generate`, so these are exactly the sampled tokens' values.
+    A causal LM that can be packed reads the k samples of a prompt as one row, the prompt computed
+    once (`perl_core.packing`); otherwise the left-padded batch goes through as sampled.
     """
     p = samples.prompt_width
-    samples = samples.to(next(model.parameters()).device)
-    out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
-                position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
-                use_cache=False)
-    logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    groups = sample_groups(samples) if can_pack(inner) and plain_logits(inner) else None
+    if groups is not None:
+        logits, last_prompt_hidden = packed_token_logits(inner, pack(groups, pad_id=0), samples.responses.shape[1])
+        logits = logits.float()
+    else:
+        samples = samples.to(next(model.parameters()).device)
+        out = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
+                    position_ids=position_ids(samples.attention_mask), output_hidden_states=with_hidden,
+                    use_cache=False)
+        logits = out.logits[:, p - 1:-1].float()  # the logits at t-1 predict token t
+        last_prompt_hidden = out.hidden_states[-1][:, p - 1] if with_hidden else None
+    device = logits.device
     logp_all = F.log_softmax(logits / samples.temperature, dim=-1)
-    logp = logp_all.gather(-1, samples.responses.unsqueeze(-1)).squeeze(-1)
+    logp = logp_all.gather(-1, samples.responses.to(device).unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # a metric: keeping its graph would hold two more [N, T, vocab] tensors through backward
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    mask = samples.response_mask.float()
+    mask = samples.response_mask.to(device).float()
     if with_hidden:
-        return logp * mask, entropy * mask, out.hidden_states[-1][:, p - 1]
+        return logp * mask, entropy * mask, last_prompt_hidden
     return logp * mask, entropy * mask
 
 

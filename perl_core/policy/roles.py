@@ -26,7 +26,8 @@ from perl_core.devices import enable_gradient_checkpointing, run_device
 from perl_core.policy.generation import Samples
 from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
                                 response_end_id)
-from perl_core.policy.rl import token_logprobs
+from perl_core.packing import can_pack, pack, read_packed_scores
+from perl_core.policy.rl import sample_groups, token_logprobs
 from perl_core.scoring import read_scores
 from perl_core.training import set_seed
 
@@ -110,11 +111,16 @@ class OneBackbone(Roles):
 
     @torch.no_grad()
     def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        ids, mask = with_final_eos(samples, response_end_id(self.tokenizer), self.tokenizer.pad_token_id)
+        end = response_end_id(self.tokenizer)
+        body = self.policy.get_base_model().base_model
+        # the k samples of a prompt packed in one row, the prompt computed once (perl_core.packing)
+        groups = sample_groups(samples, end_id=end) if can_pack(body) else None
         self.policy.set_adapter(self.reward_adapter, inference_mode=True)
         try:
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
-            return read_scores(self.policy.get_base_model().base_model, self.reward_head, ids, mask)
+            if groups is not None:
+                return read_packed_scores(body, self.reward_head, pack(groups, self.tokenizer.pad_token_id))
+            return read_scores(body, self.reward_head, *with_final_eos(samples, end, self.tokenizer.pad_token_id))
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
 
