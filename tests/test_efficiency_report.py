@@ -276,3 +276,22 @@ def test_report_rows_and_markdown_from_a_hand_made_result_set():
     ]
     assert target_verdict("memory_ratio", float("nan"), 0.5) == "target ≤ 0.5: not measured"
     assert target_verdict("validation_gap_points", -1.0, -1.0) == "target ≥ -1: met"  # the bound itself meets it
+
+
+def test_memory_timeline_puts_each_sample_in_its_phase():
+    from perl_core.bench.isolation import MemoryTimeline, memory_report
+
+    timeline = MemoryTimeline()
+    timeline.samples = [(0.0, 500), (1.0, 900), (2.0, 300), (2.5, 400), (3.0, 350), (4.0, 700), (5.0, 800)]
+    timeline.steps = [(1.5, 2.6), (2.9, 3.1)]  # two steps; the sample at 1.0 (loading) and after 3.1 are outside
+    assert timeline.phase_peaks() == {"before_steps": 900, "steps": 400, "after_steps": 800}
+    timeline.samples = [(t, rss * MiB) for t, rss in timeline.samples]
+    mem = memory_report(100 * MiB, timeline)
+    assert mem["steps_peak_above_baseline_mb"] == 300.0
+    assert mem["phase_peaks_above_baseline_mb"] == {"before_steps": 800.0, "steps": 300.0, "after_steps": 700.0}
+    assert mem["ratio_basis"] in ("steps_peak_above_baseline_mb", "cuda_peak_allocated_mb")
+    timeline.steps = []  # a workload that marks no steps: the whole run's peak is the basis
+    assert memory_report(100 * MiB, timeline)["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
+
+
+MiB = 1024 * 1024

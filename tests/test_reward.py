@@ -327,7 +327,12 @@ def test_benchmark_quick_prints_the_table_shape(tmp_path):
     assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
     for r in (lora, full):
         assert r["steps"] == 4 and r["median_step_seconds"] > 0 and r["memory"]["peak_rss_mb"] > r["memory"]["baseline_rss_mb"]
-        assert r["memory"]["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
+        mem = r["memory"]
+        assert mem["ratio_basis"] in ("steps_peak_above_baseline_mb", "cuda_peak_allocated_mb")
+        # the sampled peak during the steps is a resident set the process had: at most its high-water mark
+        # (to the kernel's per-CPU counter slack, well under 1 MB)
+        assert 0 < mem["steps_peak_above_baseline_mb"] <= mem["peak_above_baseline_mb"] + 1, mem
+        assert set(mem["phase_peaks_above_baseline_mb"]) == {"before_steps", "steps", "after_steps"}
     assert {"memory_ratio", "step_time_ratio", "validation_gap_points"} <= set(report["summary"])
     # both settings keep their validation pass per pair, on the same 16 pairs (the report's paired interval)
     keys = [[p["key"] for p in r["validation_rows"]["pairwise"]] for r in (lora, full)]

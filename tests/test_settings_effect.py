@@ -171,7 +171,9 @@ def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
 
 # ---------------------------------------------------------------- the checks, one per setting
 LR = {"sft": "train/lr", "reward": "train/lr", "policy": "rl/lr"}
-ROWS = {"sft": 1, "reward": 2, "policy": K}  # forward rows per example of a batch (pairs: chosen + rejected)
+# forward rows per example of a batch: a preference pair, and a prompt's K samples, are one packed row each
+# (perl_core.packing: the shared prompt computed once)
+ROWS = {"sft": 1, "reward": 1, "policy": 1}
 EVAL = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy"}
 
 
@@ -294,7 +296,9 @@ def check_seed(stage, root):
 
 def check_micro_batch_size(stage, root):
     base, changed = run_stage(stage, root), run_stage(stage, root, micro_batch_size=2)
-    assert set(base.probe.train_rows) == {4 * K} and set(changed.probe.train_rows) == {2}
+    # one pass over 4 prompts x K samples (a packed row per prompt), against chunks of 2 samples (one
+    # prompt's K = 2: one row)
+    assert set(base.probe.train_rows) == {4} and set(changed.probe.train_rows) == {2 // K}
 
 
 CHECKS: dict[str, Callable[[str, Path], None]] = {

@@ -6,17 +6,27 @@ peak). :func:`run_isolated` therefore starts ``python -m perl_core.bench.isolati
 which imports torch/transformers/peft, records the baseline memory, calls the workload
 ``module:function(**kwargs)`` and adds a ``memory`` block to the dict it returns:
 
-    peak_rss_mb             absolute peak resident set size of the child process (ru_maxrss)
-    baseline_rss_mb         resident set size after the imports, before any model exists
-    peak_above_baseline_mb  peak_rss_mb - baseline_rss_mb: what the workload itself needed
-    cuda_peak_allocated_mb  torch.cuda.max_memory_allocated() when a GPU exists, else null
-    ratio_basis             the key :func:`peak_memory_mb` (and so every LoRA/full ratio) uses:
-                            cuda_peak_allocated_mb on a GPU, else peak_above_baseline_mb
-                            (the ~0.5 GB of imported libraries is the same for every setting
-                            and would only dilute the ratio; the absolute peak is reported beside it)
+    peak_rss_mb                   absolute peak resident set size of the child process (ru_maxrss)
+    baseline_rss_mb               resident set size after the imports, before any model exists
+    peak_above_baseline_mb        peak_rss_mb - baseline_rss_mb: the whole run (model loading and
+                                  evaluation included)
+    steps_peak_above_baseline_mb  the highest resident set sampled (every 10 ms) while a training
+                                  step ran, minus the baseline: the training's own memory (weights,
+                                  gradients, optimizer state, activations), without what loading the
+                                  model or evaluating it briefly holds. None when the workload marked
+                                  no steps (:func:`step_ended`)
+    phase_peaks_above_baseline_mb the sampled peak before the first step, during the steps, after the
+                                  last: where the whole run's peak falls
+    cuda_peak_allocated_mb        torch.cuda.max_memory_allocated() when a GPU exists, else null
+    ratio_basis                   the key :func:`peak_memory_mb` (and so every LoRA/full ratio) uses:
+                                  cuda_peak_allocated_mb on a GPU, else steps_peak_above_baseline_mb
+                                  (peak_above_baseline_mb for a workload that marks no steps). The
+                                  ~0.5 GB of imported libraries is the same for every setting and
+                                  would only dilute the ratio; the absolute peak is reported beside it
 
 A workload is any importable function returning a JSON-able dict (``bench/reward.py``,
-``bench/policy.py``, ``bench/trl_compare.py``); it receives the whole config it trains.
+``bench/policy.py``, ``bench/trl_compare.py``); it receives the whole config it trains and calls
+:func:`step_ended` after each training step.
 
     python -m perl_core.bench.isolation perl_core.bench.reward:reward_workload --kwargs '{"config": {...}}' --out r.json
 """
@@ -32,6 +42,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -138,17 +150,79 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def memory_report(baseline_bytes: int) -> dict[str, Any]:
+class MemoryTimeline:
+    """The resident set sampled every `interval` seconds by a daemon thread, and the windows of the
+    training steps a workload marks: where in a run each peak falls."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.samples, self.steps = interval, [], []
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self._process.memory_info().rss))
+            self._stop.wait(self.interval)
+
+    def start(self) -> "MemoryTimeline":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), self._process.memory_info().rss))
+
+    def phase_peaks(self) -> dict[str, Optional[int]]:
+        """Peak sampled bytes before the first step, during any step, after the last step (None: no sample)."""
+        phases: dict[str, list[int]] = {"before_steps": [], "steps": [], "after_steps": []}
+        first = self.steps[0][0] if self.steps else float("inf")
+        last = self.steps[-1][1] if self.steps else float("inf")
+        for t, rss in self.samples:
+            if any(start <= t <= end for start, end in self.steps):
+                phases["steps"].append(rss)
+            elif t < first:
+                phases["before_steps"].append(rss)
+            elif t > last:
+                phases["after_steps"].append(rss)
+        return {name: max(values) if values else None for name, values in phases.items()}
+
+
+_TIMELINE: Optional[MemoryTimeline] = None
+
+
+def step_ended(seconds: float) -> None:
+    """Mark a training step that ended now and took `seconds` (a workload calls this from its metrics
+    callback); outside an isolated benchmark process it does nothing."""
+    if _TIMELINE is not None:
+        now = time.perf_counter()
+        _TIMELINE.steps.append((now - seconds, now))
+        _TIMELINE.samples.append((now, _rss_bytes()))  # a step shorter than the interval still has a sample
+
+
+def steps_peak_bytes() -> Optional[int]:
+    """The sampled peak resident set during the marked steps so far (None outside a benchmark process or before any step)."""
+    return _TIMELINE.phase_peaks()["steps"] if _TIMELINE is not None else None
+
+
+def memory_report(baseline_bytes: int, timeline: Optional[MemoryTimeline] = None) -> dict[str, Any]:
     import torch
 
     peak = _peak_rss_bytes()
     cuda = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
+    phases = timeline.phase_peaks() if timeline is not None else {}
+    above = {name: (value - baseline_bytes) / MB if value is not None else None for name, value in phases.items()}
+    steps = above.get("steps")
     return {
         "peak_rss_mb": peak / MB,
         "baseline_rss_mb": baseline_bytes / MB,
         "peak_above_baseline_mb": (peak - baseline_bytes) / MB,
+        "steps_peak_above_baseline_mb": steps,
+        "phase_peaks_above_baseline_mb": above,
         "cuda_peak_allocated_mb": cuda,
-        "ratio_basis": "cuda_peak_allocated_mb" if cuda is not None else "peak_above_baseline_mb",
+        "ratio_basis": "cuda_peak_allocated_mb" if cuda is not None else
+                       "steps_peak_above_baseline_mb" if steps is not None else "peak_above_baseline_mb",
     }
 
 
@@ -164,12 +238,19 @@ def _child(target: str, kwargs: dict, out: Path) -> None:
     import torch
     import transformers  # noqa: F401
 
+    # run as `python -m`, this file is __main__: the workloads' step_ended reads the importable module's timeline
+    from perl_core.bench import isolation
+
     fn = _resolve(target)
     baseline = _rss_bytes()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = fn(**kwargs)
-    result["memory"] = memory_report(baseline)
+    timeline = isolation._TIMELINE = MemoryTimeline().start()
+    try:
+        result = fn(**kwargs)
+    finally:
+        timeline.stop()
+    result["memory"] = memory_report(baseline, timeline)
     out.write_text(json.dumps(result, indent=2, default=str))
 
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core.bench.isolation import cost_summary, machine, peak_memory_mb, run_isolated, tuning_settings
+from perl_core.bench.isolation import cost_summary, machine, peak_memory_mb, run_isolated, step_ended, tuning_settings
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset and the caller's overrides (which win): the anchor
@@ -136,7 +136,11 @@ def policy_workload(config: dict, anchor_dir: str, reward_model_dir: str, prompt
     build = build_ensemble_roles if read_reward_manifest(Path(reward_model_dir))["kind"] == ENSEMBLE_KIND else build_roles
     roles = build(cfg, Path(anchor_dir), Path(reward_model_dir), sample_texts=prompts[:32])
     rows: list[dict] = []
-    rl_loop(roles, roles.tokenizer, prompts, cfg, callback=lambda m, s: rows.append(m))
+    def record(metrics: dict, step: int) -> None:
+        rows.append(metrics)
+        step_ended(metrics["rl/step_seconds"])
+
+    rl_loop(roles, roles.tokenizer, prompts, cfg, callback=record)
     warm = rows[2:] if len(rows) > 3 else rows  # allocator and kernel warm-up
 
     def med(key: str) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from perl_core.bench.isolation import (cost_summary, machine, median_step_seconds, peak_memory_mb, run_isolated,
-                                       tuning_settings)
+                                       step_ended, tuning_settings)
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset (data, LoRA settings) and the caller's overrides
@@ -108,6 +108,7 @@ def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
     def record(metrics: dict[str, float], step: int) -> None:
         if "train/step_seconds" in metrics:
             steps.append(metrics["train/step_seconds"])
+            step_ended(metrics["train/step_seconds"])
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)

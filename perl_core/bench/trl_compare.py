@@ -17,7 +17,8 @@ seconds per RL step (generate + score + update) at the same prompts x k samples 
 
 Memory is fair only if both sides have the same libraries imported when the baseline is taken:
 every workload here first imports trl, datasets and accelerate, then records its own baseline
-(`workload_baseline_rss_mb`), and the ratio uses peak - that baseline (`workload_peak_mb`).
+(`workload_baseline_rss_mb`), and the ratio uses the peak during the training steps - that baseline
+(`workload_peak_mb`; the whole run's peak - baseline is `workload_process_peak_mb`).
 TRL is imported lazily, so the core package works without the extra.
 """
 from __future__ import annotations
@@ -65,10 +66,14 @@ def _preload() -> int:
 
 
 def _finish(result: dict, baseline: int) -> dict:
-    from perl_core.bench.isolation import _peak_rss_bytes
+    """The memory the comparison uses: the peak during the training steps (sampled; see
+    `perl_core.bench.isolation`) above the workload's own baseline, and the whole run's beside it."""
+    from perl_core.bench.isolation import _peak_rss_bytes, steps_peak_bytes
 
+    steps = steps_peak_bytes()
     result["workload_baseline_rss_mb"] = baseline / MB
-    result["workload_peak_mb"] = (_peak_rss_bytes() - baseline) / MB
+    result["workload_process_peak_mb"] = (_peak_rss_bytes() - baseline) / MB
+    result["workload_peak_mb"] = (steps - baseline) / MB if steps is not None else result["workload_process_peak_mb"]
     return result
 
 
@@ -87,7 +92,10 @@ class _StepTimer:
                 self._t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
+                from perl_core.bench.isolation import step_ended
+
                 self.seconds.append(time.perf_counter() - self._t0)
+                step_ended(self.seconds[-1])
 
         return Timer()
 
@@ -222,7 +230,10 @@ def ours_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> 
 
     def record(metrics: dict[str, float], step: int) -> None:
         if "rl/step_seconds" in metrics:
+            from perl_core.bench.isolation import step_ended
+
             steps.append(metrics["rl/step_seconds"])
+            step_ended(metrics["rl/step_seconds"])
             rewards.append(metrics["rl/reward"])
             if "rl/gold_score" in metrics:
                 gold.append(metrics["rl/gold_score"])
