@@ -19,7 +19,7 @@ keeps the unpacked path. :func:`can_pack` decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -57,22 +57,48 @@ class Packed:
         return int(self.input_ids.numel())
 
 
-def pack(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> Packed:
-    """One row per (prefix, continuations) group: the prefix once, then each (non-empty) continuation.
+def split_rows(prefix_length: int, lengths: Sequence[int], hidden_size: Optional[int]) -> list[list[int]]:
+    """How one group's continuations share rows: consecutive runs of them, each run a row after its own
+    copy of the prefix, in the number of rows that costs least. A row of L tokens costs L (the
+    projections and MLP, ~24 h^2 FLOPs a token in a forward) + L^2 / (6 h) (attention over its L
+    keys, ~4 h FLOPs a pair): short continuations share one row; long ones, which would make the
+    row's attention dearer than repeating the prefix, get rows of their own. All in one row
+    without `hidden_size`."""
+    n = len(lengths)
+    if hidden_size is None:
+        return [list(range(n))]
+    best: Optional[tuple[float, list[list[int]]]] = None
+    for m in range(1, n + 1):
+        parts = [list(range(i * n // m, (i + 1) * n // m)) for i in range(m)]
+        cost = 0.0
+        for part in parts:
+            width = prefix_length + sum(lengths[j] for j in part)
+            cost += width + width * width / (6 * hidden_size)
+        if best is None or cost < best[0]:
+            best = (cost, parts)
+    return best[1]
+
+
+def pack(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+         hidden_size: Optional[int] = None) -> Packed:
+    """Rows of (prefix, continuations) groups: the prefix, then each (non-empty) continuation. A group
+    takes one row, or with `hidden_size` (the model's) as many as :func:`split_rows` finds cheapest.
     Sequence i of the result is the i-th continuation, counting group by group."""
     layouts, width = [], 0
     for prefix, continuations in groups:
         if not continuations or any(len(c) == 0 for c in continuations):
             raise ValueError("pack needs at least one continuation per group, none of them empty")
         p = len(prefix)
-        row, segment, position, spans = list(prefix), [0] * p, list(range(p)), []
-        for j, own in enumerate(continuations, start=1):
-            spans.append((len(row), len(row) + len(own) - 1))
-            row += list(own)
-            segment += [j] * len(own)
-            position += range(p, p + len(own))
-        layouts.append((row, segment, position, spans, p))
-        width = max(width, len(row))
+        for part in split_rows(p, [len(c) for c in continuations], hidden_size):
+            row, segment, position, spans = list(prefix), [0] * p, list(range(p)), []
+            for j, i in enumerate(part, start=1):
+                own = continuations[i]
+                spans.append((len(row), len(row) + len(own) - 1))
+                row += list(own)
+                segment += [j] * len(own)
+                position += range(p, p + len(own))
+            layouts.append((row, segment, position, spans, p))
+            width = max(width, len(row))
     n_rows = len(layouts)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     segments = torch.full((n_rows, width), -1, dtype=torch.long)
@@ -95,7 +121,7 @@ def pack(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id
                   torch.tensor(starts), torch.tensor(ends))
 
 
-def pack_shared(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packed:
+def pack_shared(groups: Sequence[Sequence[Sequence[int]]], pad_id: int, hidden_size: Optional[int] = None) -> Packed:
     """:func:`pack` with each group's prefix found: the tokens all its sequences begin with (:func:`common_prefix`)."""
     split = []
     for group in groups:
@@ -103,7 +129,7 @@ def pack_shared(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packe
             raise ValueError("pack_shared needs non-empty groups of non-empty sequences")
         p = common_prefix(group)
         split.append((group[0][:p], [s[p:] for s in group]))
-    return pack(split, pad_id)
+    return pack(split, pad_id, hidden_size)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -113,8 +139,10 @@ def can_pack(model: nn.Module) -> bool:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     config = getattr(model, "config", None)
+    # a sliding window is a mask of its own, which a given 4D mask would replace
+    windowed = getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
     return (getattr(config, "model_type", None) in PACKABLE and not getattr(config, "is_encoder_decoder", False)
-            and getattr(config, "_attn_implementation", None) in MASKABLE)
+            and getattr(config, "_attn_implementation", None) in MASKABLE and not windowed)
 
 
 def attention_mask_for(model: nn.Module, packed: Packed, dtype: torch.dtype) -> torch.Tensor:
@@ -155,6 +183,8 @@ def packed_token_logits(model: nn.Module, packed: Packed, width: int) -> tuple[t
 
     `model` is a causal LM (`*ForCausalLM`, LoRA layers inside it active as they are); positions past a
     continuation's end hold some valid column's logits, for the caller to mask."""
+    if bool((packed.prefix_ends < 0).any()):
+        raise ValueError("packed_token_logits needs a prefix (the prompt) in every row: its last token predicts token 0")
     hidden = packed_hidden(model.base_model, packed)
     t = torch.arange(width)
     cols = torch.minimum(packed.starts[:, None] + t - 1, packed.ends[:, None])

@@ -78,7 +78,7 @@ def pair_scores(model: nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, tor
 
     inner = classifier_of(model)
     if not isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module) and can_pack(inner):
-        scores = read_packed_scores(inner.base_model, inner.score, pack_shared(pairs, pad_id))
+        scores = read_packed_scores(inner.base_model, inner.score, pack_shared(pairs, pad_id, inner.config.hidden_size))
         return scores[0::2], scores[1::2]
     n = len(pairs)
     scores = sequence_scores(model, *pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_id, side="right"))

@@ -282,16 +282,24 @@ def test_memory_timeline_puts_each_sample_in_its_phase():
     from perl_core.bench.isolation import MemoryTimeline, memory_report
 
     timeline = MemoryTimeline()
-    timeline.samples = [(0.0, 500), (1.0, 900), (2.0, 300), (2.5, 400), (3.0, 350), (4.0, 700), (5.0, 800)]
-    timeline.steps = [(1.5, 2.6), (2.9, 3.1)]  # two steps; the sample at 1.0 (loading) and after 3.1 are outside
-    assert timeline.phase_peaks() == {"before_steps": 900, "steps": 400, "after_steps": 800}
-    timeline.samples = [(t, rss * MiB) for t, rss in timeline.samples]
+    for t, rss in [(0.0, 500), (1.0, 900), (2.0, 300)]:  # loading: 900
+        timeline.add(t, rss * MiB)
+    timeline.mark_step(now=2.6, seconds=1.1, rss=400 * MiB)  # step 1 ran 1.5-2.6: the sample at 2.0 and 400 now
+    timeline.add(2.8, 350 * MiB)
+    timeline.mark_step(now=3.1, seconds=0.2, rss=300 * MiB, exact=650 * MiB)  # step 2: a transient no sample saw
+    timeline.add(4.0, 700 * MiB)  # after the last step (evaluation)
+    timeline.add(5.0, 500 * MiB, exact=800 * MiB)
+    assert timeline.phase_peaks() == {"before_steps": 900 * MiB, "steps": 650 * MiB, "after_steps": 800 * MiB}
+    assert timeline.process_peak == 900 * MiB
     mem = memory_report(100 * MiB, timeline)
-    assert mem["steps_peak_above_baseline_mb"] == 300.0
-    assert mem["phase_peaks_above_baseline_mb"] == {"before_steps": 800.0, "steps": 300.0, "after_steps": 700.0}
+    assert mem["steps_peak_above_baseline_mb"] == 550.0
+    assert mem["phase_peaks_above_baseline_mb"] == {"before_steps": 800.0, "steps": 550.0, "after_steps": 700.0}
+    assert mem["peak_rss_mb"] >= 900.0  # the whole run's peak, whatever the kernel's mark says after a reset
     assert mem["ratio_basis"] in ("steps_peak_above_baseline_mb", "cuda_peak_allocated_mb")
-    timeline.steps = []  # a workload that marks no steps: the whole run's peak is the basis
-    assert memory_report(100 * MiB, timeline)["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
+    no_steps = MemoryTimeline()  # a workload that marks no steps: the whole run's peak is the basis
+    no_steps.add(0.0, 300 * MiB)
+    assert no_steps.phase_peaks() == {"before_steps": 300 * MiB, "steps": None, "after_steps": None}
+    assert memory_report(100 * MiB, no_steps)["ratio_basis"] in ("peak_above_baseline_mb", "cuda_peak_allocated_mb")
 
 
 MiB = 1024 * 1024

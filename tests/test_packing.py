@@ -187,6 +187,33 @@ def test_sampling_with_merged_adapters_leaves_the_weights_untouched():
     for name, p in model.named_parameters():  # the same tensors, bit for bit, and the adapter active again
         assert p is before[name][0] and torch.equal(p, before[name][1]), name
     assert torch.equal(model(input_ids=x).logits, adapted)
+    with torch.autocast("cpu", dtype=torch.bfloat16), merged_adapters(model):  # 16-bit matmuls: not folded
+        assert all(p is before[n][0] for n, p in model.named_parameters())
     plain = LlamaForCausalLM(cfg)
     with merged_adapters(plain):  # no adapters: nothing to fold
         assert all(p is q for p, q in zip(plain.parameters(), plain.parameters()))
+
+
+def test_split_rows_by_cost_by_hand():
+    from perl_core.packing import split_rows
+
+    assert split_rows(35, [25, 25], None) == [[0, 1]]
+    assert split_rows(35, [25, 25], hidden_size=512) == [[0, 1]]  # 85 + 85^2/3072 < 2 * (60 + 60^2/3072)
+    # 8 responses as long as the prompt on a narrow model (L + L^2/384 per row): one row of 1152 tokens costs
+    # 4608, 2 rows of 640 cost 3413, 4 rows of 384 cost 3072, 8 rows of 256 cost 3413: 4 rows
+    assert split_rows(128, [128] * 8, hidden_size=64) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert split_rows(64, [256] * 8, hidden_size=64) == [[i] for i in range(8)]  # long responses: one row each
+
+
+def test_split_groups_give_the_unpacked_scores():
+    torch.manual_seed(0)
+    model = _llama("sdpa").eval()
+    prompt = [3, 4, 5]
+    group = [prompt + [7 + i] * 30 for i in range(4)]  # long continuations on a 32-wide model: split
+    from perl_core.packing import pack, read_packed_scores
+
+    packed = pack([(prompt, [s[3:] for s in group])], 0, hidden_size=32)
+    assert packed.input_ids.shape[0] > 1 and packed.rows.tolist() == sorted(packed.rows.tolist())
+    got = read_packed_scores(model.model, model.score, packed)
+    ref = sequence_scores(model, *pad_rows(group, 0, side="right"))
+    torch.testing.assert_close(got, ref.detach(), atol=1e-5, rtol=1e-5)

@@ -6,17 +6,17 @@ peak). :func:`run_isolated` therefore starts ``python -m perl_core.bench.isolati
 which imports torch/transformers/peft, records the baseline memory, calls the workload
 ``module:function(**kwargs)`` and adds a ``memory`` block to the dict it returns:
 
-    peak_rss_mb                   absolute peak resident set size of the child process (ru_maxrss)
+    peak_rss_mb                   absolute peak resident set size of the child process
     baseline_rss_mb               resident set size after the imports, before any model exists
     peak_above_baseline_mb        peak_rss_mb - baseline_rss_mb: the whole run (model loading and
                                   evaluation included)
-    steps_peak_above_baseline_mb  the highest resident set sampled (every 10 ms) while a training
-                                  step ran, minus the baseline: the training's own memory (weights,
-                                  gradients, optimizer state, activations), without what loading the
-                                  model or evaluating it briefly holds. None when the workload marked
-                                  no steps (:func:`step_ended`)
-    phase_peaks_above_baseline_mb the sampled peak before the first step, during the steps, after the
-                                  last: where the whole run's peak falls
+    steps_peak_above_baseline_mb  the peak resident set while the training steps ran (:class:`MemoryTimeline`),
+                                  minus the baseline: the training's own memory (weights, gradients,
+                                  optimizer state, activations), without the peaks of loading the model
+                                  or of the final evaluation. None when the workload marked no steps
+                                  (:func:`step_ended`)
+    phase_peaks_above_baseline_mb the peak before the first step, during the steps, after the last:
+                                  where the whole run's peak falls
     cuda_peak_allocated_mb        torch.cuda.max_memory_allocated() when a GPU exists, else null
     ratio_basis                   the key :func:`peak_memory_mb` (and so every LoRA/full ratio) uses:
                                   cuda_peak_allocated_mb on a GPU, else steps_peak_above_baseline_mb
@@ -151,18 +151,32 @@ def _peak_rss_bytes() -> int:
 
 
 class MemoryTimeline:
-    """The resident set sampled every `interval` seconds by a daemon thread, and the windows of the
-    training steps a workload marks: where in a run each peak falls."""
+    """Where a run's memory peaks fall: before its first training step (loading), during its steps,
+    after its last (evaluation, saving). Workloads mark each step's end (:func:`step_ended`).
+
+    The steps are contiguous: a step runs from the previous step's end (the first from its end minus
+    its duration) to its own end, so work between steps (RL's bookkeeping) counts as the next step's.
+    A daemon thread samples the resident set every `interval` seconds; on Linux each step's peak is
+    also read exactly, from the kernel's high-water mark, which is reset at every step's end
+    (`/proc/self/clear_refs`), so a transient shorter than the interval is not missed (from the
+    second step on; the first step's high-water mark still holds the loading). Memory use is
+    constant after the first step."""
 
     def __init__(self, interval: float = 0.01):
-        self.interval, self.samples, self.steps = interval, [], []
+        self.interval, self.n_steps = interval, 0
+        self.before: Optional[int] = None     # peak before the first step
+        self.steps: Optional[int] = None      # peak during the steps
+        self.pending: Optional[int] = None    # peak since the last step's end (after the steps, at the end)
+        self.process_peak = 0                 # the whole run's peak (the kernel's mark is reset between steps)
+        self._early: list[tuple[float, int]] = []  # samples until the first step ends
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._process = psutil.Process()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self._process.memory_info().rss))
+            self.add(time.perf_counter(), self._process.memory_info().rss)
             self._stop.wait(self.interval)
 
     def start(self) -> "MemoryTimeline":
@@ -172,21 +186,58 @@ class MemoryTimeline:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((time.perf_counter(), self._process.memory_info().rss))
+        self.add(time.perf_counter(), self._process.memory_info().rss, exact=_high_water_bytes())
+
+    def add(self, t: float, rss: int, exact: Optional[int] = None) -> None:
+        """One sample (`exact`: the kernel's high-water mark since the last reset, when known)."""
+        with self._lock:
+            self.process_peak = max(self.process_peak, rss, exact or 0)
+            if self.n_steps == 0:
+                self._early.append((t, rss))
+            self.pending = max(self.pending or 0, rss, exact or 0) if self.n_steps else None
+
+    def mark_step(self, now: float, seconds: float, rss: int, exact: Optional[int] = None) -> None:
+        """A step ended at `now` after `seconds`; `rss` now; `exact` the high-water mark since the last step's end."""
+        with self._lock:
+            self.process_peak = max(self.process_peak, rss, exact or 0)
+            if self.n_steps == 0:
+                start = now - seconds
+                self.before = max((r for t, r in self._early if t < start), default=None)
+                self.steps = max([r for t, r in self._early if t >= start] + [rss])
+                self._early = []
+            else:
+                self.steps = max(self.steps or 0, self.pending or 0, rss, exact or 0)
+            self.pending = 0
+            self.n_steps += 1
 
     def phase_peaks(self) -> dict[str, Optional[int]]:
-        """Peak sampled bytes before the first step, during any step, after the last step (None: no sample)."""
-        phases: dict[str, list[int]] = {"before_steps": [], "steps": [], "after_steps": []}
-        first = self.steps[0][0] if self.steps else float("inf")
-        last = self.steps[-1][1] if self.steps else float("inf")
-        for t, rss in self.samples:
-            if any(start <= t <= end for start, end in self.steps):
-                phases["steps"].append(rss)
-            elif t < first:
-                phases["before_steps"].append(rss)
-            elif t > last:
-                phases["after_steps"].append(rss)
-        return {name: max(values) if values else None for name, values in phases.items()}
+        """Peak bytes before the first step, during the steps, after the last step (None: not seen)."""
+        with self._lock:
+            if self.n_steps == 0:
+                return {"before_steps": max((r for _, r in self._early), default=None), "steps": None,
+                        "after_steps": None}
+            return {"before_steps": self.before, "steps": self.steps, "after_steps": self.pending or None}
+
+
+def _high_water_bytes() -> Optional[int]:
+    """The kernel's peak resident set since the process started or the mark was last reset (Linux), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 _TIMELINE: Optional[MemoryTimeline] = None
@@ -195,21 +246,32 @@ _TIMELINE: Optional[MemoryTimeline] = None
 def step_ended(seconds: float) -> None:
     """Mark a training step that ended now and took `seconds` (a workload calls this from its metrics
     callback); outside an isolated benchmark process it does nothing."""
-    if _TIMELINE is not None:
-        now = time.perf_counter()
-        _TIMELINE.steps.append((now - seconds, now))
-        _TIMELINE.samples.append((now, _rss_bytes()))  # a step shorter than the interval still has a sample
+    timeline = _TIMELINE
+    if timeline is None:
+        return
+    now = time.perf_counter()
+    # the kernel's mark since the last reset is this step's exact peak, from the second step on
+    exact = _high_water_bytes() if timeline.n_steps else None
+    timeline.mark_step(now, seconds, _rss_bytes(), exact)
+    if timeline.n_steps == 1:
+        timeline.process_peak = max(timeline.process_peak, _high_water_bytes() or 0)  # loading's peak
+    _reset_high_water()
 
 
 def steps_peak_bytes() -> Optional[int]:
-    """The sampled peak resident set during the marked steps so far (None outside a benchmark process or before any step)."""
+    """The peak resident set during the marked steps so far (None outside a benchmark process or before any step)."""
     return _TIMELINE.phase_peaks()["steps"] if _TIMELINE is not None else None
+
+
+def process_peak_bytes() -> int:
+    """The process's peak resident set so far: ru_maxrss, and what the timeline saw before it reset the kernel's mark."""
+    return max(_peak_rss_bytes(), _TIMELINE.process_peak if _TIMELINE is not None else 0)
 
 
 def memory_report(baseline_bytes: int, timeline: Optional[MemoryTimeline] = None) -> dict[str, Any]:
     import torch
 
-    peak = _peak_rss_bytes()
+    peak = max(_peak_rss_bytes(), timeline.process_peak if timeline is not None else 0)
     cuda = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
     phases = timeline.phase_peaks() if timeline is not None else {}
     above = {name: (value - baseline_bytes) / MB if value is not None else None for name, value in phases.items()}

@@ -68,11 +68,11 @@ def _preload() -> int:
 def _finish(result: dict, baseline: int) -> dict:
     """The memory the comparison uses: the peak during the training steps (sampled; see
     `perl_core.bench.isolation`) above the workload's own baseline, and the whole run's beside it."""
-    from perl_core.bench.isolation import _peak_rss_bytes, steps_peak_bytes
+    from perl_core.bench.isolation import process_peak_bytes, steps_peak_bytes
 
     steps = steps_peak_bytes()
     result["workload_baseline_rss_mb"] = baseline / MB
-    result["workload_process_peak_mb"] = (_peak_rss_bytes() - baseline) / MB
+    result["workload_process_peak_mb"] = (process_peak_bytes() - baseline) / MB
     result["workload_peak_mb"] = (steps - baseline) / MB if steps is not None else result["workload_process_peak_mb"]
     return result
 

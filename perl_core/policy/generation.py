@@ -54,21 +54,27 @@ def merged_adapters(model):
     matmuls to each of those forwards. Merged into copies, the forward is the plain model's. The
     original weight tensors are put back untouched afterwards (never merged and unmerged in place,
     which would round them), so with adapters off the model is still exactly the anchor. Costs one
-    copy of the adapted weights while sampling. Anything but plain LoRA on linear layers (DoRA, other
-    layer types), or no PEFT model at all, samples as it is."""
+    copy of the adapted weights while sampling. Only fp32 weights outside autocast are folded: in a
+    16-bit matmul W + dW would round small updates away, which the unmerged adapter (its own matmuls)
+    keeps, so the samples would come from another policy than the one trained. Anything but plain
+    LoRA on linear layers (DoRA and other variants, LoRA biases, other layer types), or no PEFT model
+    at all, samples as it is."""
     from peft.tuners.lora import Linear as LoraLinear, LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if hasattr(model, "disable_adapter") else []
     active = [(m, [a for a in m.active_adapters if a in m.lora_A]) for m in layers]
     active = [(m, names) for m, names in active if names and not getattr(m, "merged", False)]
-    plain = all(isinstance(m, LoraLinear) and not any(m.use_dora.get(a, False) for a in names) for m, names in active)
-    if not active or not plain:
+    plain = all(isinstance(m, LoraLinear) and m.get_base_layer().weight.dtype == torch.float32
+                and not any(m.use_dora.get(a, False) or a in getattr(m, "lora_variant", {})
+                            or getattr(m, "lora_bias", {}).get(a, False) for a in names)
+                for m, names in active)
+    device_type = next(model.parameters()).device.type
+    if not active or not plain or torch.is_autocast_enabled(device_type):
         yield
         return
     originals = []
     try:
-        device_type = next(model.parameters()).device.type
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):  # the delta in the weights' dtype
+        with torch.no_grad():
             for layer, names in active:
                 base = layer.get_base_layer()
                 merged = base.weight.detach().clone()

@@ -99,7 +99,8 @@ def token_logprobs(model: nn.Module, samples: Samples, with_hidden: bool = False
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     groups = sample_groups(samples) if can_pack(inner) and plain_logits(inner) else None
     if groups is not None:
-        logits, last_prompt_hidden = packed_token_logits(inner, pack(groups, pad_id=0), samples.responses.shape[1])
+        logits, last_prompt_hidden = packed_token_logits(
+            inner, pack(groups, pad_id=0, hidden_size=inner.config.hidden_size), samples.responses.shape[1])
         logits = logits.float()
     else:
         samples = samples.to(next(model.parameters()).device)

@@ -119,7 +119,8 @@ class OneBackbone(Roles):
         try:
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
             if groups is not None:
-                return read_packed_scores(body, self.reward_head, pack(groups, self.tokenizer.pad_token_id))
+                return read_packed_scores(body, self.reward_head,
+                                          pack(groups, self.tokenizer.pad_token_id, body.config.hidden_size))
             return read_scores(body, self.reward_head, *with_final_eos(samples, end, self.tokenizer.pad_token_id))
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
