@@ -377,7 +377,8 @@ def report_markdown(report: dict) -> str:
              f"{report['machine']['load_average_1_5_15min']['start'][0]:.1f} at the start, "
              f"{report['machine']['load_average_1_5_15min']['end'][0]:.1f} at the end). Ratios are the claim; absolute seconds and MB "
              "describe this machine only. Each setting ran in a fresh Python process; peak memory is the peak "
-             "resident set size above the process's baseline after imports (on a GPU: peak CUDA allocation).", ""]
+             "resident set size while the training steps ran, above the process's baseline after imports (on a GPU: "
+             "peak CUDA allocation); each setting's JSON also has the whole run's peak and where it fell.", ""]
     if report["quick"]:
         lines += ["**Quick mode: a tiny backbone and a few steps. The numbers check the pipeline, not the claim.**", ""]
     headers = ["stage", "setting", "trainable params", "× full", "peak MB", "× full", "step s", "× full",
