@@ -122,3 +122,19 @@ def test_a_tokenizer_without_pad_gets_a_distinct_one_and_the_model_a_row_for_it(
     fit_embeddings(model, tok)
     after = model.get_input_embeddings().weight
     assert after.shape[0] == len(tok) == before.shape[0] + 1 and torch.equal(after[:-1], before)
+
+
+def test_the_one_backbone_reward_ignores_lora_dropout_while_the_policy_trains(tmp_path):
+    from perl_core.config import LoraConfig
+
+    anchor = Path(build_chat_backbone(tmp_path / "anchor", "smollm2"))
+    write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
+    rm = stand_in_reward_model(anchor, tmp_path / "rm", LoraConfig(rank=4, dropout=0.5), fit_vocab=True)
+    roles = roles_for(anchor, rm)
+    roles.policy.train()  # as in the RL loop
+    tok = roles.tokenizer
+    samples = samples_from_text(tok, PROMPTS, RESPONSES, tok.convert_tokens_to_ids("<|im_end|>"))
+    first, second = roles.reward(samples, PROMPTS, RESPONSES), roles.reward(samples, PROMPTS, RESPONSES)
+    assert torch.equal(first, second)  # dropout 0.5 would make two calls differ
+    assert roles.policy.training
+    torch.testing.assert_close(first, RewardScorer.load(rm).score(PROMPTS, RESPONSES), atol=1e-4, rtol=1e-4)

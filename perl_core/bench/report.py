@@ -442,8 +442,9 @@ def report_markdown(report: dict) -> str:
 TRL_CONFIGURATION = [
     "How each side was configured:",
     "",
-    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, chosen and rejected in one "
-    "forward pass, length-bucketed batches, LoRA on q/k/v/o with the score head trained). TRL: `trl.RewardTrainer` "
+    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, each pair one packed row: the "
+    "prompt once, then chosen and rejected; length-bucketed batches, LoRA on q/k/v/o with the score head trained). "
+    "TRL: `trl.RewardTrainer` "
     "with `peft.LoraConfig(task_type='SEQ_CLS', modules_to_save=['score'])`, same rank/alpha/dropout/targets, "
     "`gradient_checkpointing=False`, `bf16=False`, `disable_dropout=True` (TRL's defaults are True/True/True), "
     "`train_sampling_strategy='group_by_length'` (the Trainer's length-grouped batches, the counterpart of ours; "
@@ -451,7 +452,8 @@ TRL_CONFIGURATION = [
     "TRL joins prompt + response + eos as one string without bos; ours joins token ids with bos. Quality: pairwise accuracy on the same validation pairs, "
     "scored by the same function after training.",
     "- **RLOO.** PERL: `perl_core.policy.stage.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
-    "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights). TRL 1.16: "
+    "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights; a prompt's k samples "
+    "one packed row in the reward, anchor and policy forwards). TRL 1.16: "
     "`trl.RLOOTrainer(model=<anchor>, reward_funcs=<callable>, peft_config=LoraConfig(task_type='CAUSAL_LM'))`; this "
     "version takes reward *functions*, so the callable scores with our trained reward model (`RewardScorer`, "
     "adapters merged, a second copy of the weights); `num_generations=k`, `per_device_train_batch_size=prompts×k`, "

@@ -115,6 +115,8 @@ class OneBackbone(Roles):
         body = self.policy.get_base_model().base_model
         # the k samples of a prompt packed in one row, the prompt computed once (perl_core.packing)
         groups = sample_groups(samples, end_id=end) if can_pack(body) else None
+        was_training = self.policy.training
+        self.policy.eval()  # the reward model scores without its LoRA dropout, as when it was evaluated
         self.policy.set_adapter(self.reward_adapter, inference_mode=True)
         try:
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
@@ -124,6 +126,7 @@ class OneBackbone(Roles):
             return read_scores(body, self.reward_head, *with_final_eos(samples, end, self.tokenizer.pad_token_id))
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
+            self.policy.train(was_training)
 
 
 def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int,
