@@ -4,7 +4,8 @@
 Besides the artifacts under OUT/artifacts, every process writes OUT/probe/rank-<r>.json: the
 batches it was handed and its shard of each (`parallel.shard`), what it opened for writing,
 created, renamed or removed under OUT/artifacts (an audit hook), and the RL update's gradient on
-a fixed set of samples.
+a fixed set of samples. With PERL_TEST_RESUME set it also trains the reward model and the policy
+for 2 steps straight, and for 1 step then resumed to 2, under OUT/artifacts/resume.
 """
 import json
 import os
@@ -117,6 +118,26 @@ batch = rl.prompt_batches(len(SFT), 2, cfg.policy.train.seed, 0)
 encoded = prompts_within(tokenizer, [r["prompt"] for r in SFT], cfg.policy.max_prompt_length)
 fixed["prompt_ids"] = [encoded[i][1] for i in batch for _ in range(cfg.policy.k)]
 train_policy(cfg, ARTIFACTS / "policy", ARTIFACTS / "anchor", ARTIFACTS / "reward_model")
+
+if os.environ.get("PERL_TEST_RESUME"):
+    # resume under N processes: a run stopped after step 1 and resumed to step 2 ends where a straight
+    # 2-step run ends (fresh sampling again: each process draws from its own seeded stream)
+    rl.sample_responses, rl.optimizer_step = _sample, _step
+
+    def steps(n: int):  # a constant learning rate: a linear decay would differ between 1 and 2 planned steps
+        return build_config(cfg.model_dump(mode="json"), [
+            f"reward.train.max_steps={n}", "reward.train.checkpoint_every=1", "reward.train.eval_every=1",
+            "reward.train.schedule=constant", f"policy.train.max_steps={n}", "policy.train.checkpoint_every=1",
+            "policy.train.schedule=constant"])
+
+    anchor = str(ARTIFACTS / "anchor")
+    train_reward_model(steps(2), ARTIFACTS / "resume" / "rm_straight", base_model=anchor)
+    train_reward_model(steps(1), ARTIFACTS / "resume" / "rm_resumed", base_model=anchor)
+    train_reward_model(steps(2), ARTIFACTS / "resume" / "rm_resumed", base_model=anchor, resume=True)
+    rm = ARTIFACTS / "reward_model"
+    train_policy(steps(2), ARTIFACTS / "resume" / "policy_straight", anchor, rm)
+    train_policy(steps(1), ARTIFACTS / "resume" / "policy_resumed", anchor, rm)
+    train_policy(steps(2), ARTIFACTS / "resume" / "policy_resumed", anchor, rm, resume=True)
 
 probe = OUT / "probe"
 probe.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def launches(tmp_path_factory):
     # CPU are `--multi_gpu` with ACCELERATE_USE_CPU=1 (gloo), as the README shows
     run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-         str(29500 + os.getpid() % 1000)], two, ACCELERATE_USE_CPU="1")
+         str(29500 + os.getpid() % 1000)], two, ACCELERATE_USE_CPU="1", PERL_TEST_RESUME="1")
     probes = [json.loads((two / "probe" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     return one, two, json.loads((one / "probe" / "rank-0.json").read_text()), probes
 
@@ -84,6 +84,18 @@ def test_each_process_sees_a_disjoint_shard_of_the_same_batches(launches):
         assert not set(mine["shard"]) & set(theirs["shard"])
         assert sorted(mine["shard"] + theirs["shard"]) == sorted(mine["batch"])
         assert len(mine["shard"]) == len(theirs["shard"]) == len(mine["batch"]) // 2
+
+
+@pytest.mark.parametrize("stage", ["rm", "policy"])
+def test_a_resumed_two_process_run_ends_where_a_straight_one_ends(launches, stage):
+    _, two, _, _ = launches
+    straight = load_file(str(two / "artifacts" / "resume" / f"{stage}_straight" / "adapter_model.safetensors"))
+    resumed = load_file(str(two / "artifacts" / "resume" / f"{stage}_resumed" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6,
+                                   msg=lambda detail, name=name: f"{stage}: {name}: {detail}")
+    assert max(float(straight[n].abs().max()) for n in straight if "lora_B" in n) > 1e-4  # B starts at 0: the steps moved it
 
 
 def test_only_the_main_process_writes(launches):
