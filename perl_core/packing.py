@@ -58,11 +58,12 @@ class Packed:
 
 
 def split_rows(prefix_length: int, lengths: Sequence[int], hidden_size: Optional[int]) -> list[list[int]]:
-    """How one group's continuations share rows: consecutive runs of them, each run a row after its own
-    copy of the prefix, in the number of rows that costs least. A row of L tokens costs L (the
-    projections and MLP, ~24 h^2 FLOPs a token in a forward) + L^2 / (6 h) (attention over its L
-    keys, ~4 h FLOPs a pair): short continuations share one row; long ones, which would make the
-    row's attention dearer than repeating the prefix, get rows of their own. All in one row
+    """How one group's continuations share rows: m runs of consecutive continuations of (nearly) equal
+    count, each run a row after its own copy of the prefix, with the m that costs least. A row of L
+    tokens costs L (the projections and MLP, ~24 h^2 FLOPs a token in a forward) + L^2 / (6 h)
+    (attention over its L keys, ~4 h FLOPs a pair): short continuations share one row; long ones,
+    which would make one row's attention dearer than repeating the prefix, are spread over more
+    rows. The padding of the batch's rows to its widest row is not in the cost. All in one row
     without `hidden_size`."""
     n = len(lengths)
     if hidden_size is None:

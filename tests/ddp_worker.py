@@ -62,6 +62,7 @@ import perl_core.sft  # noqa: E402
 perl_core.sft._data_version = lambda: {"md5": "test"}
 
 seen: list[dict] = []
+resumed_steps: dict[str, int] = {}
 _shard = parallel.shard
 
 
@@ -130,16 +131,24 @@ if os.environ.get("PERL_TEST_RESUME"):
             "reward.train.schedule=constant", f"policy.train.max_steps={n}", "policy.train.checkpoint_every=1",
             "policy.train.schedule=constant"])
 
+    def counting(stage: str):  # how many steps the resumed run itself trained
+        def callback(metrics: dict, step: int) -> None:
+            if any(name.endswith("step_seconds") for name in metrics):
+                resumed_steps[stage] = resumed_steps.get(stage, 0) + 1
+        return callback
+
     anchor = str(ARTIFACTS / "anchor")
     train_reward_model(steps(2), ARTIFACTS / "resume" / "rm_straight", base_model=anchor)
     train_reward_model(steps(1), ARTIFACTS / "resume" / "rm_resumed", base_model=anchor)
-    train_reward_model(steps(2), ARTIFACTS / "resume" / "rm_resumed", base_model=anchor, resume=True)
+    train_reward_model(steps(2), ARTIFACTS / "resume" / "rm_resumed", base_model=anchor, resume=True,
+                       callback=counting("rm"))
     rm = ARTIFACTS / "reward_model"
     train_policy(steps(2), ARTIFACTS / "resume" / "policy_straight", anchor, rm)
     train_policy(steps(1), ARTIFACTS / "resume" / "policy_resumed", anchor, rm)
-    train_policy(steps(2), ARTIFACTS / "resume" / "policy_resumed", anchor, rm, resume=True)
+    train_policy(steps(2), ARTIFACTS / "resume" / "policy_resumed", anchor, rm, resume=True, callback=counting("policy"))
 
 probe = OUT / "probe"
 probe.mkdir(parents=True, exist_ok=True)
 (probe / f"rank-{parallel.rank()}.json").write_text(json.dumps(
-    {"world": parallel.world_size(), "seen": seen, "writes": writes, "rl_gradient": gradients}))
+    {"world": parallel.world_size(), "seen": seen, "writes": writes, "rl_gradient": gradients,
+     "resumed_steps": resumed_steps}))

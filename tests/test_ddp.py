@@ -88,9 +88,11 @@ def test_each_process_sees_a_disjoint_shard_of_the_same_batches(launches):
 
 @pytest.mark.parametrize("stage", ["rm", "policy"])
 def test_a_resumed_two_process_run_ends_where_a_straight_one_ends(launches, stage):
-    _, two, _, _ = launches
-    straight = load_file(str(two / "artifacts" / "resume" / f"{stage}_straight" / "adapter_model.safetensors"))
-    resumed = load_file(str(two / "artifacts" / "resume" / f"{stage}_resumed" / "adapter_model.safetensors"))
+    _, two, _, probes = launches
+    assert probes[0]["resumed_steps"][stage] == 1  # the resumed run trained step 2 only: it did not start over
+    # the weights after step 2 (the step-2 checkpoint: the reward model's best-step choice cannot hide a difference)
+    straight, resumed = (load_file(str(two / "artifacts" / "resume" / f"{stage}_{run}" / "checkpoints" / "step-000002" /
+                                       "trainable.safetensors")) for run in ("straight", "resumed"))
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6,
@@ -111,6 +113,20 @@ def test_a_global_batch_that_does_not_split_evenly_names_the_setting(monkeypatch
     with pytest.raises(UserError, match=r"reward\.train\.batch_size=8 .*3 processes"):
         parallel.per_process(8, "reward.train.batch_size")
     assert parallel.per_process(9, "reward.train.batch_size") == 3
+
+
+def test_rl_under_several_processes_needs_a_whole_batch_of_prompts(monkeypatch):
+    from perl_core.config import build_config
+    from perl_core.policy import rl
+
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+    monkeypatch.setattr(rl, "prompts_within", lambda tok, prompts, limit: [(p, [1, 2]) for p in prompts])
+    cfg = build_config({"policy": {"train": {"batch_size": 4}}}).policy
+    with pytest.raises(UserError, match=r"only 3 prompts .*policy\.train\.batch_size=4: under 2 processes"):
+        rl.rl_loop(None, None, ["a", "b", "c"], cfg)  # refused before any model is touched
+    monkeypatch.setattr(parallel, "world_size", lambda: 1)  # one process: a smaller batch of every prompt is fine
+    with pytest.raises(AttributeError):  # it gets as far as the (absent) roles
+        rl.rl_loop(None, None, ["a", "b", "c"], cfg)
 
 
 def test_auto_precision_follows_accelerate_launch_mixed_precision(monkeypatch):

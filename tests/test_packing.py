@@ -7,7 +7,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
 
 from perl_core.config import LoraConfig
 from perl_core.modeling import attach_lora, pad_rows
-from perl_core.packing import can_pack, common_prefix, pack_shared
+from perl_core.packing import can_pack, common_prefix, pack, pack_shared
 from perl_core.scoring import pair_scores, sequence_scores
 
 # shared prompts of several lengths, no shared token, identical sequences, one a prefix of the other
@@ -119,10 +119,23 @@ def _left_padded_samples(prompts, responses, eos, pad=0, temperature=0.7):
     return Samples(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), rmask, ids.shape[1], finished, temperature)
 
 
-def test_packed_token_logprobs_equal_the_left_padded_forward():
+@pytest.mark.parametrize("rows_per_prompt", ["one", "split"])
+def test_packed_token_logprobs_equal_the_left_padded_forward(monkeypatch, rows_per_prompt):
     from transformers import LlamaForCausalLM
 
+    from perl_core.policy import rl
     from perl_core.policy.rl import sample_groups, token_logprobs
+
+    rows = []
+
+    def recording_pack(groups, pad_id, hidden_size):
+        # "split": a cost model that is all attention (a near-zero width): rows by the sum of L^2. The 5-token
+        # prompt with responses of 1 and 4 tokens stays one row (10^2 < 6^2 + 9^2), the other prompts split
+        packed = pack(groups, pad_id, hidden_size=1e-3 if rows_per_prompt == "split" else hidden_size)
+        rows.append(packed.input_ids.shape[0])
+        return packed
+
+    monkeypatch.setattr(rl, "pack", recording_pack)
     from perl_core.scoring import position_ids
 
     torch.manual_seed(0)
@@ -155,6 +168,7 @@ def test_packed_token_logprobs_equal_the_left_padded_forward():
     ref_entropy = -(all_logp.exp() * all_logp).sum(-1) * samples.response_mask
     torch.testing.assert_close(entropy, ref_entropy.detach(), atol=1e-5, rtol=1e-5)
     assert (logp != 0).sum() == sum(len(r) for r in responses)
+    assert rows == [5 if rows_per_prompt == "split" else 3]  # the packed path ran, with the rows intended
     for name, grad in got_grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
 

@@ -131,6 +131,7 @@ def test_the_one_backbone_reward_ignores_lora_dropout_while_the_policy_trains(tm
     write_manifest(anchor, kind="anchor", base_model=str(anchor), tuning="none", config={})
     rm = stand_in_reward_model(anchor, tmp_path / "rm", LoraConfig(rank=4, dropout=0.5), fit_vocab=True)
     roles = roles_for(anchor, rm)
+    assert isinstance(roles, OneBackbone)  # the reward adapter sits on the policy's backbone
     roles.policy.train()  # as in the RL loop
     tok = roles.tokenizer
     samples = samples_from_text(tok, PROMPTS, RESPONSES, tok.convert_tokens_to_ids("<|im_end|>"))

@@ -168,6 +168,7 @@ class MemoryTimeline:
         self.steps: Optional[int] = None      # peak during the steps
         self.pending: Optional[int] = None    # peak since the last step's end (after the steps, at the end)
         self.process_peak = 0                 # the whole run's peak (the kernel's mark is reset between steps)
+        self.resets = False                   # the kernel's mark was reset at the last step's end
         self._early: list[tuple[float, int]] = []  # samples until the first step ends
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -186,7 +187,8 @@ class MemoryTimeline:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.add(time.perf_counter(), self._process.memory_info().rss, exact=_high_water_bytes())
+        self.add(time.perf_counter(), self._process.memory_info().rss,
+                 exact=_high_water_bytes() if self.resets else None)
 
     def add(self, t: float, rss: int, exact: Optional[int] = None) -> None:
         """One sample (`exact`: the kernel's high-water mark since the last reset, when known)."""
@@ -194,12 +196,17 @@ class MemoryTimeline:
             self.process_peak = max(self.process_peak, rss, exact or 0)
             if self.n_steps == 0:
                 self._early.append((t, rss))
+                if len(self._early) > 20000:  # no step marked for minutes: keep the peak, not every sample
+                    top = max(self._early, key=lambda sample: sample[1])
+                    self._early = [top, self._early[-1]]
             self.pending = max(self.pending or 0, rss, exact or 0) if self.n_steps else None
 
-    def mark_step(self, now: float, seconds: float, rss: int, exact: Optional[int] = None) -> None:
-        """A step ended at `now` after `seconds`; `rss` now; `exact` the high-water mark since the last step's end."""
+    def mark_step(self, now: float, seconds: float, rss: int, exact: Optional[int] = None,
+                  process_high: Optional[int] = None) -> None:
+        """A step ended at `now` after `seconds`; `rss` now; `exact` the high-water mark since the last step's
+        end (not for the first step: it still holds the loading); `process_high` the mark before its first reset."""
         with self._lock:
-            self.process_peak = max(self.process_peak, rss, exact or 0)
+            self.process_peak = max(self.process_peak, rss, exact or 0, process_high or 0)
             if self.n_steps == 0:
                 start = now - seconds
                 self.before = max((r for t, r in self._early if t < start), default=None)
@@ -250,12 +257,12 @@ def step_ended(seconds: float) -> None:
     if timeline is None:
         return
     now = time.perf_counter()
-    # the kernel's mark since the last reset is this step's exact peak, from the second step on
-    exact = _high_water_bytes() if timeline.n_steps else None
-    timeline.mark_step(now, seconds, _rss_bytes(), exact)
-    if timeline.n_steps == 1:
-        timeline.process_peak = max(timeline.process_peak, _high_water_bytes() or 0)  # loading's peak
-    _reset_high_water()
+    high = _high_water_bytes()
+    # since the last reset, the kernel's mark is this step's exact peak (from the second step on, and only
+    # where the reset works: elsewhere it would still hold the loading's peak)
+    exact = high if timeline.n_steps and timeline.resets else None
+    timeline.mark_step(now, seconds, _rss_bytes(), exact, process_high=high if timeline.n_steps == 0 else None)
+    timeline.resets = _reset_high_water()
 
 
 def steps_peak_bytes() -> Optional[int]:

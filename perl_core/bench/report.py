@@ -442,7 +442,7 @@ def report_markdown(report: dict) -> str:
 TRL_CONFIGURATION = [
     "How each side was configured:",
     "",
-    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, each pair one packed row: the "
+    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, each pair packed: the "
     "prompt once, then chosen and rejected; length-bucketed batches, LoRA on q/k/v/o with the score head trained). "
     "TRL: `trl.RewardTrainer` "
     "with `peft.LoraConfig(task_type='SEQ_CLS', modules_to_save=['score'])`, same rank/alpha/dropout/targets, "
@@ -453,7 +453,7 @@ TRL_CONFIGURATION = [
     "scored by the same function after training.",
     "- **RLOO.** PERL: `perl_core.policy.stage.train_policy` (RLOO, k samples per prompt, KL to the anchor in the reward, one "
     "backbone: policy adapter, anchor = adapters off, reward adapter + head on the same weights; a prompt's k samples "
-    "one packed row in the reward, anchor and policy forwards). TRL 1.16: "
+    "packed in the reward, anchor and policy forwards). TRL 1.16: "
     "`trl.RLOOTrainer(model=<anchor>, reward_funcs=<callable>, peft_config=LoraConfig(task_type='CAUSAL_LM'))`; this "
     "version takes reward *functions*, so the callable scores with our trained reward model (`RewardScorer`, "
     "adapters merged, a second copy of the weights); `num_generations=k`, `per_device_train_batch_size=prompts×k`, "

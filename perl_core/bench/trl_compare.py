@@ -66,8 +66,8 @@ def _preload() -> int:
 
 
 def _finish(result: dict, baseline: int) -> dict:
-    """The memory the comparison uses: the peak during the training steps (sampled; see
-    `perl_core.bench.isolation`) above the workload's own baseline, and the whole run's beside it."""
+    """The memory the comparison uses: the peak during the training steps (`perl_core.bench.isolation.MemoryTimeline`)
+    above the workload's own baseline, and the whole run's beside it."""
     from perl_core.bench.isolation import process_peak_bytes, steps_peak_bytes
 
     steps = steps_peak_bytes()

@@ -1,5 +1,6 @@
-"""Sampling from the anchor or the policy: batched, left-padded, KV cache on, one `generate` call per batch,
-a LoRA policy's adapter folded into copies of the weights while it samples (:func:`merged_adapters`).
+"""Sampling from the anchor or the policy: batched, left-padded, KV cache on, one `generate` call per batch;
+with fp32 weights outside autocast a LoRA policy's adapter is folded into copies of the weights while it
+samples (:func:`merged_adapters`).
 
 The RL loop and evaluation both sample through :func:`sample_responses`, so the response a
 policy is trained on and the response it is evaluated on are produced the same way.

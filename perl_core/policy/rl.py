@@ -253,8 +253,12 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
     tc, k = cfg.train, cfg.k
     parallel.per_process(tc.batch_size, "policy.train.batch_size")
-    device = next(roles.policy.parameters()).device
     world, main = parallel.world_size(), parallel.is_main()
+    if world > 1 and len(encoded) < tc.batch_size:  # a step would take every prompt, split unevenly
+        raise UserError(f"only {len(encoded)} prompts fit policy.max_prompt_length={cfg.max_prompt_length}, fewer than "
+                        f"policy.train.batch_size={tc.batch_size}: under {world} processes every step needs a whole "
+                        "batch (each process takes batch_size / N of its prompts); lower the batch size or add prompts")
+    device = next(roles.policy.parameters()).device
 
     def amp():  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
         return autocast(tc.precision, device, "policy.train.precision")

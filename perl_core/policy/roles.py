@@ -116,17 +116,17 @@ class OneBackbone(Roles):
         # the k samples of a prompt packed in one row, the prompt computed once (perl_core.packing)
         groups = sample_groups(samples, end_id=end) if can_pack(body) else None
         was_training = self.policy.training
-        self.policy.eval()  # the reward model scores without its LoRA dropout, as when it was evaluated
-        self.policy.set_adapter(self.reward_adapter, inference_mode=True)
         try:
+            self.policy.eval()  # the reward model scores without its LoRA dropout, as when it was evaluated
+            self.policy.set_adapter(self.reward_adapter, inference_mode=True)
             # the RM's sequence classifier is the transformer body (reward adapter on) + its score head
             if groups is not None:
                 return read_packed_scores(body, self.reward_head,
                                           pack(groups, self.tokenizer.pad_token_id, body.config.hidden_size))
             return read_scores(body, self.reward_head, *with_final_eos(samples, end, self.tokenizer.pad_token_id))
         finally:
-            self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
             self.policy.train(was_training)
+            self.policy.set_adapter(POLICY_ADAPTER)  # also makes the policy adapter trainable again
 
 
 def load_reward_adapter(model, reward_model_dir: Path, head: str, hidden_size: int,
