@@ -52,10 +52,6 @@ class Packed:
     starts: torch.Tensor          # [n]
     ends: torch.Tensor            # [n]
 
-    @property
-    def tokens(self) -> int:
-        return int(self.input_ids.numel())
-
 
 def split_rows(prefix_length: int, lengths: Sequence[int], hidden_size: Optional[int]) -> list[list[int]]:
     """How one group's continuations share rows: m runs of consecutive continuations of (nearly) equal

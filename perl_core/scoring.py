@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perl_core.modeling import pad_rows
 from perl_core.packing import can_pack, pack_shared, read_packed_scores
 
 ENCODER_HEAD = "classifier"  # BERT-style heads read the pooled [CLS]; causal LMs name theirs `score`
@@ -74,8 +75,6 @@ def pair_scores(model: nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, tor
     """(chosen, rejected) scores of (chosen_ids, rejected_ids) pairs. A causal reward model reads each
     pair as one packed row, the shared prompt computed once (`perl_core.packing`); the scores are
     those of :func:`sequence_scores` on each sequence alone."""
-    from perl_core.modeling import pad_rows
-
     inner = classifier_of(model)
     if not isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module) and can_pack(inner):
         scores = read_packed_scores(inner.base_model, inner.score, pack_shared(pairs, pad_id, inner.config.hidden_size))

@@ -93,7 +93,7 @@ def test_packed_pair_scores_and_lora_gradients_equal_the_unpacked_path(build, im
 def test_packing_saves_the_shared_prompt_tokens():
     prompt = list(range(10, 40))
     pairs = [(prompt + [1, 2], prompt + [3, 4, 5])] * 4
-    assert pack_shared(pairs, 0).tokens == 4 * (30 + 2 + 3)  # against 8 rows of 33 unpacked
+    assert pack_shared(pairs, 0).input_ids.numel() == 4 * (30 + 2 + 3)  # against 8 rows of 33 unpacked
 
 
 def test_an_encoder_is_never_packed():

@@ -270,15 +270,17 @@ def steps_peak_bytes() -> Optional[int]:
     return _TIMELINE.phase_peaks()["steps"] if _TIMELINE is not None else None
 
 
-def process_peak_bytes() -> int:
-    """The process's peak resident set so far: ru_maxrss, and what the timeline saw before it reset the kernel's mark."""
-    return max(_peak_rss_bytes(), _TIMELINE.process_peak if _TIMELINE is not None else 0)
+def process_peak_bytes(timeline: Optional[MemoryTimeline] = None) -> int:
+    """The process's peak resident set so far: ru_maxrss, and what `timeline` (default: this benchmark
+    process's) saw before it reset the kernel's mark."""
+    timeline = timeline or _TIMELINE
+    return max(_peak_rss_bytes(), timeline.process_peak if timeline is not None else 0)
 
 
 def memory_report(baseline_bytes: int, timeline: Optional[MemoryTimeline] = None) -> dict[str, Any]:
     import torch
 
-    peak = max(_peak_rss_bytes(), timeline.process_peak if timeline is not None else 0)
+    peak = process_peak_bytes(timeline)
     cuda = torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None
     phases = timeline.phase_peaks() if timeline is not None else {}
     above = {name: (value - baseline_bytes) / MB if value is not None else None for name, value in phases.items()}

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from perl_core.bench.isolation import (_rss_bytes, median_step_seconds, process_peak_bytes, step_ended,
+                                       steps_peak_bytes)
+
 MB = 1024 * 1024
 
 
@@ -60,16 +63,12 @@ def _preload() -> int:
     from perl_core import data, modeling, reward  # noqa: F401
     from perl_core.policy import generation, rl, roles  # noqa: F401
     from perl_core.data import versioning  # noqa: F401
-    from perl_core.bench.isolation import _rss_bytes
-
     return _rss_bytes()
 
 
 def _finish(result: dict, baseline: int) -> dict:
     """The memory the comparison uses: the peak during the training steps (`perl_core.bench.isolation.MemoryTimeline`)
     above the workload's own baseline, and the whole run's beside it."""
-    from perl_core.bench.isolation import process_peak_bytes, steps_peak_bytes
-
     steps = steps_peak_bytes()
     result["workload_baseline_rss_mb"] = baseline / MB
     result["workload_process_peak_mb"] = (process_peak_bytes() - baseline) / MB
@@ -92,8 +91,6 @@ class _StepTimer:
                 self._t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                from perl_core.bench.isolation import step_ended
-
                 self.seconds.append(time.perf_counter() - self._t0)
                 step_ended(self.seconds[-1])
 
@@ -117,8 +114,6 @@ def _common_args(tc, out_dir: str) -> dict:
 
 
 def _median(times: Sequence[float], warmup: int = 2) -> float:
-    from perl_core.bench.isolation import median_step_seconds
-
     return median_step_seconds(times, warmup=min(warmup, max(0, len(times) - 1)))
 
 
@@ -146,7 +141,7 @@ def trl_reward_workload(config: dict) -> dict:
     from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
                                     resolve_backbone)
     from perl_core.reward import head_name, score_sequences
-    from perl_core.training import set_seed
+    from perl_core.training import eval_subset, set_seed
 
     cfg = PerlConfig.model_validate(config)
     rcfg, tc = cfg.reward, cfg.reward.train
@@ -158,12 +153,8 @@ def trl_reward_workload(config: dict) -> dict:
     keep = ("prompt", "chosen", "rejected")
     train_rows = [{k: r[k] for k in keep} for r in data_api.load_rows(cfg.data, "pairwise", "train")]
     val_rows = data_api.load_rows(cfg.data, "pairwise", "validation")
-    if rcfg.eval_examples is not None and len(val_rows) > rcfg.eval_examples:
-        # the same seeded validation sample train_reward_model scores (perl_core/reward.py)
-        import random
-
-        picked = sorted(random.Random(tc.seed).sample(range(len(val_rows)), rcfg.eval_examples))
-        val_rows = [val_rows[i] for i in picked]
+    # the same seeded validation sample train_reward_model scores
+    val_rows = [val_rows[i] for i in eval_subset(len(val_rows), rcfg.eval_examples, tc.seed)]
 
     eos = tokenizer.eos_token or ""
 
@@ -230,8 +221,6 @@ def ours_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> 
 
     def record(metrics: dict[str, float], step: int) -> None:
         if "rl/step_seconds" in metrics:
-            from perl_core.bench.isolation import step_ended
-
             steps.append(metrics["rl/step_seconds"])
             step_ended(metrics["rl/step_seconds"])
             rewards.append(metrics["rl/reward"])
