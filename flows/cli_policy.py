@@ -79,8 +79,6 @@ def generate(
         prompts += [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts file")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     check_model_dir(model, "anchor", "policy")
     generator = PolicyGenerator.load(model)
     responses = generator.generate(prompts, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -88,11 +88,16 @@ class PerlModel(mlflow.pyfunc.PythonModel):
         if self.kind == "reward_model":
             scores = self.model.score(prompts, [str(r) for r in frame["response"]])
             return pd.DataFrame({"score": [float(s) for s in scores]})
+        # a param the caller leaves out samples as the policy was trained and evaluated (its manifest's
+        # generation settings, also the signature's defaults); seed 0 as `perl-rlhf policy generate`
         params = params or {}
-        responses = self.model.generate(prompts, seed=int(params.get("seed", 0)),
-                                        max_new_tokens=int(params.get("max_new_tokens", 32)),
-                                        temperature=float(params.get("temperature", 1.0)),
-                                        top_p=float(params.get("top_p", 1.0)))
+
+        def given(name: str, cast):
+            return None if params.get(name) is None else cast(params[name])
+
+        responses = self.model.generate(prompts, seed=given("seed", int) or 0,
+                                        max_new_tokens=given("max_new_tokens", int),
+                                        temperature=given("temperature", float), top_p=given("top_p", float))
         return pd.DataFrame({"response": list(responses)})
 
 

@@ -81,7 +81,8 @@ def _holds_manifest(uri: str) -> bool:
         return False
 
 
-def _signature(kind: str):
+def _signature(kind: str, manifest: dict):
+    """Inputs, outputs and params; a policy's params default to how it was trained and evaluated."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -96,8 +97,13 @@ def _signature(kind: str):
     if kind == "reward_model":
         return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
                               outputs=Schema([ColSpec("double", "score")]))
-    params = ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("max_new_tokens", "long", 32),
-                          ParamSpec("temperature", "double", 1.0), ParamSpec("top_p", "double", 1.0)])
+    from perl_core.policy.generation import generation_defaults
+
+    trained = generation_defaults(manifest)
+    params = ParamSchema([ParamSpec("seed", "long", 0),
+                          ParamSpec("max_new_tokens", "long", trained["max_new_tokens"]),
+                          ParamSpec("temperature", "double", trained["temperature"]),
+                          ParamSpec("top_p", "double", trained["top_p"])])
     return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
                           outputs=Schema([ColSpec("string", "response")]), params=params)
 
@@ -147,7 +153,7 @@ def register_model(kind: str, name: str, model_dir: str | Path, key: str, metric
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name=kind, python_model=str(CODE_FILE), artifacts=artifacts, model_config=model_config or None,
-            code_paths=[str(Path(perl_core.__file__).resolve().parent)], signature=_signature(kind),
+            code_paths=[str(Path(perl_core.__file__).resolve().parent)], signature=_signature(kind, manifest),
             registered_model_name=name, pip_requirements=pinned_requirements(),
         )
     version = str(info.registered_model_version)

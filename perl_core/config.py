@@ -224,6 +224,14 @@ class PolicyTrainConfig(BaseTrainConfig):
                     "the trained policy with `perl-rlhf eval policy`")
         return data
 
+    @model_validator(mode="after")
+    def _one_batch_per_step(self) -> "PolicyTrainConfig":
+        if self.grad_accum != 1:
+            raise ValueError("policy.train.grad_accum must be 1: an RL step is already policy.train.batch_size prompts "
+                             f"x policy.k samples (got grad_accum={self.grad_accum}); to bound its memory, set "
+                             "policy.train.micro_batch_size")
+        return self
+
 
 class PolicyConfig(Section):
     """Policy RL (REINFORCE / RLOO) against the reward model, anchored by KL."""

@@ -310,7 +310,7 @@ def test_serving_an_ensemble_returns_the_aggregate_and_the_spread(dirs):
     assert out["member_std"].tolist() == pytest.approx(centred.std(0, unbiased=False).tolist(), abs=1e-4)
     mean = model.predict(None, frame, params={"aggregation": "mean"})
     assert mean["score"].tolist() == pytest.approx(centred.mean(0).tolist(), abs=1e-4)
-    signature = registry._signature(ENSEMBLE_KIND)
+    signature = registry._signature(ENSEMBLE_KIND, {})
     assert signature.outputs.input_names() == ["score", "member_std"]
     assert [p.name for p in signature.params.params] == ["aggregation", "ensemble_lambda"]
 

@@ -310,7 +310,12 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
     cfg = build_config({"policy": policy_cfg(adaptive_kl=True, **ALGORITHMS[algorithm], train={
         "batch_size": 3, "max_steps": 5, "checkpoint_every": 2, "learning_rate": 0.02, "warmup_ratio": 0.0,
         "precision": precision}).model_dump()})
-    straight = train_policy(cfg, tmp_path / "straight", anchor, rm)
+    used_kl_coef = []
+    straight = train_policy(cfg, tmp_path / "straight", anchor, rm,
+                            callback=lambda metrics, step: used_kl_coef.append(metrics["rl/kl_coef"]))
+    # final_* metrics are means over the last (up to 10) steps, final_kl_coef too; last_kl_coef is where it ended
+    assert straight.metrics["final_kl_coef"] == pytest.approx(sum(used_kl_coef[-10:]) / len(used_kl_coef[-10:]))
+    assert straight.metrics["final_kl_coef"] != straight.metrics["last_kl_coef"]
     if stop_at == "after the last checkpoint":  # what a run killed after its last checkpoint leaves on disk
         shutil.copytree(tmp_path / "straight" / "checkpoints", tmp_path / "stopped" / "checkpoints")
     else:  # stopped before the checkpoint of step 4: it resumes from step 2
@@ -327,6 +332,7 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
     # the manifest's summary averages the last steps, those before the interruption included
     assert comparable_manifest(tmp_path / "stopped") == comparable_manifest(tmp_path / "straight")
     assert resumed.metrics["final_kl_coef"] == straight.metrics["final_kl_coef"] != cfg.policy.kl_coef
+    assert resumed.metrics["last_kl_coef"] == straight.metrics["last_kl_coef"]
     # fp16's loss scale is part of the state: it decides which steps are skipped
     scalers = [json.loads((latest_checkpoint(tmp_path / run / "checkpoints") / "state.json").read_text())
                ["extra"]["grad_scaler"] for run in ("straight", "stopped")]
@@ -355,7 +361,7 @@ def test_bad_configs_are_rejected_with_their_setting():
     with pytest.raises(ConfigError, match=r"policy.generation.max_new_tokens"):
         build_config({"policy": {"generation": {"max_new_tokens": 0}}})
     with pytest.raises(ConfigError, match=r"policy.train.grad_accum must be 1"):
-        rl_loop(None, None, PROMPTS, policy_cfg(train={"grad_accum": 2}))
+        build_config({"policy": {"train": {"grad_accum": 2}}})
     with pytest.raises(ConfigError, match=r"policy.train.micro_batch_size: Input should be greater than or equal to 1"):
         build_config({"policy": {"train": {"micro_batch_size": 0}}})
     with pytest.raises(ConfigError, match=r"sft.train.micro_batch_size: unknown setting"):

@@ -132,7 +132,7 @@ import mlflow, pandas as pd
 rm = mlflow.pyfunc.load_model(f"models:/{sys.argv[2]}@champion")
 score = float(rm.predict(pd.DataFrame({"prompt": [sys.argv[4]], "response": [sys.argv[5]]}))["score"][0])
 policy = mlflow.pyfunc.load_model(f"models:/{sys.argv[3]}@champion")
-response = policy.predict(pd.DataFrame({"prompt": [sys.argv[4]]}), params={"seed": 3, "max_new_tokens": 6})
+response = policy.predict(pd.DataFrame({"prompt": [sys.argv[4]]}), params={"seed": 3})
 # every distribution a loaded perl_core module imports (and that got imported): it must be a requirement
 dists, by_module = set(), importlib.metadata.packages_distributions()
 for name, module in list(sys.modules.items()):
@@ -158,10 +158,29 @@ def _clean_env(registered) -> dict:
 
 
 def _direct(registered) -> tuple[float, str]:
-    """The same models through the project's loaders on the training folders."""
+    """The same models through the project's own paths on the training folders: the scorer, and
+    `perl-rlhf policy generate` with nothing but a seed (it samples as the policy was trained)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     score = float(RewardScorer.load(registered["rm"]).score([PROMPT], [RESPONSE])[0])
-    response = PolicyGenerator.load(registered["policy"]).generate([PROMPT], seed=3, max_new_tokens=6)[0]
-    return score, response
+    done = CliRunner().invoke(app, ["policy", "generate", "--model", str(registered["policy"]), "--prompt", PROMPT,
+                                    "--seed", "3"])
+    assert done.exit_code == 0, done.output
+    return score, json.loads(done.output.strip().splitlines()[-1])["response"]
+
+
+def test_a_served_policy_defaults_to_how_it_was_trained(registered):
+    """The signature's params default to the policy's recorded generation settings, not MLflow's or ours."""
+    mlflow.set_tracking_uri(registered["uri"])
+    signature = mlflow.models.Model.load(str(_model_folder(POLICY_NAME) / "MLmodel")).signature
+    defaults = {p.name: p.default for p in signature.params.params}
+    trained = _policy_cfg().generation
+    assert defaults == {"seed": 0, "max_new_tokens": trained.max_new_tokens, "temperature": trained.temperature,
+                        "top_p": trained.top_p}
+    assert (trained.max_new_tokens, trained.temperature) == (6, 0.7)  # neither is a library default
+    assert PolicyGenerator.load(registered["policy"]).defaults == {k: v for k, v in defaults.items() if k != "seed"}
 
 
 def test_pyfunc_loads_from_its_own_code_paths_without_the_repository(registered, tmp_path):
@@ -208,7 +227,7 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
         scored = httpx.post(f"{rm_url}/invocations", timeout=60,
                             json={"dataframe_records": [{"prompt": PROMPT, "response": RESPONSE}]})
         generated = httpx.post(f"{policy_url}/invocations", timeout=60,
-                               json={"dataframe_records": [{"prompt": PROMPT}], "params": {"seed": 3, "max_new_tokens": 6}})
+                               json={"dataframe_records": [{"prompt": PROMPT}], "params": {"seed": 3}})
         assert scored.status_code == 200 and generated.status_code == 200, scored.text + generated.text
         score, response = _direct(registered)
         assert scored.json()["predictions"][0]["score"] == pytest.approx(score, abs=1e-5)

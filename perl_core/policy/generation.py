@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from perl_core.artifacts import read_manifest
+from perl_core.config import GenerationConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import (encode_prompt, fit_embeddings, load_causal_lm, load_tokenizer, pad_rows,
@@ -96,8 +97,8 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     """Sample one response per row of `prompt_ids` (repeat rows for k samples). `temperature=0` is greedy."""
     from transformers import GenerationConfig
 
-    if max_new_tokens < 1:
-        raise UserError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1:  # the one check for callers outside a config (the CLI, a served model's params)
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos, pad = response_end_id(tokenizer), tokenizer.pad_token_id
     ids, mask = pad_rows(prompt_ids, pad, side="left")
     device = next(model.parameters()).device
@@ -135,15 +136,22 @@ def decode_responses(tokenizer, samples: Samples) -> list[str]:
     return texts
 
 
+def generation_defaults(manifest: dict) -> dict:
+    """How a folder samples when a caller says nothing: a policy as it was trained and evaluated
+    (the `policy.generation` its manifest recorded), an anchor at `GenerationConfig`'s defaults.
+    `perl-rlhf policy generate`, the registered model's signature and `predict` all read this."""
+    recorded = (manifest.get("config") or {}).get("generation") or {}
+    gen = GenerationConfig.model_validate(recorded)
+    return {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p}
+
+
 class PolicyGenerator:
     """Text in, text out for an anchor folder or a policy folder (LoRA adapters are merged for speed)."""
 
     def __init__(self, model, tokenizer, manifest: dict, path: Path, precision: str = "auto"):
         self.model, self.tokenizer, self.manifest, self.path = model, tokenizer, manifest, path
         self.precision = precision
-        gen = (manifest.get("config") or {}).get("generation") or {}
-        self.defaults = {"max_new_tokens": gen.get("max_new_tokens", 32), "temperature": gen.get("temperature", 1.0),
-                         "top_p": gen.get("top_p", 1.0)}
+        self.defaults = generation_defaults(manifest)
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "float32", precision: str = "auto") -> "PolicyGenerator":

@@ -51,7 +51,7 @@ from torch import nn
 from perl_core import parallel
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from perl_core.config import ConfigError, PolicyConfig
+from perl_core.config import PolicyConfig
 from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
 from perl_core.policy.generation import Samples, decode_responses, sample_responses
@@ -207,18 +207,6 @@ def chunked_logprobs(logprobs: nn.Module, samples: Samples, chunks: list[slice],
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-# ---------------------------------------------------------------- checks before any work
-def check_policy_config(cfg: PolicyConfig) -> None:
-    if cfg.algorithm == "rloo" and cfg.k < 2:
-        raise ConfigError(f"policy.k must be >= 2 for algorithm 'rloo' (leave-one-out needs a second sample), got {cfg.k}")
-    if cfg.generation.max_new_tokens < 1:
-        raise ConfigError(f"policy.generation.max_new_tokens must be >= 1, got {cfg.generation.max_new_tokens}")
-    if cfg.train.grad_accum != 1:
-        raise ConfigError("policy.train.grad_accum must be 1: an RL step is already policy.train.batch_size prompts "
-                          f"x policy.k samples (got grad_accum={cfg.train.grad_accum}); to bound its memory, set "
-                          "policy.train.micro_batch_size")
-
-
 # ---------------------------------------------------------------- the loop
 @dataclass
 class RLResult:
@@ -247,7 +235,6 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     """
     from perl_core.policy.generation import decode_responses
 
-    check_policy_config(cfg)
     encoded = prompts_within(tokenizer, prompts, cfg.max_prompt_length)
     if not encoded:
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")

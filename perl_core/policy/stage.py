@@ -13,7 +13,7 @@ from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback,
 from perl_core.config import PerlConfig
 from perl_core.devices import autocast_dtype, run_device
 from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
-from perl_core.policy.rl import check_policy_config, rl_loop
+from perl_core.policy.rl import rl_loop
 from perl_core.policy.roles import build_roles
 
 
@@ -30,7 +30,6 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     from perl_core.data import load_prompts  # looked up at call time: tests stand in for the data
     from perl_core.sft import _data_version
 
-    check_policy_config(cfg.policy)
     autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
     parallel.per_process(cfg.policy.train.batch_size, "policy.train.batch_size")
     out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
@@ -45,8 +44,10 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
                      checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
                      samples_callback=samples_callback)
+    # final_kl_coef, like every final_* metric, is the mean over the last steps (`_summary`);
+    # the coefficient the run ended on is `last_kl_coef`
     metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
-                                          "final_kl_coef": result.kl_coef, **roles.parameter_counts()}
+                                          "last_kl_coef": result.kl_coef, **roles.parameter_counts()}
     if not parallel.is_main():  # the main process writes the policy; the others wait for it
         parallel.barrier()
         return StageResult(out_dir, metrics, {"policy": out_dir})
