@@ -70,6 +70,30 @@ def test_jsonl_with_bytes_that_are_not_utf8(tmp_path):
     assert sorted(r["prompt"] for r in imported(tmp_path)) == [f"Customer {i}: a latte.\nAgent:" for i in range(4)]
 
 
+@pytest.mark.parametrize("bad_row, reason", [
+    (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}\n", "nested too deeply to decode"),  # RecursionError
+    (b'{"prompt": "P", "response": " r", "label": ' + b"9" * 5000 + b"}\n", "cannot be decoded: ValueError"),
+])
+def test_a_row_the_json_decoder_cannot_read_is_that_rows_reject(tmp_path, bad_row, reason):
+    """Whatever the decoder raises (not only JSONDecodeError), the row is one reject: a line naming
+    file and row in the default mode, one entry of rejects.jsonl with --on-error skip."""
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(GOOD_ROWS[0] + bad_row + b"".join(GOOD_ROWS[1:]))
+    text = refused(*import_local(tmp_path, path))
+    assert f"deep.jsonl, row 2: invalid JSON line: {reason}" in text
+
+    result, text = invoke(*import_local(tmp_path, path, "--on-error", "skip"))
+    assert result.exit_code == 0, text
+    assert [(r["row"], reason in r["reason"]) for r in rejects(tmp_path)] == [(2, True)]
+    assert sorted(r["prompt"] for r in imported(tmp_path)) == [f"Customer {i}: a latte.\nAgent:" for i in range(4)]
+
+
+def test_a_json_file_nested_too_deeply_is_refused_by_name(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" + "[" * 5000 + "]" * 5000 + "]")
+    assert "deep.json: invalid JSON: nested too deeply to decode" in refused(*import_local(tmp_path, path))
+
+
 def test_csv_with_bytes_that_are_not_utf8_names_row_line_and_field(tmp_path):
     path = tmp_path / "thumbs.csv"
     path.write_bytes(b"prompt,response,label\n" + b"A latte.,Sure,1\n" + b"Un caf\xe9.,Oui,0\n"

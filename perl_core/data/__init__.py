@@ -6,11 +6,10 @@ Views: ``pairwise`` {prompt, chosen, rejected}, ``pointwise`` {prompt, response,
 """
 from __future__ import annotations
 
-import json
 
 from perl_core.config import DataConfig
 from perl_core.data.prepare import dataset_dir, prepare_dataset
-from perl_core.data.schema import SPLITS, TEXT_FIELDS, VIEWS, not_utf8
+from perl_core.data.schema import SPLITS, TEXT_FIELDS, VIEWS, decode_json, not_utf8
 from perl_core.errors import DataError
 
 __all__ = ["load_rows", "load_prompts", "corpus", "prepare_dataset", "VIEWS", "SPLITS"]
@@ -51,9 +50,9 @@ def _read_split(path, view: str, data_cfg: DataConfig) -> list[dict]:
             if bad := not_utf8(line):
                 raise DataError(f"{bad}; {redo}", **where)
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON line: {err.msg} at column {err.colno}; {redo}", **where) from None
+                row = decode_json(line)
+            except ValueError as err:
+                raise DataError(f"invalid JSON line: {err}; {redo}", **where) from None
             if not isinstance(row, dict):
                 raise DataError(f"expected an object, got {type(row).__name__}; {redo}", **where)
             for name in VIEWS[view]:

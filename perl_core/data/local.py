@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from perl_core.config import DataConfig
-from perl_core.data.schema import Item, Record, Reject, UTF8_HINT, check_view, not_utf8
+from perl_core.data.schema import Item, Record, Reject, UTF8_HINT, check_view, decode_json, not_utf8
 from perl_core.errors import DataError, UserError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
@@ -64,9 +63,9 @@ def load_json(path: Path) -> Any:
     if not text.strip():
         raise DataError("empty file: no rows", file=str(path))
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=str(path)) from None
+        return decode_json(text)
+    except ValueError as err:
+        raise DataError(f"invalid JSON: {err}", file=str(path)) from None
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any] | Reject]:
@@ -83,10 +82,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any] | Reject]:
                     yield Reject(file=name, index=line_no, reason=f"{bad} ({UTF8_HINT})", raw=line.rstrip("\n")[:500])
                     continue
                 try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield Reject(file=name, index=line_no, reason=f"invalid JSON line: {err.msg} at column {err.colno}",
-                                 raw=line.rstrip("\n")[:500])
+                    value = decode_json(line)
+                except ValueError as err:
+                    yield Reject(file=name, index=line_no, reason=f"invalid JSON line: {err}", raw=line.rstrip("\n")[:500])
+                    continue
+                yield line_no, value
     except _GZIP_ERRORS as err:
         if not path.name.endswith(".gz"):
             raise

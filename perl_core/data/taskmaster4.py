@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from perl_core.config import DataConfig
 from perl_core.data.local import load_json, source_files
-from perl_core.data.schema import Item, Record, Reject
+from perl_core.data.schema import Item, Record, Reject, decode_json
 from perl_core.errors import DataError, UserError
 
 AGENT_CUE = "\nAgent:"
@@ -37,8 +37,8 @@ SOURCE = "taskmaster4"
 def _payload(value: Any) -> str:
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
+            value = decode_json(value)
+        except ValueError:
             return value.strip()
     return json.dumps(value, ensure_ascii=False)
 
@@ -120,9 +120,9 @@ def read_reward(path: Path) -> Iterator[Item]:
     for index, raw in enumerate(rows, start=1):
         field = "context"
         try:
-            context = json.loads(raw["context"])
+            context = decode_json(raw["context"])
             field = "generation"
-            generation = json.loads(raw["generation"])
+            generation = decode_json(raw["generation"])
             field = "reward"
             label = raw["reward"]
             field = "context"
