@@ -11,6 +11,7 @@ evaluation and registration.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -47,18 +48,80 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 
 
 # ---------------------------------------------------------------- keys
-def code_version() -> str:
-    """sha256 over perl_core's sources: a code change invalidates every cached stage."""
-    root = Path(perl_core.__file__).resolve().parent
+# The perl_core modules each stage's task calls (flows/tasks.py); a stage's code is these and every
+# perl_core module they import, followed through the import statements (the data sources, loaded by
+# name, are listed whole). Measurement code (perl_core.bench) is no stage's code.
+STAGE_CODE = {
+    "data": ("perl_core.data", "perl_core.data.*"),
+    "anchor": ("perl_core.sft",),
+    "reward_model": ("perl_core.ensemble",),
+    "policy": ("perl_core.policy.stage",),
+    "evaluate": ("perl_core.eval.policy", "perl_core.eval.reward"),
+}
+
+
+def _module_file(root: Path, name: str) -> Optional[Path]:
+    """perl_core.a.b -> root/a/b.py or root/a/b/__init__.py (root is perl_core's folder); None if neither."""
+    parts = name.split(".")[1:]
+    candidates = [root.joinpath(*parts).with_suffix(".py")] if parts else []
+    candidates.append(root.joinpath(*parts, "__init__.py"))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _imported(module: str, path: Path) -> set[str]:
+    """The perl_core modules `module` (at `path`) imports anywhere in its body, function-level imports too,
+    with the packages above each (importing perl_core.a.b runs perl_core/a/__init__.py)."""
+    names: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # a submodule, when it is one
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "perl_core":
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return found
+
+
+def stage_code(stage: str, root: Optional[Path] = None) -> list[Path]:
+    """The source files of `stage`'s code (see STAGE_CODE) under perl_core's folder `root`."""
+    root = Path(root or Path(perl_core.__file__).resolve().parent)
+    todo = []
+    for entry in STAGE_CODE[stage]:
+        if entry.endswith(".*"):
+            folder = root.joinpath(*entry[:-2].split(".")[1:])
+            todo += [f"{entry[:-2]}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
+        todo.append(entry.removesuffix(".*"))
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen or (path := _module_file(root, name)) is None:
+            continue
+        seen[name] = path
+        todo += sorted(_imported(name, path) - set(seen))
+    return sorted(set(seen.values()))
+
+
+def code_version(stage: str, root: Optional[Path] = None) -> str:
+    """sha256 over `stage`'s source files: editing them re-runs the stage (and, through the keys that
+    carry its key, every stage after it); editing any other file of perl_core re-runs nothing."""
+    root = Path(root or Path(perl_core.__file__).resolve().parent)
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in stage_code(stage, root):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def stage_key(stage: str, cfg_sections: dict[str, Any], data_md5: Optional[str], upstream: tuple[str, ...] = ()) -> str:
-    payload = {"stage": stage, "code": code_version(), "data": data_md5, "config": cfg_sections, "upstream": upstream}
+    payload = {"stage": stage, "code": code_version(stage), "data": data_md5, "config": cfg_sections, "upstream": upstream}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ For member scores r_1..r_N of one (prompt, response):
     min            = min_m c_m                    worst case (WCO)
     mean_minus_std = mean - lambda * std_m(c_m)   uncertainty-weighted (UWO); population std, 0 for one member
 
-RL (`build_ensemble_roles`): LoRA members of the anchor all sit on the policy's backbone as the
+RL (`perl_core.policy.roles.build_ensemble_roles`): LoRA members of the anchor all sit on the policy's backbone as the
 adapters reward_0..reward_{N-1}, each with its own head: the weights exist once, each member adds
 its adapter and head, and a step costs N reward forwards. Any other reward model is loaded once per
 member (N scorers). Evaluation and serving (`EnsembleScorer`) put LoRA members on one base as well.
@@ -35,12 +35,10 @@ import torch
 from perl_core import parallel
 from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
-from perl_core.config import ConfigError, PerlConfig, PolicyConfig
+from perl_core.config import ConfigError, PerlConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
-from perl_core.policy.generation import Samples
 from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
-from perl_core.policy.roles import OneBackbone, Roles, build_roles, load_reward_adapter, shares_backbone
 from perl_core.reward import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
                               train_reward_model)
 
@@ -295,46 +293,3 @@ def load_reward_scorer(path: str | Path, aggregation: Optional[str] = None, lam:
     if read_reward_manifest(path)["kind"] == ENSEMBLE_KIND:
         return EnsembleScorer.load(path, device, aggregation, lam, precision)
     return RewardScorer.load(path, device, precision)
-
-
-# ---------------------------------------------------------------- RL
-class EnsembleRoles(Roles):
-    """Policy and anchor laid out as for member 0; the reward aggregates every member's, each scored
-    through its own single-reward-model path (`members[i].reward`)."""
-
-    def __init__(self, first: Roles, members: list[Roles], offsets: torch.Tensor, aggregation: str, lam: float):
-        super().__init__(first.policy, first.tokenizer, first.anchor, first.scorer, first.tuning)
-        self.one_backbone = first.one_backbone
-        self.members, self.offsets, self.aggregation, self.lam = members, offsets, aggregation, lam
-
-    @torch.no_grad()
-    def reward_and_spread(self, samples: Samples, prompts: list[str],
-                          responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = torch.stack([m.reward(samples, prompts, responses).float().cpu() for m in self.members])
-        centred = centre(raw, self.offsets)
-        return aggregate(centred, self.aggregation, self.lam), member_std(centred)
-
-    def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return self.reward_and_spread(samples, prompts, responses)[0]
-
-
-def build_ensemble_roles(cfg: PolicyConfig, anchor_dir: Path, ensemble_dir: Path, sample_texts: list[str] = (),
-                         dtype: str = "float32") -> EnsembleRoles:
-    """`build_roles` for an ensemble: member 0 decides the layout, the others join it."""
-    spec = read_ensemble(ensemble_dir)
-    anchor_dir = Path(anchor_dir)
-    first = build_roles(cfg, anchor_dir, spec.member_dirs[0], sample_texts, dtype, reward_adapter=member_adapter(0))
-    members = [first]
-    for i, member_dir in enumerate(spec.member_dirs[1:], start=1):
-        if not first.one_backbone:
-            members.append(Roles(first.policy, first.tokenizer, first.anchor,
-                                 RewardScorer.load(member_dir, precision=cfg.train.precision),
-                                 first.tuning))
-            continue
-        if not shares_backbone(read_manifest(member_dir), anchor_dir):
-            raise ConfigError(f"ensemble {ensemble_dir}: {member_dir.name} does not adapt the anchor {anchor_dir} "
-                              f"that {spec.member_dirs[0].name} adapts; train every member from the same anchor")
-        head = load_reward_adapter(first.policy, member_dir, spec.manifest.get("head", "score"), first.hidden_size,
-                                   member_adapter(i)).to(first.reward_head.weight.device)
-        members.append(OneBackbone(first.policy, first.tokenizer, head, member_adapter(i)))
-    return EnsembleRoles(first, members, spec.offsets, cfg.ensemble_aggregation, cfg.ensemble_lambda)

@@ -147,7 +147,7 @@ def workdir(tmp_path, monkeypatch, servers):
     for target, fn in FAKES.items():
         monkeypatch.setattr(target, fn)
     # other areas edit perl_core while these tests run; pin the code version so keys only follow inputs
-    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v1")
+    monkeypatch.setattr(pipeline, "code_version", lambda stage: "code-v1")
     CALLS.clear()
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
         yield tmp_path
@@ -273,15 +273,61 @@ def test_cache_promotion_gate_and_rollback(workdir):
         registry.rollback(policy_name, rm_name)
 
 
+def _edited_code_versions(tmp_path, edit: str) -> set[str]:
+    """The stages whose code version changes when `edit` (a file of a scratch copy of perl_core) changes."""
+    import shutil
+
+    import perl_core
+
+    root = tmp_path / "perl_core"
+    shutil.copytree(Path(perl_core.__file__).resolve().parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {stage: pipeline.code_version(stage, root) for stage in pipeline.STAGE_CODE}
+    with open(root / edit, "a") as f:
+        f.write("\n# an edit\n")
+    return {stage for stage in pipeline.STAGE_CODE if pipeline.code_version(stage, root) != before[stage]}
+
+
+@pytest.mark.parametrize("edit, changed", [
+    ("bench/report.py", set()),                      # measurement code re-runs no stage
+    ("bench/isolation.py", set()),
+    ("policy/rl.py", {"policy", "evaluate"}),         # RL code: RL and evaluation (registration follows them)
+    ("reward.py", {"reward_model", "policy", "evaluate"}),  # the reward model and what reads it
+    ("sft.py", {"anchor", "policy"}),                # the anchor; the policy stage reads its data version helper
+    ("data/taskmaster4.py", {"data"}),              # a data source: the data stage (its md5 carries it on)
+    ("config.py", set(pipeline.STAGE_CODE)),         # the config tree is every stage's
+])
+def test_a_code_edit_re_runs_only_the_stages_whose_code_changed(tmp_path, edit, changed):
+    assert _edited_code_versions(tmp_path, edit) == changed
+
+
+def test_every_module_a_task_calls_is_in_its_stage_code():
+    """STAGE_CODE names each task's perl_core entry points: what tasks.py imports per task is in its stage's code."""
+    import ast
+
+    import perl_core
+    from flows import tasks
+
+    root = Path(perl_core.__file__).resolve().parent
+    stage_of = {"prepare_data": "data", "train_anchor": "anchor", "train_reward_model": "reward_model",
+                "train_policy": "policy", "evaluate": "evaluate"}
+    tree = ast.parse(Path(tasks.__file__).read_text())
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in stage_of):
+        modules = {n.module for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and n.module.startswith("perl_core")}
+        code = set(pipeline.stage_code(stage_of[fn.name]))
+        for module in modules:
+            path = pipeline._module_file(root, module)
+            assert path in code, f"{fn.name} imports {module}, not in STAGE_CODE[{stage_of[fn.name]!r}]"
+
+
 def test_stage_keys_follow_data_code_and_upstream(monkeypatch):
-    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v1")
+    monkeypatch.setattr(pipeline, "code_version", lambda stage: "code-v1")
     sections = {"policy": {"kl_coef": 0.05}}
     base = pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k"))
     assert base == pipeline.stage_key("policy", {"policy": {"kl_coef": 0.05}}, "md5-a", ("anchor-k", "rm-k"))
     assert base != pipeline.stage_key("policy", sections, "md5-b", ("anchor-k", "rm-k"))  # new data version
     assert base != pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k2"))  # new reward model
     assert base != pipeline.stage_key("policy", {"policy": {"kl_coef": 0.1}}, "md5-a", ("anchor-k", "rm-k"))
-    monkeypatch.setattr(pipeline, "code_version", lambda: "code-v2")
+    monkeypatch.setattr(pipeline, "code_version", lambda stage: "code-v2")
     assert base != pipeline.stage_key("policy", sections, "md5-a", ("anchor-k", "rm-k"))  # new code
 
 

@@ -127,8 +127,8 @@ def prepare_artifacts(backbone_dir: str, out: Path, lora_rank: int = 8, seed: in
 def policy_workload(config: dict, anchor_dir: str, reward_model_dir: str, prompts: list[str]) -> dict:
     """Run `config`'s policy RL (its `policy` section, all of it) in this process; return step times
     (split) and parameter counts."""
-    from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
-    from perl_core.policy.roles import build_roles
+    from perl_core.ensemble import ENSEMBLE_KIND, read_reward_manifest
+    from perl_core.policy.roles import build_ensemble_roles, build_roles
     from perl_core.policy.rl import rl_loop
 
     cfg = PerlConfig.model_validate(config).policy

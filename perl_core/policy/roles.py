@@ -8,7 +8,7 @@
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
 
-A reward-model ensemble (`perl_core.ensemble`) lays out member 0 as above and the others beside
+A reward-model ensemble (`perl_core.ensemble`; its roles here: `build_ensemble_roles`) lays out member 0 as above and the others beside
 it: on one backbone, each member is a reward adapter (`reward_i`) with its own head.
 """
 from __future__ import annotations
@@ -23,10 +23,12 @@ from torch import nn
 from perl_core.artifacts import read_manifest
 from perl_core.config import ConfigError, PolicyConfig
 from perl_core.devices import enable_gradient_checkpointing, run_device
+from perl_core.ensemble import aggregate, centre, member_adapter, member_std, read_ensemble
 from perl_core.policy.generation import Samples
 from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
                                 response_end_id)
 from perl_core.packing import can_pack, pack, read_packed_scores
+from perl_core.reward import RewardScorer
 from perl_core.policy.rl import sample_groups, token_logprobs
 from perl_core.scoring import read_scores
 from perl_core.training import set_seed
@@ -197,8 +199,6 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
                                    policy.config.hidden_size, reward_adapter)
         return placed(OneBackbone(policy, tokenizer, head, reward_adapter), cfg)
 
-    from perl_core.reward import RewardScorer
-
     scorer = RewardScorer.load(reward_model_dir, precision=cfg.train.precision)
     check_reward_tokenizer(scorer.tokenizer, list(sample_texts), reward_model_dir)
     longest = cfg.max_prompt_length + cfg.generation.max_new_tokens + 1
@@ -213,3 +213,46 @@ def build_roles(cfg: PolicyConfig, anchor_dir: Path, reward_model_dir: Path, sam
     policy = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer)
     anchor = fit_embeddings(load_causal_lm(str(anchor_dir), dtype), tokenizer).requires_grad_(False).eval()
     return placed(Roles(policy, tokenizer, anchor=anchor, scorer=scorer, tuning="full"), cfg)
+
+
+# ---------------------------------------------------------------- a reward-model ensemble
+class EnsembleRoles(Roles):
+    """Policy and anchor laid out as for member 0; the reward aggregates every member's, each scored
+    through its own single-reward-model path (`members[i].reward`)."""
+
+    def __init__(self, first: Roles, members: list[Roles], offsets: torch.Tensor, aggregation: str, lam: float):
+        super().__init__(first.policy, first.tokenizer, first.anchor, first.scorer, first.tuning)
+        self.one_backbone = first.one_backbone
+        self.members, self.offsets, self.aggregation, self.lam = members, offsets, aggregation, lam
+
+    @torch.no_grad()
+    def reward_and_spread(self, samples: Samples, prompts: list[str],
+                          responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = torch.stack([m.reward(samples, prompts, responses).float().cpu() for m in self.members])
+        centred = centre(raw, self.offsets)
+        return aggregate(centred, self.aggregation, self.lam), member_std(centred)
+
+    def reward(self, samples: Samples, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.reward_and_spread(samples, prompts, responses)[0]
+
+
+def build_ensemble_roles(cfg: PolicyConfig, anchor_dir: Path, ensemble_dir: Path, sample_texts: list[str] = (),
+                         dtype: str = "float32") -> EnsembleRoles:
+    """`build_roles` for an ensemble: member 0 decides the layout, the others join it."""
+    spec = read_ensemble(ensemble_dir)
+    anchor_dir = Path(anchor_dir)
+    first = build_roles(cfg, anchor_dir, spec.member_dirs[0], sample_texts, dtype, reward_adapter=member_adapter(0))
+    members = [first]
+    for i, member_dir in enumerate(spec.member_dirs[1:], start=1):
+        if not first.one_backbone:
+            members.append(Roles(first.policy, first.tokenizer, first.anchor,
+                                 RewardScorer.load(member_dir, precision=cfg.train.precision),
+                                 first.tuning))
+            continue
+        if not shares_backbone(read_manifest(member_dir), anchor_dir):
+            raise ConfigError(f"ensemble {ensemble_dir}: {member_dir.name} does not adapt the anchor {anchor_dir} "
+                              f"that {spec.member_dirs[0].name} adapts; train every member from the same anchor")
+        head = load_reward_adapter(first.policy, member_dir, spec.manifest.get("head", "score"), first.hidden_size,
+                                   member_adapter(i)).to(first.reward_head.weight.device)
+        members.append(OneBackbone(first.policy, first.tokenizer, head, member_adapter(i)))
+    return EnsembleRoles(first, members, spec.offsets, cfg.ensemble_aggregation, cfg.ensemble_lambda)

@@ -12,9 +12,9 @@ from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
 from perl_core.devices import autocast_dtype, run_device
-from perl_core.ensemble import ENSEMBLE_KIND, build_ensemble_roles, read_reward_manifest
+from perl_core.ensemble import ENSEMBLE_KIND, read_reward_manifest
 from perl_core.policy.rl import rl_loop
-from perl_core.policy.roles import build_roles
+from perl_core.policy.roles import build_ensemble_roles, build_roles
 
 
 def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
