@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -119,3 +121,16 @@ def test_a_non_editable_install_finds_its_presets_from_any_folder(tmp_path):
 def test_every_preset_loads(preset):
     """A preset holding a setting the config refuses (say `policy.train.eval_every`) fails here, not in a run."""
     assert load_config(preset).preset == preset
+
+
+def test_readme_pyproject_and_image_name_the_same_python():
+    """The Python the README promises is pyproject's lower bound, the Docker image's and the one running the tests."""
+    import re
+    import sys
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    floor = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    readme = re.search(r"^Python (3\.\d+)", (root / "README.md").read_text(), re.M).group(1)
+    image = re.search(r"^ARG PYTHON_VERSION=(3\.\d+)", (root / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert floor == f">={readme}" and image == readme == f"{sys.version_info[0]}.{sys.version_info[1]}"
