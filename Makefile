@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= true
 
-.PHONY: install run test bench report clean
+.PHONY: install run test bench report clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/perl-rlhf report efficiency
+
+# benchmarks/gpu_check.py's CARRIED wheels, for a GPU machine without them (built for this Python version)
+gpu-wheels: $(STAMP)
+	$(BIN)/pip install -q --no-deps -c constraints.txt --target .gpu_wheels \
+		$$($(BIN)/python -c "import runpy; print(' '.join(runpy.run_path('benchmarks/gpu_check.py', run_name='x')['CARRIED']))")
 
 clean:
 	rm -rf $(VENV) .prefect mlruns mlflow.db artifacts

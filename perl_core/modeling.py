@@ -57,6 +57,16 @@ SCRATCH_PRESETS: dict[str, dict] = {
     # the efficiency benchmarks' backbone, ~27M parameters (~30M with a 4,096-token vocabulary)
     "llama-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                         intermediate_size=1376, max_position_embeddings=1024),
+    # public models' shapes with random weights, for measuring cost where no weights can be fetched
+    # (benchmarks/gpu_check.py): the layers, heads and vocabulary of SmolLM2-135M and Qwen2.5-0.5B
+    # (as a Llama: Qwen2's q/k/v biases left out). Embedding rows past the tokenizer's are never
+    # read; they cost what the real vocabulary costs.
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, max_position_embeddings=8192, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, max_position_embeddings=32768, vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1000000.0),
 }
 
 
@@ -302,13 +312,12 @@ def build_scratch_backbone(preset: str, texts: list[str], out_dir: Path, vocab_s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(texts, vocab_size, out_dir)
+    shape = {"tie_word_embeddings": False, **SCRATCH_PRESETS[preset]}
     config = LlamaConfig(
-        vocab_size=len(tok),
+        **(shape | {"vocab_size": max(len(tok), shape.get("vocab_size", 0))}),
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        **SCRATCH_PRESETS[preset],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
