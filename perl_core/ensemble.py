@@ -35,7 +35,7 @@ import torch
 from perl_core import parallel
 from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
-from perl_core.config import ConfigError, PerlConfig
+from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
