@@ -33,14 +33,19 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A group of settings; unknown keys are refused."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------- data
 class SplitConfig(Section):
-    train: float = Field(0.8, ge=0, le=1)
-    validation: float = Field(0.1, ge=0, le=1)
-    test: float = Field(0.1, ge=0, le=1)
+    """Fractions of the imported prompts in each split (a prompt's rows all go to one split); they sum to 1."""
+
+    train: float = Field(0.8, ge=0, le=1, description="the split every stage trains on (RL samples its prompts)")
+    validation: float = Field(0.1, ge=0, le=1, description="scored while SFT and the reward model train (early "
+                              "stopping)")
+    test: float = Field(0.1, ge=0, le=1, description="held out for `perl-rlhf eval reward` and `eval policy`")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "SplitConfig":
@@ -62,24 +67,32 @@ class SyntheticConfig(Section):
     min_gap: float = Field(0.2, gt=0, lt=1, description="pairwise view: gold(chosen) - gold(rejected) at least this")
     label_threshold: float = Field(0.6, gt=0, lt=1, description="pointwise view: label 1 when gold >= this")
     sft_quality: float = Field(0.6, gt=0, le=1, description="sft view: each part of a reply is right with this probability")
-    seed: int = 0
+    seed: int = Field(0, description="the generator's seed: the same seed gives the same dataset")
 
 
 class DataConfig(Section):
-    source: str = Field("synthetic", description="synthetic | taskmaster4 | hh-rlhf | hub | local")
+    """The dataset: where its rows come from, how they are validated, deduplicated and split (`data import`)."""
+
+    source: str = Field("synthetic", description="where the rows come from: synthetic (the embedded task), "
+                        "taskmaster4, hh-rlhf, hub (datasets.load_dataset) or local (files)")
     name: Optional[str] = Field(None, description="dataset folder under data_dir; defaults to the source")
     path: Optional[str] = Field(None, description="file/folder for local sources, or a hub dataset name")
     format: Optional[Literal["pairwise", "pointwise", "sft"]] = Field(
         None, description="for `local`/`hub`: which view the rows are"
     )
     column_map: dict[str, str] = Field(default_factory=dict, description="source column -> our field")
-    hub_split: Optional[str] = None
-    hub_config: Optional[str] = None
-    on_error: Literal["raise", "skip"] = "raise"
+    hub_split: Optional[str] = Field(None, description="for `hub`: the dataset's split to read; none = train "
+                                     "(our own train/validation/test split follows)")
+    hub_config: Optional[str] = Field(None, description="for `hub`: the dataset's config name (datasets.load_dataset's "
+                                      "`name`, e.g. comparisons)")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a row that fails validation: raise = stop, naming file, row and field; skip = write it "
+        "with its reason to rejects.jsonl and import the rest")
     dedupe: bool = Field(True, description="drop exact duplicate rows (counted in the data card)")
-    data_dir: str = "data"
+    data_dir: str = Field("data", description="folder of the imported datasets, one folder per dataset name "
+                          "(data/ is the DVC-tracked one)")
     splits: SplitConfig = SplitConfig()
-    seed: int = 0
+    seed: int = Field(0, description="seed of the train/validation/test assignment")
     max_tokens: int = Field(512, ge=8, description="rows longer than this (prompt+response) are filtered out")
     tokenizer: Optional[str] = Field(
         None, description="tokenizer (path or hub name) that counts tokens for max_tokens; none = a word/punctuation proxy"
@@ -94,7 +107,9 @@ class DataConfig(Section):
 
 # ---------------------------------------------------------------- models
 class BackboneConfig(Section):
-    """Where a stage's model comes from (perl_core.modeling.resolve_backbone):
+    """Where a stage's model comes from (perl_core.modeling.resolve_backbone).
+
+    `name` is one of:
 
     * `scratch:<preset>`: a small Llama built from a config, tokenizer trained on the data;
     * `package:<module>`: a model shipped in an installed pip package, either a Hugging Face folder
@@ -104,15 +119,20 @@ class BackboneConfig(Section):
     * a local Hugging Face model folder, or a hub name (read from the local cache when offline).
     """
 
-    name: str = "scratch:llama-tiny"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    name: str = Field("scratch:llama-tiny", description="`scratch:<preset>` (llama-micro, llama-tiny, llama-small), "
+                      "`package:<module>`, `gguf:<file.gguf>`, a local Hugging Face folder or a hub name")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the dtype the backbone's "
+                                                             "weights are loaded in")
     vocab_size: int = Field(2048, ge=64, description="BPE vocabulary for scratch backbones")
 
 
 class LoraConfig(Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    """The LoRA adapter a stage trains when its `tuning` is `lora`: W x + (alpha / rank) B A x on the target modules."""
+
+    rank: int = Field(8, ge=1, description="r, the inner dimension of B A (the adapter's parameters grow linearly "
+                      "with it)")
+    alpha: float = Field(16.0, gt=0, description="scale of the update: B A x is multiplied by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training; 0 = none")
     target_modules: Union[Literal["auto"], list[str]] = Field(
         "auto",
         description="`auto`: the attention projections of the backbone's architecture, as in PERL "
@@ -131,37 +151,45 @@ class LoraConfig(Section):
 class BaseTrainConfig(Section):
     """What every training stage (SFT, reward model, policy RL) reads."""
 
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW's peak learning rate, reached after the warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's (decoupled) weight decay")
+    batch_size: int = Field(16, ge=1, description="examples per micro-batch: SFT rows, reward-model pairs (or labelled "
+                            "rows); in RL, prompts per step, each sampled policy.k times")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated into one optimizer step")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of max_steps over which the learning rate "
+                                "rises linearly from 0")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="the learning rate after the warm-up: linear or cosine decay to 0, or constant")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global L2 norm before each step")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast over fp32 weights: auto = bf16 on a GPU that has it, fp32 on a CPU; "
         "bf16 runs on a CPU too; fp16 needs a GPU. Evaluation and generation of the stage's model use it too")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
-    checkpoint_every: int = Field(100, ge=1)
-    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1, description="save the exact-resume state every N steps and at the last "
+                                  "step (`--resume` continues from it)")
+    seed: int = Field(0, description="seed of the initialisation, the batch order and sampling")
 
 
 class TrainConfig(BaseTrainConfig):
     """The supervised stages (SFT, reward model): a validation metric, so periodic evaluation and early stopping."""
 
-    eval_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, description="score the validation split every N steps and at the last one; the "
+                            "best weights are kept")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="evaluations without improvement")
 
 
 class SFTConfig(Section):
+    """The anchor policy: supervised fine-tuning on the data's sft view (`perl-rlhf sft train`)."""
+
     enabled: bool = Field(True, description="false when the base model is already instruction-tuned")
     backbone: BackboneConfig = BackboneConfig()
-    tuning: Literal["lora", "full"] = "full"
+    tuning: Literal["lora", "full"] = Field("full", description="full: train every weight; lora: train an adapter, "
+                                            "merged into the saved anchor")
     lora: LoraConfig = LoraConfig()
     # 1,000 steps: at 400 the anchor rarely copies the order and RL moves only the proxy reward (docs/policy.md)
     train: TrainConfig = TrainConfig(learning_rate=1e-3, max_steps=1000)
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, description="tokens of prompt + response; longer rows are dropped (counted)")
     eval_examples: Optional[int] = Field(
         None, ge=2, description="validation rows scored at each eval (a seeded sample); none = every row that fits"
     )
@@ -178,13 +206,19 @@ class EnsembleConfig(Section):
 
 
 class RewardConfig(Section):
+    """The reward model: a scalar score head on a backbone, trained on preferences (`perl-rlhf reward train`)."""
+
     backbone: BackboneConfig = BackboneConfig()
-    tuning: Literal["lora", "full"] = "lora"
+    tuning: Literal["lora", "full"] = Field("lora", description="lora: train an adapter and the score head (PERL); "
+                                            "full: every weight")
     lora: LoraConfig = LoraConfig()
-    objective: Literal["pairwise", "pointwise"] = "pairwise"
+    objective: Literal["pairwise", "pointwise"] = Field(
+        "pairwise", description="pairwise: Bradley-Terry on (chosen, rejected) pairs; pointwise: binary cross-entropy "
+        "on thumbs up/down labels")
     margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: -log sigmoid(r_c - r_r - margin)")
     train: TrainConfig = TrainConfig(learning_rate=1e-3, max_steps=150, eval_every=50, checkpoint_every=30)
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, description="tokens of prompt + response the model scores; longer examples "
+                            "follow reward.truncation")
     init_from_anchor: bool = Field(
         True, description="start a scratch RM from the anchor's weights (PERL initialises the RM from the SFT model)"
     )
@@ -200,12 +234,17 @@ class RewardConfig(Section):
 
 
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(32, ge=1)
+    """How the policy and the anchor sample responses: in RL, `policy generate` and `eval policy`."""
+
+    max_new_tokens: int = Field(32, ge=1, description="most tokens sampled per response (fewer when EOS comes first)")
     temperature: float = Field(0.7, gt=0, description="sampling temperature while training and evaluating the policy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: draw from the most likely tokens holding "
+                         "this much probability; 1 = every token")
 
 
 class PolicyTrainConfig(BaseTrainConfig):
+    """What policy RL's loop reads: the shared training settings, without validation (RL has no validation metric)."""
+
     micro_batch_size: Optional[int] = Field(
         None, ge=1, description="samples per forward/backward in an RL step (same gradient, memory bounded by this "
         "instead of batch_size x k); none = all batch_size x k samples in one pass")
@@ -236,19 +275,28 @@ class PolicyTrainConfig(BaseTrainConfig):
 class PolicyConfig(Section):
     """Policy RL (REINFORCE / RLOO) against the reward model, anchored by KL."""
 
-    tuning: Literal["lora", "full"] = "lora"
+    tuning: Literal["lora", "full"] = Field("lora", description="lora: train an adapter on the anchor (PERL); "
+                                            "full: every weight")
     lora: LoraConfig = LoraConfig()
-    algorithm: Literal["reinforce", "rloo"] = "rloo"
+    algorithm: Literal["reinforce", "rloo"] = Field(
+        "rloo", description="rloo: each sample's baseline is the mean of its prompt's other k - 1 samples; "
+        "reinforce: the baseline is policy.baseline")
     k: int = Field(4, ge=1, description="samples per prompt (rloo needs k >= 2)")
-    baseline: Literal["moving_average", "value_head"] = "moving_average"
-    baseline_decay: float = Field(0.9, ge=0, lt=1)
+    baseline: Literal["moving_average", "value_head"] = Field(
+        "moving_average", description="reinforce's baseline: a moving average of the batch-mean reward, or a learned "
+        "value head on the policy's hidden states")
+    baseline_decay: float = Field(0.9, ge=0, lt=1, description="moving_average: b <- decay * b + (1 - decay) * "
+                                  "batch mean")
     kl_coef: float = Field(0.2, ge=0, description="beta in r - beta * KL(policy || anchor)")
-    adaptive_kl: bool = False
+    adaptive_kl: bool = Field(False, description="move beta (kl_coef) toward target_kl as the run goes (Ziegler et "
+                              "al. 2019); false: beta stays kl_coef")
     target_kl: float = Field(6.0, gt=0, description="nats per response; adaptive beta aims here")
     kl_horizon: int = Field(
         2000, ge=1, description="samples over which adaptive beta may move by up to 20% (Ziegler et al. use 10,000)")
-    normalize_rewards: bool = True
-    reward_clip: Optional[float] = Field(None, gt=0)
+    normalize_rewards: bool = Field(True, description="standardise reward-model scores by their running mean and "
+                                    "variance over the run, before the KL penalty")
+    reward_clip: Optional[float] = Field(None, gt=0, description="clip the (normalised) reward to [-c, c]; none = "
+                                         "no clipping")
     generation: GenerationConfig = GenerationConfig()
     # lr 1e-3 peaks early and then oscillates (KL 12-20 nats); 3e-4 climbs steadily below target_kl (docs/policy.md)
     train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150)
@@ -272,23 +320,30 @@ class PolicyConfig(Section):
 
 
 class EvaluationConfig(Section):
+    """Test-split evaluation of the reward model and the policy (`perl-rlhf eval`), with bootstrap intervals."""
+
     n_prompts: int = Field(200, ge=1, description="held-out prompts for policy evaluation")
-    bootstrap_samples: int = Field(1000, ge=100)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
-    n_samples_table: int = Field(8, ge=0)
+    bootstrap_samples: int = Field(1000, ge=100, description="bootstrap resamples behind each confidence interval")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals (0.95: 95%)")
+    seed: int = Field(0, description="seed of the evaluation's sampling and of the bootstrap")
+    n_samples_table: int = Field(8, ge=0, description="prompts whose anchor and policy responses policy_eval.md "
+                                 "shows side by side")
 
 
 class TrackingConfig(Section):
     """Read by flows/ only. The tracking URI comes from MLFLOW_TRACKING_URI when set."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
-    experiment: str = "perl"
-    reward_model_name: str = "perl-reward-model"
-    policy_name: str = "perl-policy"
-    promotion_metric: str = "policy.gold_score_mean"
-    promotion_mode: Literal["max", "min"] = "max"
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="the MLflow store: sqlite:///<file>, or an "
+                              "http(s):// server; MLFLOW_TRACKING_URI wins")
+    artifact_location: str = Field("mlartifacts", description="folder of a new experiment's artifacts on a local "
+                                   "store (a server keeps its own)")
+    experiment: str = Field("perl", description="the MLflow experiment the pipeline's runs go to")
+    reward_model_name: str = Field("perl-reward-model", description="registered-model name of the reward model")
+    policy_name: str = Field("perl-policy", description="registered-model name of the policy")
+    promotion_metric: str = Field("policy.gold_score_mean", description="the metric on which a candidate policy must "
+                                  "beat the champion to be promoted")
+    promotion_mode: Literal["max", "min"] = Field("max", description="max: a higher promotion_metric is better; min: "
+                                                  "a lower one")
 
 
 class LaunchConfig(Section):
@@ -310,8 +365,12 @@ class LaunchConfig(Section):
 
 
 class PerlConfig(Section):
-    preset: str = "default"
-    artifacts_dir: str = "artifacts"
+    """Every setting of the pipeline; the field defaults are the embedded default."""
+
+    preset: str = Field("default", description="the preset (or YAML file name) the settings were loaded from; set by "
+                        "the loader, logged with each run")
+    artifacts_dir: str = Field("artifacts", description="folder of the trained models (anchor/, reward_model/, "
+                               "policy/), their evaluations and built backbones")
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
