@@ -333,7 +333,7 @@ class EvaluationConfig(Section):
 class TrackingConfig(Section):
     """Read by flows/ only. The tracking URI comes from MLFLOW_TRACKING_URI when set."""
 
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="the MLflow store: sqlite:///<file>, or an "
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="the MLflow store: `sqlite:///<file>`, or an "
                               "http(s):// server; MLFLOW_TRACKING_URI wins")
     artifact_location: str = Field("mlartifacts", description="folder of a new experiment's artifacts on a local "
                                    "store (a server keeps its own)")
