@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from flows import cli_config
 from flows import cli_data
 from flows import cli_reward
 from flows import cli_sft, cli_policy
@@ -11,6 +12,7 @@ from flows import cli_pipeline
 
 app = typer.Typer(help="PERL: parameter-efficient RLHF (LoRA reward models and LoRA policy RL) as a pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(cli_config.app, name="config")
 app.add_typer(cli_data.app, name="data")
 app.add_typer(cli_reward.app, name="reward")
 app.add_typer(cli_sft.app, name="sft")
