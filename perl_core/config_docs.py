@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import annotated_types
 import yaml
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from perl_core.config import PerlConfig, Section
 
@@ -75,7 +76,9 @@ def _bounds(metadata: list) -> str:
 
 def yaml_value(value: Any) -> str:
     """A value as one line of YAML flow style (what `--set key=...` and a preset file take)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    value = to_jsonable_python(value)  # models (in a list), paths, tuples: as the YAML loader would give them back
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True,
+                          sort_keys=False)
     text = text.removesuffix("\n...\n").strip()
     return json.dumps(value, ensure_ascii=False) if "\n" in text else text  # a line break: JSON's quoting is YAML too
 
