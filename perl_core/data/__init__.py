@@ -6,7 +6,6 @@ Views: ``pairwise`` {prompt, chosen, rejected}, ``pointwise`` {prompt, response,
 """
 from __future__ import annotations
 
-
 from perl_core.config import DataConfig
 from perl_core.data.prepare import dataset_dir, prepare_dataset
 from perl_core.data.schema import SPLITS, TEXT_FIELDS, VIEWS, decode_json, not_utf8

@@ -14,6 +14,7 @@ text; with a chat template the transcript is rendered back into those messages
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,8 +40,6 @@ def decode_json(text: str) -> Any:
     """`json.loads(text)`, every failure a ValueError that says why in words: a syntax error with its
     place, a document nested too deeply for the decoder (RecursionError), an integer over Python's
     digit limit, ... Each reader turns it into the one row's (or file's) reject, never a traceback."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

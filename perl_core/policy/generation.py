@@ -95,7 +95,7 @@ def merged_adapters(model):
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0) -> Samples:
     """Sample one response per row of `prompt_ids` (repeat rows for k samples). `temperature=0` is greedy."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig as HFGenerationConfig  # not perl_core.config's
 
     if max_new_tokens < 1:  # the one check for callers outside a config (the CLI, a served model's params)
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -103,7 +103,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     ids, mask = pad_rows(prompt_ids, pad, side="left")
     device = next(model.parameters()).device
     greedy = temperature == 0
-    gen_cfg = GenerationConfig(
+    gen_cfg = HFGenerationConfig(
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=0,  # transformers otherwise applies top_k=50 silently
         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
