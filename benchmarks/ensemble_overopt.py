@@ -19,7 +19,7 @@ anchor and the members' spread, as JSON and one plot. Per setting it also report
 * the final policy on held-out prompts (`perl_core.eval.policy.evaluate_policy`): gold score and
   gold gain over the anchor with bootstrap intervals, RM reward gain, KL;
 * with `--cost-steps N`: memory and step time of RL on the ensemble against one reward model, each
-  in a fresh process (`perl_core.bench.policy.policy_workload`), N steps each.
+  in a fresh process (`bench.policy.policy_workload`), N steps each.
 
     python benchmarks/ensemble_overopt.py --cost-steps 10     # configs/overopt.yaml, 4 members: about an hour on 2 CPU cores
     python benchmarks/ensemble_overopt.py --quick             # the tiny preset, a few steps: shape only (CI)
@@ -159,7 +159,7 @@ def measure_cost(cfg, anchor: Path, ensemble: Path, steps: int) -> dict:
     """RL on member 0 alone against RL on the whole ensemble (`min`): peak memory and median step time,
     each setting in a fresh process, with the same prompts, batch and generation."""
     from perl_core import data as data_api
-    from perl_core.bench.isolation import peak_memory_mb, ratio, run_isolated
+    from bench.isolation import peak_memory_mb, ratio, run_isolated
 
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.policy.train.max_steps = steps
@@ -167,7 +167,7 @@ def measure_cost(cfg, anchor: Path, ensemble: Path, steps: int) -> dict:
     prompts = data_api.load_prompts(cfg.data, "train")[:256]
     out = {}
     for name, rm in (("single", ensemble / "member_0"), ("ensemble", ensemble)):
-        result = run_isolated("perl_core.bench.policy:policy_workload",
+        result = run_isolated("bench.policy:policy_workload",
                               {"config": run_cfg.model_dump(mode="json"), "anchor_dir": str(anchor),
                                "reward_model_dir": str(rm), "prompts": prompts})
         out[name] = {"peak_memory_mb": peak_memory_mb(result), "memory": result["memory"],

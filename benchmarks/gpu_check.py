@@ -4,14 +4,14 @@ For each shape (`scratch:smollm2-135m`, `scratch:qwen2.5-0.5b`: those models' la
 vocabulary with random weights, built from configs, since a bare GPU machine fetches nothing) it
 runs, each setting in a fresh process exactly as `perl-rlhf report efficiency` does:
 
-* reward model: `perl_core.bench.reward.reward_benchmark` -> `reward_workload` ->
+* reward model: `bench.reward.reward_benchmark` -> `reward_workload` ->
   `perl_core.reward.train_reward_model` (Bradley-Terry on the synthetic pairs, packed pairs, the
   configured precision), LoRA against full tuning;
-* RL: `perl_core.bench.policy.policy_benchmark` -> `policy_workload` -> `perl_core.policy.rl.rl_loop`
+* RL: `bench.policy.policy_benchmark` -> `policy_workload` -> `perl_core.policy.rl.rl_loop`
   (RLOO; PERL's one backbone against separate policy, anchor and reward-model copies; packing,
   folded adapters while sampling, `policy.train.precision`), generate / score / update split.
 
-Peak memory is `torch.cuda.max_memory_allocated` on a GPU (`perl_core.bench.isolation`). Results
+Peak memory is `torch.cuda.max_memory_allocated` on a GPU (`bench.isolation`). Results
 are written as JSON after every benchmark (a run cut short keeps what it measured).
 
 What it needs: torch, transformers, peft, accelerate (and their own dependencies: numpy,
@@ -39,8 +39,8 @@ WHEELS = ROOT / ".gpu_wheels"
 if WHEELS.is_dir():
     sys.path.append(str(WHEELS))  # after site-packages: the machine's own packages win
 
-from perl_core.bench.policy import policy_benchmark  # noqa: E402
-from perl_core.bench.reward import reward_benchmark  # noqa: E402
+from bench.policy import policy_benchmark  # noqa: E402
+from bench.reward import reward_benchmark  # noqa: E402
 
 SHAPES = ("smollm2-135m", "qwen2.5-0.5b")
 # Fewer steps than the report (the whole check fits one 6-minute device run): the medians skip 2 warm-up steps.

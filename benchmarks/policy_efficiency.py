@@ -7,7 +7,7 @@ in a fresh process (peak memory is a per-process high-water mark).
 
 full: a trainable policy copy, a frozen anchor copy, a reward model with its own (merged) copy.
 PERL: one backbone carrying the policy adapter (trainable), the reward adapter + head (frozen);
-the anchor is the same weights with adapters disabled. A command line over perl_core.bench.policy:
+the anchor is the same weights with adapters disabled. A command line over bench.policy:
 each setting trains the preset + the benchmark's measurement setting + your --set and the options
 below, which win.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout's perl_core, installed or not
 
-from perl_core.bench.isolation import as_overrides  # noqa: E402
-from perl_core.bench.policy import FULL_LEARNING_RATE, policy_benchmark, policy_table  # noqa: E402
+from bench.isolation import as_overrides  # noqa: E402
+from bench.policy import FULL_LEARNING_RATE, policy_benchmark, policy_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "policy_efficiency.json"
 

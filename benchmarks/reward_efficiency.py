@@ -4,7 +4,7 @@
     python benchmarks/reward_efficiency.py --quick         # llama-micro, a few steps: checks the table's shape
     python benchmarks/reward_efficiency.py --set reward.lora.rank=4 --steps 120
 
-A command line over perl_core.bench.reward (the measurement, its setting and its targets are
+A command line over bench.reward (the measurement, its setting and its targets are
 described there). Each setting trains the preset + the benchmark's measurement setting + your
 --set and the options below, which win. Prints a table and writes JSON.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout's perl_core, installed or not
 
-from perl_core.bench.isolation import as_overrides  # noqa: E402
-from perl_core.bench.reward import FULL_LEARNING_RATE, ORDER, reward_benchmark, reward_table  # noqa: E402
+from bench.isolation import as_overrides  # noqa: E402
+from bench.reward import FULL_LEARNING_RATE, ORDER, reward_benchmark, reward_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "reward_efficiency.json"
 

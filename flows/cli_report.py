@@ -28,7 +28,7 @@ def efficiency(
     saved_only: bool = typer.Option(False, "--saved-only", help="with --resume: measure nothing new, report what was saved"),
 ) -> None:
     """Run the reward and policy benchmarks, the rank sweep and the TRL comparison; write one Markdown + JSON report."""
-    from perl_core.bench.report import efficiency_report
+    from bench.report import efficiency_report
 
     report = efficiency_report(out, quick=quick, preset=config, overrides=list(overrides or []), ranks=ranks,
                                with_trl=trl, backbone=backbone, reward_steps=reward_steps,

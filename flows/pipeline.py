@@ -50,7 +50,7 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 # ---------------------------------------------------------------- keys
 # The perl_core modules each stage's task calls (flows/tasks.py); a stage's code is these and every
 # perl_core module they import, followed through the import statements (the data sources, loaded by
-# name, are listed whole). Measurement code (perl_core.bench) is no stage's code.
+# name, are listed whole). Measurement code (bench/, outside perl_core) is no stage's code.
 STAGE_CODE = {
     "data": ("perl_core.data", "perl_core.data.*"),
     "anchor": ("perl_core.sft",),

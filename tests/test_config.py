@@ -90,21 +90,21 @@ def test_a_non_editable_install_finds_its_presets_from_any_folder(tmp_path):
     src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
     skip = shutil.ignore_patterns("__pycache__")
-    for name in ("perl_core", "flows", "configs"):
+    for name in ("perl_core", "flows", "bench", "configs"):
         shutil.copytree(root / name, src / name, ignore=skip)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     "--target", str(site), str(src)], check=True, capture_output=True)
     packages = lambda base, top: {str(p.parent.relative_to(base)) for p in (base / top).rglob("__init__.py")}  # noqa: E731
-    for top in ("perl_core", "flows"):
+    for top in ("perl_core", "flows", "bench"):
         assert packages(root, top) <= packages(site, top), "pyproject.toml's package list misses a folder"
     assert sorted(p.name for p in (site / "perl_core" / "configs").glob("*.yaml")) == \
         sorted(p.name for p in (root / "configs").glob("*.yaml"))
 
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True)  # noqa: E731
-    check = run("-c", "import perl_core.config as c; from perl_core.bench import report; "
+    check = run("-c", "import perl_core.config as c; from bench import report; "
                       "assert c.PerlConfig() == c.load_config('default'); "
                       "print(c.PRESET_DIR, [c.load_config(p).preset for p in ('tiny', 'taskmaster4')])")
     assert check.returncode == 0, check.stderr

@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from perl_core.bench.trl_compare import trl_available
+from bench.trl_compare import trl_available
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_quick_efficiency_report_is_well_formed(tmp_path, monkeypatch):
 
 def test_reward_rows_carry_the_accuracy_interval_and_the_paired_delta():
     """The quality column from per-pair validation scores: LoRA 7 of 10 pairs, full 8 of 10, on the same pairs."""
-    from perl_core.bench.report import reward_rows, report_markdown
+    from bench.report import reward_rows, report_markdown
 
     def setting(margins, params):
         pairs = [{"row": i + 1, "id": None, "key": f"k{i}", "chosen": float(m), "rejected": 0.0}
@@ -91,7 +91,7 @@ MEMORY = {"peak_rss_mb": 10.0, "baseline_rss_mb": 2.0, "peak_above_baseline_mb":
 def workloads(monkeypatch, tmp_path):
     """Every workload the report starts, recorded instead of run: (target, the config it would train)."""
     from perl_core import modeling
-    from perl_core.bench import policy, report, reward, trl_compare
+    from bench import policy, report, reward, trl_compare
     from perl_core.config import PerlConfig
 
     calls = []
@@ -157,7 +157,7 @@ def test_every_workload_of_the_report_trains_the_settings_given(workloads, tmp_p
 
 
 def test_reward_benchmark_prepares_its_data(workloads, tmp_path):
-    from perl_core.bench.reward import reward_benchmark
+    from bench.reward import reward_benchmark
 
     bench = reward_benchmark("default", ["data.synthetic.n_prompts=40", f"data.data_dir={tmp_path / 'fresh'}"],
                              quick=True)
@@ -166,7 +166,7 @@ def test_reward_benchmark_prepares_its_data(workloads, tmp_path):
 
 
 def test_resident_memory_follows_an_allocation():
-    from perl_core.bench.isolation import _rss_bytes
+    from bench.isolation import _rss_bytes
 
     before = _rss_bytes()
     block = b"\x01" * (64 * 1024 * 1024)  # written, so every page is resident
@@ -183,7 +183,7 @@ def _result(params, peak_above, peak_rss, step, **extra) -> dict:
 
 
 def test_cost_summary_and_tuning_settings_by_hand():
-    from perl_core.bench.isolation import as_overrides, cost_summary, tuning_settings
+    from bench.isolation import as_overrides, cost_summary, tuning_settings
 
     lora = _result(10, 80.0, 380.0, 0.2, median_generate_seconds=0.3)
     full = _result(1000, 200.0, 500.0, 0.4, median_generate_seconds=0.6)
@@ -201,7 +201,7 @@ def test_cost_summary_and_tuning_settings_by_hand():
 
 
 def test_report_rows_and_markdown_from_a_hand_made_result_set():
-    from perl_core.bench.report import policy_rows, report_markdown, reward_rows, target_verdict, trl_rows
+    from bench.report import policy_rows, report_markdown, reward_rows, target_verdict, trl_rows
 
     reward_bench = {
         "settings": {
@@ -279,7 +279,7 @@ def test_report_rows_and_markdown_from_a_hand_made_result_set():
 
 
 def test_memory_timeline_puts_each_sample_in_its_phase():
-    from perl_core.bench.isolation import MemoryTimeline, memory_report
+    from bench.isolation import MemoryTimeline, memory_report
 
     timeline = MemoryTimeline()
     for t, rss in [(0.0, 500), (1.0, 900), (2.0, 300)]:  # loading: 900

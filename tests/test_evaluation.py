@@ -217,7 +217,7 @@ def artifacts(tmp_path_factory):
     import torch
 
     from perl_core.artifacts import write_manifest
-    from perl_core.bench.policy import prepare_artifacts
+    from bench.policy import prepare_artifacts
     from perl_core.modeling import attach_lora, load_causal_lm, load_tokenizer, resolve_backbone
 
     root = tmp_path_factory.mktemp("eval")

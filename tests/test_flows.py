@@ -288,8 +288,7 @@ def _edited_code_versions(tmp_path, edit: str) -> set[str]:
 
 
 @pytest.mark.parametrize("edit, changed", [
-    ("bench/report.py", set()),                      # measurement code re-runs no stage
-    ("bench/isolation.py", set()),
+    ("eval/reporting.py", {"evaluate"}),            # evaluation code: evaluation only
     ("policy/rl.py", {"policy", "evaluate"}),         # RL code: RL and evaluation (registration follows them)
     ("reward.py", {"reward_model", "policy", "evaluate"}),  # the reward model and what reads it
     ("sft.py", {"anchor", "policy"}),                # the anchor; the policy stage reads its data version helper

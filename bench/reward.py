@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core.bench.isolation import (cost_summary, machine, median_step_seconds, peak_memory_mb, run_isolated,
+from bench.isolation import (cost_summary, machine, median_step_seconds, peak_memory_mb, run_isolated,
                                        step_ended, tuning_settings)
 from perl_core.config import PerlConfig
 
@@ -59,7 +59,7 @@ def reward_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
         setting = settings[tuning]
         setting.reward.backbone.name = backbone
         log(f"reward benchmark: {tuning}")
-        results[tuning] = run_isolated("perl_core.bench.reward:reward_workload",
+        results[tuning] = run_isolated("bench.reward:reward_workload",
                                        {"config": setting.model_dump(mode="json")})
         results[tuning]["config"] = setting.model_dump(mode="json")
     lora, full = results["lora"], results["full"]

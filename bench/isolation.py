@@ -2,7 +2,7 @@
 
 Peak memory is a high-water mark, so two settings measured in one process would contaminate
 each other (the allocator keeps freed pages, the first setting's peak stays the process's
-peak). :func:`run_isolated` therefore starts ``python -m perl_core.bench.isolation <target>``,
+peak). :func:`run_isolated` therefore starts ``python -m bench.isolation <target>``,
 which imports torch/transformers/peft, records the baseline memory, calls the workload
 ``module:function(**kwargs)`` and adds a ``memory`` block to the dict it returns:
 
@@ -28,7 +28,7 @@ A workload is any importable function returning a JSON-able dict (``bench/reward
 ``bench/policy.py``, ``bench/trl_compare.py``); it receives the whole config it trains and calls
 :func:`step_ended` after each training step.
 
-    python -m perl_core.bench.isolation perl_core.bench.reward:reward_workload --kwargs '{"config": {...}}' --out r.json
+    python -m bench.isolation bench.reward:reward_workload --kwargs '{"config": {...}}' --out r.json
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def run_isolated(target: str, kwargs: Optional[dict] = None, timeout: Optional[f
         out, args = Path(tmp) / "result.json", Path(tmp) / "kwargs.json"
         # a file, not an argument: a config plus a few hundred long prompts can exceed the kernel's 128 KiB per argument
         args.write_text(json.dumps(kwargs or {}))
-        cmd = [sys.executable, "-m", "perl_core.bench.isolation", target, "--kwargs-file", str(args), "--out", str(out)]
+        cmd = [sys.executable, "-m", "bench.isolation", target, "--kwargs-file", str(args), "--out", str(out)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0 or not out.exists():
@@ -310,7 +310,7 @@ def _child(target: str, kwargs: dict, out: Path) -> None:
     import transformers  # noqa: F401
 
     # run as `python -m`, this file is __main__: the workloads' step_ended reads the importable module's timeline
-    from perl_core.bench import isolation
+    from bench import isolation
 
     fn = _resolve(target)
     baseline = _rss_bytes()

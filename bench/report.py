@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from perl_core.eval import reporting as R
-from perl_core.bench.isolation import as_overrides, machine, peak_memory_mb, ratio, run_isolated
+from bench.isolation import as_overrides, machine, peak_memory_mb, ratio, run_isolated
 from perl_core.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32)
@@ -163,7 +163,7 @@ def rank_sweep(reward_bench: dict, ranks: Sequence[int], log: Callable[[str], No
         else:
             tree = with_rank(json.loads(json.dumps(lora_cfg)), rank)
             r = _cached(parts / f"rank_{rank}.json" if parts else None, resume,
-                        lambda: {**run_isolated("perl_core.bench.reward:reward_workload", {"config": tree}),
+                        lambda: {**run_isolated("bench.reward:reward_workload", {"config": tree}),
                                  "config": tree})
             if r is None:
                 continue
@@ -177,7 +177,7 @@ def rank_sweep(reward_bench: dict, ranks: Sequence[int], log: Callable[[str], No
 def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callable[[str], None],
                    parts: Optional[Path] = None, resume: bool = False) -> dict:
     """Ours and TRL's, measured back to back in fresh processes on the benchmarks' LoRA settings."""
-    from perl_core.bench.trl_compare import trl_version
+    from bench.trl_compare import trl_version
 
     version = trl_version()
     if version is None:
@@ -186,7 +186,7 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callab
     out: dict = {"trl_version": version, "reward": {"config": reward_cfg}}
     for side in ("perl", "trl"):
         log(f"TRL comparison: reward model, {side}")
-        target = f"perl_core.bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_reward_workload"
+        target = f"bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_reward_workload"
         result = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
                          lambda: run_isolated(target, {"config": reward_cfg}))
         if result is not None:
@@ -197,7 +197,7 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callab
                        "anchor_dir": str(work / "anchor"), "reward_model_dir": str(work / "reward_model")}
         for side in ("perl", "trl"):
             log(f"TRL comparison: RLOO, {side}")
-            target = f"perl_core.bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
+            target = f"bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
             kwargs = {k: out["rloo"][k] for k in ("config", "anchor_dir", "reward_model_dir")}
             result = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
                              lambda: run_isolated(target, kwargs))
@@ -250,8 +250,8 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     policy.train.max_steps); every setting, the rank sweep and the TRL comparison included, trains
     the preset + the benchmark's measurement setting + these overrides.
     """
-    from perl_core.bench.policy import policy_benchmark
-    from perl_core.bench.reward import reward_benchmark
+    from bench.policy import policy_benchmark
+    from bench.reward import reward_benchmark
     from perl_core.config import load_config
     from perl_core.data import prepare_dataset
 

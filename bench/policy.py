@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from perl_core.bench.isolation import cost_summary, machine, peak_memory_mb, run_isolated, step_ended, tuning_settings
+from bench.isolation import cost_summary, machine, peak_memory_mb, run_isolated, step_ended, tuning_settings
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset and the caller's overrides (which win): the anchor
@@ -60,7 +60,7 @@ def policy_benchmark(preset: str = "default", overrides: Sequence[str] = (), qui
         for tuning, setting in settings.items():
             log(f"policy benchmark: {tuning}")
             tree = setting.model_dump(mode="json")
-            results[tuning] = run_isolated("perl_core.bench.policy:policy_workload", {
+            results[tuning] = run_isolated("bench.policy:policy_workload", {
                 "config": tree, "anchor_dir": str(anchor), "reward_model_dir": str(rm), "prompts": prompts})
             results[tuning]["config"] = tree
     lora, full = results["lora"], results["full"]

@@ -1,6 +1,6 @@
 """Side by side with Hugging Face TRL (the optional `bench` extra: `pip install -e .[bench]`).
 
-Each function here is a benchmark *workload*: :func:`perl_core.bench.isolation.run_isolated` runs
+Each function here is a benchmark *workload*: :func:`bench.isolation.run_isolated` runs
 it in a fresh Python process and adds the memory block. Our side and TRL's side receive the same
 `PerlConfig` (backbone, data, batch, sequence length, LoRA settings, learning rate, schedule, step
 count, seed), so the only difference is the library doing the training.
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from perl_core.bench.isolation import (_rss_bytes, median_step_seconds, process_peak_bytes, step_ended,
+from bench.isolation import (_rss_bytes, median_step_seconds, process_peak_bytes, step_ended,
                                        steps_peak_bytes)
 
 MB = 1024 * 1024
@@ -67,7 +67,7 @@ def _preload() -> int:
 
 
 def _finish(result: dict, baseline: int) -> dict:
-    """The memory the comparison uses: the peak during the training steps (`perl_core.bench.isolation.MemoryTimeline`)
+    """The memory the comparison uses: the peak during the training steps (`bench.isolation.MemoryTimeline`)
     above the workload's own baseline, and the whole run's beside it."""
     steps = steps_peak_bytes()
     result["workload_baseline_rss_mb"] = baseline / MB
@@ -120,7 +120,7 @@ def _median(times: Sequence[float], warmup: int = 2) -> float:
 # ---------------------------------------------------------------- reward model
 def ours_reward_workload(config: dict) -> dict:
     """Our reward model (the real `train_reward_model`), with the same preloaded libraries as TRL's side."""
-    from perl_core.bench.reward import reward_workload
+    from bench.reward import reward_workload
 
     baseline = _preload()
     result = reward_workload(config)

@@ -1,5 +1,7 @@
 """Efficiency measurement: PERL (LoRA) against full tuning, and against TRL.
 
+The lab beside the library: bench imports perl_core, never the other way round (tests/test_layout.py).
+
     isolation.py    every setting in a fresh Python process (`run_isolated`), peak memory, ratios
     reward.py       the reward-model workload and the LoRA-vs-full reward benchmark
     policy.py       the policy-RL workload (one backbone vs three copies) and its benchmark
