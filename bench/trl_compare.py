@@ -137,7 +137,7 @@ def trl_reward_workload(config: dict) -> dict:
     baseline = _preload()
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
-    from perl_core.eval.metrics import pairwise_accuracy
+    from perl_core.metrics import pairwise_accuracy
     from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
                                     resolve_backbone)
     from perl_core.reward import head_name, score_sequences

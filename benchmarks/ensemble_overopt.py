@@ -144,7 +144,7 @@ def run(args) -> dict:
 def window_gold(steps: list[int], gold: list[float], window: int, cfg, which: str) -> dict:
     """The gold score over `window` consecutive RL steps, the last ones (`final`) or those with the highest
     mean (`peak`), with a bootstrap interval over the steps' batch means."""
-    from perl_core.eval.metrics import bootstrap_ci
+    from perl_core.metrics import bootstrap_ci
 
     window = max(1, min(window, len(gold)))
     starts = range(len(gold) - window + 1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perl_core import parallel
-from perl_core.eval import metrics as M
+from perl_core import metrics as M
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig

@@ -256,7 +256,7 @@ def eval_rows(monkeypatch):
 
 
 def test_eval_reward_reports_the_aggregate_each_member_and_the_disagreement(dirs, eval_rows, tmp_path):
-    from perl_core.eval import metrics as M
+    from perl_core import metrics as M
     from perl_core.eval.reward import evaluate_reward_model
 
     _, ens = dirs
@@ -400,7 +400,7 @@ def test_ensemble_training_bootstrap_metrics_and_resume(tmp_path, train_rows):
     b = load_file(str(out / "member_1" / "adapter_model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # metrics recomputed from the saved members: each member's accuracy, the mean's, the disagreement
-    from perl_core.eval import metrics as M
+    from perl_core import metrics as M
 
     val = train_rows["validation"]
     prompts = [r["prompt"] for r in val]

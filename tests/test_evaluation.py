@@ -252,7 +252,7 @@ def rows(monkeypatch):
 
 
 def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows):
-    from perl_core.eval import metrics as M
+    from perl_core import metrics as M
     from perl_core.reward import RewardScorer
 
     cfg = build_config({})

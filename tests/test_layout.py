@@ -1,4 +1,11 @@
-"""The house's arrows: no import circle inside perl_core, and perl_core never imports prefect or mlflow.
+"""The house's arrows: no import circle, no arrow running back up, and the library never imports its shells.
+
+The rooms are perl_core's top-level modules and its sub-packages (each folder one room), `bench`
+(the lab) and `flows` (the Prefect shell). Between rooms the imports must form no circle: then
+every room stands on a floor above all it imports, and no arrow runs back up (a folder that
+imports a module which imports the folder again is such a circle, even when its files are not).
+perl_core imports neither bench nor flows, bench does not import flows, and perl_core never
+imports prefect or mlflow.
 
 Read from the source with `ast` (module-level and in-function imports alike), so a lazy import
 that hides a circle from Python's import machinery is still caught.
@@ -11,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "perl_core"
+TOPS = ("perl_core", "bench", "flows")
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
@@ -37,9 +45,9 @@ def _imports(path: Path, name: str, modules: set[str] = frozenset()) -> set[str]
     return found
 
 
-def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """perl_core module -> the perl_core modules it imports (a package's import names its `__init__`)."""
-    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+def import_graph(*roots: Path) -> dict[str, set[str]]:
+    """module -> the modules of `roots` it imports (a package's import names its `__init__`); perl_core by default."""
+    files = {_module_name(p, root): p for root in roots or (ROOT,) for p in root.rglob("*.py")}
     return {name: {t for t in _imports(path, name, set(files)) if t in files and t != name}
             for name, path in files.items()}
 
@@ -85,6 +93,48 @@ def test_find_cycle_finds_a_lazy_circle_and_passes_a_tree(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("from perl_core.sub.b import f\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from perl_core.sub import f as again\n")  # a name of the __init__
     assert set(find_cycle(import_graph(pkg)) or ()) == {"perl_core.sub", "perl_core.sub.b"}
+
+
+def room(module: str) -> str:
+    """The room a module stands in: perl_core's top-level files and sub-packages one each; bench and flows whole."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "perl_core" else parts[0]
+
+
+def room_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    rooms: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        rooms.setdefault(room(module), set()).update(room(t) for t in targets)
+    return {name: targets - {name} for name, targets in rooms.items()}
+
+
+def test_room_graph_sees_an_arrow_running_back_up(tmp_path):
+    """No circle between files, yet one between rooms: sub/a.py -> b.py -> sub/c.py (the folder sub above b and below it)."""
+    pkg = tmp_path / "perl_core"
+    (pkg / "sub").mkdir(parents=True)
+    for name, text in {"__init__.py": "", "sub/__init__.py": "", "sub/a.py": "from perl_core import b\n",
+                       "b.py": "from perl_core.sub import c\n", "sub/c.py": "X = 1\n"}.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert find_cycle(graph) is None
+    assert find_cycle(room_graph(graph)) in (["perl_core.b", "perl_core.sub", "perl_core.b"],
+                                             ["perl_core.sub", "perl_core.b", "perl_core.sub"])
+    (pkg / "sub" / "c.py").unlink()
+    (pkg / "b.py").write_text("X = 1\n")
+    assert find_cycle(room_graph(import_graph(pkg))) is None
+
+
+def test_no_circle_between_rooms_so_no_arrow_runs_back_up():
+    rooms = room_graph(import_graph(*(ROOT.parent / top for top in TOPS)))
+    assert {"perl_core.policy", "perl_core.eval", "perl_core.metrics", "bench", "flows"} <= set(rooms)
+    assert find_cycle(rooms) is None, " -> ".join(find_cycle(rooms))
+
+
+@pytest.mark.parametrize("lower, higher", [("perl_core", "bench"), ("perl_core", "flows"), ("bench", "flows")])
+def test_the_library_never_imports_its_shells(lower, higher):
+    rooms = room_graph(import_graph(*(ROOT.parent / top for top in TOPS)))
+    offenders = sorted(name for name, targets in rooms.items() if name.split(".")[0] == lower and higher in targets)
+    assert offenders == []
 
 
 def test_perl_core_has_no_import_circle():

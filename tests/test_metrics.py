@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from perl_core.eval import metrics as M
+from perl_core import metrics as M
 
 
 def brute_force_auc(scores, labels):
@@ -19,7 +19,7 @@ def brute_force_auc(scores, labels):
 
 def test_importing_the_metrics_does_not_import_scipy():
     """A served reward model imports this module; scipy is loaded only when ranks are computed."""
-    code = ("import sys, perl_core.eval.metrics as M; before = 'scipy' in sys.modules; M.average_ranks([2, 1]); "
+    code = ("import sys, perl_core.metrics as M; before = 'scipy' in sys.modules; M.average_ranks([2, 1]); "
             "print(before, 'scipy.stats' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]

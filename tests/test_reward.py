@@ -145,7 +145,7 @@ def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
     `eval_examples` subsample, and their scores are what the saved model gives those pairs."""
     import json
 
-    from perl_core.eval import metrics as M
+    from perl_core import metrics as M
     from perl_core.reward import row_keys
 
     result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, reporting (JSON, Markdown, plots), reward-model and policy evaluation."""
+"""Evaluation: reporting (JSON, Markdown, plots), reward-model and policy evaluation (metrics: perl_core.metrics)."""

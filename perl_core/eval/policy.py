@@ -20,7 +20,7 @@ from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.ensemble import load_reward_scorer
 from perl_core.errors import UserError
-from perl_core.eval import metrics as M
+from perl_core import metrics as M
 from perl_core.eval import reporting as R
 from perl_core.modeling import encode_prompt, prompts_within
 from perl_core.policy.generation import PolicyGenerator, decode_responses, sample_responses

@@ -75,7 +75,7 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def reliability_plot(bins: list[dict], path: str | Path, title: str) -> Path:
-    """Reliability diagram from :func:`perl_core.eval.metrics.reliability_bins`: observed positive rate
+    """Reliability diagram from :func:`perl_core.metrics.reliability_bins`: observed positive rate
     against mean predicted probability per bin, the diagonal being perfect calibration."""
     plt = _pyplot()
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=[3, 1], sharex=True)

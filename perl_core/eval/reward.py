@@ -22,7 +22,7 @@ import torch
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core.eval import metrics as M
+from perl_core import metrics as M
 from perl_core.eval import reporting as R
 
 
