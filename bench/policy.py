@@ -104,7 +104,7 @@ def prepare_artifacts(backbone_dir: str, out: Path, lora_rank: int = 8, seed: in
     from perl_core.artifacts import write_manifest
     from perl_core.config import LoraConfig
     from perl_core.modeling import attach_lora, load_sequence_scorer, load_tokenizer
-    from perl_core.reward import save_reward_model
+    from perl_core.reward.train import save_reward_model
 
     anchor, rm_dir = out / "anchor", out / "reward_model"
     if not (anchor / "manifest.json").exists():
@@ -127,7 +127,8 @@ def prepare_artifacts(backbone_dir: str, out: Path, lora_rank: int = 8, seed: in
 def policy_workload(config: dict, anchor_dir: str, reward_model_dir: str, prompts: list[str]) -> dict:
     """Run `config`'s policy RL (its `policy` section, all of it) in this process; return step times
     (split) and parameter counts."""
-    from perl_core.ensemble import ENSEMBLE_KIND, read_reward_manifest
+    from perl_core.artifacts import ENSEMBLE_KIND
+    from perl_core.reward.stage import read_reward_manifest
     from perl_core.policy.roles import build_ensemble_roles, build_roles
     from perl_core.policy.rl import rl_loop
 

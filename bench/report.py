@@ -442,7 +442,7 @@ def report_markdown(report: dict) -> str:
 TRL_CONFIGURATION = [
     "How each side was configured:",
     "",
-    "- **Reward model.** PERL: `perl_core.reward.train_reward_model` (Bradley-Terry, each pair packed: the "
+    "- **Reward model.** PERL: `perl_core.reward.train.train_reward_model` (Bradley-Terry, each pair packed: the "
     "prompt once, then chosen and rejected; length-bucketed batches, LoRA on q/k/v/o with the score head trained). "
     "TRL: `trl.RewardTrainer` "
     "with `peft.LoraConfig(task_type='SEQ_CLS', modules_to_save=['score'])`, same rank/alpha/dropout/targets, "

@@ -100,7 +100,7 @@ def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
     Examples are what the objective counts: preference pairs (two sequences each) for
     pairwise, single responses for pointwise.
     """
-    from perl_core.reward import train_reward_model
+    from perl_core.reward.train import train_reward_model
 
     cfg = PerlConfig.model_validate(config)
     steps: list[float] = []

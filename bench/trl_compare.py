@@ -5,7 +5,7 @@ it in a fresh Python process and adds the memory block. Our side and TRL's side 
 `PerlConfig` (backbone, data, batch, sequence length, LoRA settings, learning rate, schedule, step
 count, seed), so the only difference is the library doing the training.
 
-Reward model: ours is `perl_core.reward.train_reward_model`; TRL's is `trl.RewardTrainer` with
+Reward model: ours is `perl_core.reward.train.train_reward_model`; TRL's is `trl.RewardTrainer` with
 a `peft.LoraConfig` (task SEQ_CLS, the score head in `modules_to_save`, as ours). Both are
 scored afterwards on the same validation pairs by the same function.
 
@@ -140,7 +140,7 @@ def trl_reward_workload(config: dict) -> dict:
     from perl_core.metrics import pairwise_accuracy
     from perl_core.modeling import (load_sequence_scorer, load_tokenizer, parameter_counts, peft_lora_config,
                                     resolve_backbone)
-    from perl_core.reward import head_name, score_sequences
+    from perl_core.reward.train import head_name, score_sequences
     from perl_core.training import eval_subset, set_seed
 
     cfg = PerlConfig.model_validate(config)
@@ -161,7 +161,7 @@ def trl_reward_workload(config: dict) -> dict:
     def ids(text: str) -> list[int]:  # how RewardTrainer tokenises: prompt + response + eos, one string
         return tokenizer(text + eos)["input_ids"][: rcfg.max_length]
 
-    # Ours batches by length (perl_core.reward.length_buckets); TRL's equivalent is the Trainer's
+    # Ours batches by length (perl_core.reward.train.length_buckets); TRL's equivalent is the Trainer's
     # LengthGroupedSampler. Without it TRL samples random batches, whose widest batch in a short run
     # is narrower than the data's longest pair, and peak memory (set by the widest batch) is not
     # comparable. The "length" column is what that sampler reads.
@@ -246,7 +246,7 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
     from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, peft_lora_config, prompts_within
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
     from perl_core.training import set_seed
 
     cfg = PerlConfig.model_validate(config)
@@ -313,7 +313,7 @@ def _policy_quality(cfg, policy_dir, reward_model_dir, *, model=None, tokenizer=
     from perl_core import data as data_api
     from perl_core.eval.policy import gold_oracle, rm_scores
     from perl_core.policy.generation import PolicyGenerator
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     if model is None:
         generator = PolicyGenerator.load(policy_dir)

@@ -80,7 +80,7 @@ def run(args) -> dict:
     from perl_core import data as data_api
     from perl_core.artifacts import MANIFEST
     from perl_core.config import load_config
-    from perl_core.ensemble import train_reward_ensemble
+    from perl_core.reward.ensemble import train_reward_ensemble
     from perl_core.eval.policy import evaluate_policy
     from perl_core.policy.stage import train_policy
     from perl_core.sft import train_anchor

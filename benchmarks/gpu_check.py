@@ -5,7 +5,7 @@ vocabulary with random weights, built from configs, since a bare GPU machine fet
 runs, each setting in a fresh process exactly as `perl-rlhf report efficiency` does:
 
 * reward model: `bench.reward.reward_benchmark` -> `reward_workload` ->
-  `perl_core.reward.train_reward_model` (Bradley-Terry on the synthetic pairs, packed pairs, the
+  `perl_core.reward.train.train_reward_model` (Bradley-Terry on the synthetic pairs, packed pairs, the
   configured precision), LoRA against full tuning;
 * RL: `bench.policy.policy_benchmark` -> `policy_workload` -> `perl_core.policy.rl.rl_loop`
   (RLOO; PERL's one backbone against separate policy, anchor and reward-model copies; packing,

@@ -46,7 +46,7 @@ def check_model_dir(path: Path, *kinds: str) -> None:
     if manifest.get("kind") != ENSEMBLE_KIND:
         check_model_files(path, manifest)
         return
-    from perl_core.ensemble import read_ensemble
+    from perl_core.reward.ensemble import read_ensemble
 
     for member in read_ensemble(path).member_dirs:
         check_model_files(member, read_manifest(member))

@@ -28,7 +28,7 @@ def train(
 
     With `--set reward.ensemble.size=N`, N reward models (seeds reward.train.seed + i) in one folder."""
     from perl_core.callbacks import null_callback
-    from perl_core.ensemble import train_reward_stage
+    from perl_core.reward.stage import train_reward_stage
 
     cfg = cli_config(config, overrides)
     if base_model is not None:
@@ -56,7 +56,8 @@ def score(
     policy.ensemble_aggregation of its members, and in JSONL their spread as `member_std`)."""
     from perl_core.data.local import read_jsonl
     from perl_core.data.schema import Reject
-    from perl_core.ensemble import EnsembleScorer, load_reward_scorer
+    from perl_core.reward.ensemble import EnsembleScorer
+    from perl_core.reward.stage import load_reward_scorer
     from perl_core.errors import DataError, UserError
 
     if jsonl is None and (prompt is None or response is None):

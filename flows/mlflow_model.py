@@ -66,7 +66,7 @@ class PerlModel(mlflow.pyfunc.PythonModel):
         model_dir = relink(context.artifacts["model"], anchor)
         self.kind = read_manifest(model_dir)["kind"]
         if self.kind in REWARD_KINDS:
-            from perl_core.ensemble import load_reward_scorer
+            from perl_core.reward.stage import load_reward_scorer
 
             self.model = load_reward_scorer(str(model_dir))
         else:

@@ -54,7 +54,7 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 STAGE_CODE = {
     "data": ("perl_core.data", "perl_core.data.*"),
     "anchor": ("perl_core.sft",),
-    "reward_model": ("perl_core.ensemble",),
+    "reward_model": ("perl_core.reward.stage",),
     "policy": ("perl_core.policy.stage",),
     "evaluate": ("perl_core.eval.policy", "perl_core.eval.reward"),
 }

@@ -113,7 +113,7 @@ def train_reward_model(cfg: PerlConfig, key: str, out_dir: str, base_model: str 
         result = launch.run_stage(cfg, "reward_model", out_dir, cb,
                                   stage_args=("--base-model", str(base_model)) if base_model else ())
     else:
-        from perl_core.ensemble import train_reward_stage  # one reward model or an ensemble
+        from perl_core.reward.stage import train_reward_stage  # one reward model or an ensemble
 
         result = train_reward_stage(cfg, out_dir, callback=cb, resume=True, base_model=base_model)
     return _as_dict(result, key, run_id)

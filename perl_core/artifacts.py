@@ -15,7 +15,7 @@ from typing import Any, Optional
 from perl_core.errors import UserError
 
 MANIFEST = "manifest.json"
-ENSEMBLE_KIND = "reward_ensemble"  # several reward models in one folder (perl_core.ensemble)
+ENSEMBLE_KIND = "reward_ensemble"  # several reward models in one folder (perl_core.reward.ensemble)
 REWARD_KINDS = ("reward_model", ENSEMBLE_KIND)
 
 

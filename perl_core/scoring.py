@@ -7,7 +7,7 @@ comes from the attention mask, never from the pad id: SmolLM2 and Qwen2.5 ship p
 transformers' `*ForSequenceClassification` ("last token that is not pad") would then read the
 response's last token instead of the end token the reward model was trained on. Position ids
 skip left padding exactly as `generate` does, so a left-padded batch (RL samples) and a
-right-padded one (reward training, :class:`~perl_core.reward.RewardScorer`) give the same
+right-padded one (reward training, :class:`~perl_core.reward.train.RewardScorer`) give the same
 scores. Reward training, `RewardScorer`, the one-backbone RL reward
 (`policy.roles.OneBackbone.reward`) and evaluation all score through :func:`read_scores`;
 pairwise training reads a pair's chosen and rejected sequences through :func:`pair_scores`, which
@@ -61,10 +61,20 @@ def classifier_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_encoder_head(head: str) -> bool:
+    """Whether a reward head (its module name, as a manifest records it) is an encoder's, read at [CLS]."""
+    return head == ENCODER_HEAD
+
+
+def has_encoder_head(model: nn.Module) -> bool:
+    """Whether `model` (PEFT-wrapped or not) scores with an encoder's head."""
+    return isinstance(getattr(classifier_of(model), ENCODER_HEAD, None), nn.Module)
+
+
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scores of a sequence classifier (a reward model folder's model, LoRA-wrapped or not), one per row."""
     inner = classifier_of(model)
-    if isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module):
+    if has_encoder_head(model):
         device = next(model.parameters()).device
         return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
     # the transformer body (`model.model` for Llama/Qwen) and the `score` head, LoRA layers active
@@ -76,7 +86,7 @@ def pair_scores(model: nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, tor
     pair as one packed row, the shared prompt computed once (`perl_core.packing`); the scores are
     those of :func:`sequence_scores` on each sequence alone."""
     inner = classifier_of(model)
-    if not isinstance(getattr(inner, ENCODER_HEAD, None), nn.Module) and can_pack(inner):
+    if not has_encoder_head(model) and can_pack(inner):
         scores = read_packed_scores(inner.base_model, inner.score, pack_shared(pairs, pad_id, inner.config.hidden_size))
         return scores[0::2], scores[1::2]
     n = len(pairs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from perl_core import parallel
 from perl_core.artifacts import StageResult, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import PerlConfig
+from perl_core.data import versioning
 from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_causal_lm, load_tokenizer,
@@ -85,15 +85,6 @@ def validation_loss(model, examples: list, batch_size: int, pad_id: int) -> dict
     return {"loss": nll, "perplexity": math.exp(min(nll, 50.0))}
 
 
-def _data_version() -> dict:
-    from perl_core.data.versioning import data_version
-
-    try:
-        return data_version()
-    except Exception as err:  # no DVC-tracked data here (tests, ad-hoc runs): record why, as reward.py does
-        return {"unavailable": str(err)[:200]}
-
-
 def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
                  resume: bool = False) -> StageResult:
     """SFT the backbone on `sft` rows into `out_dir` (HF causal LM + tokenizer + manifest kind `anchor`)."""
@@ -146,6 +137,6 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
         tokenizer.save_pretrained(out_dir)
         write_manifest(out_dir, kind="anchor", base_model=base, tuning=sft.tuning if sft.enabled else "none",
                        config=sft.model_dump(mode="json") | {"generation": cfg.policy.generation.model_dump()},
-                       data_version=_data_version(), metrics=metrics)
+                       data_version=versioning.recorded_version(), metrics=metrics)
     parallel.barrier()  # the anchor is whole before any process goes on to read it
     return StageResult(out_dir, metrics, {"anchor": out_dir})

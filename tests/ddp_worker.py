@@ -43,7 +43,7 @@ from perl_core import parallel  # noqa: E402
 from perl_core.config import build_config  # noqa: E402
 from perl_core.policy import rl  # noqa: E402
 from perl_core.policy.stage import train_policy  # noqa: E402
-from perl_core.reward import train_reward_model  # noqa: E402
+from perl_core.reward.train import train_reward_model  # noqa: E402
 from perl_core.sft import train_anchor  # noqa: E402
 
 DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
@@ -57,9 +57,9 @@ ROWS = {"sft": {"train": SFT[:12], "validation": SFT[12:]}, "pairwise": {"train"
 perl_core.data.load_rows = lambda cfg, view, split: ROWS[view][split]
 perl_core.data.corpus = lambda cfg: [r["prompt"] + r["response"] for r in SFT] + [r["chosen"] + r["rejected"] for r in PAIRS]
 perl_core.data.load_prompts = lambda cfg, split: [r["prompt"] for r in SFT]
-import perl_core.sft  # noqa: E402
+import perl_core.data.versioning  # noqa: E402
 
-perl_core.sft._data_version = lambda: {"md5": "test"}
+perl_core.data.versioning.recorded_version = lambda: {"md5": "test"}
 
 seen: list[dict] = []
 resumed_steps: dict[str, int] = {}

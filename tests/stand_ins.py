@@ -27,7 +27,7 @@ def stand_in_reward_model(anchor: Path, out: Path, lora=None, fit_vocab: bool = 
     stage's format at `out`. `fit_vocab` resizes the embeddings to the tokenizer first (chat tokens)."""
     from perl_core.config import PerlConfig
     from perl_core.modeling import attach_lora, fit_embeddings, load_sequence_scorer, load_tokenizer
-    from perl_core.reward import save_reward_model
+    from perl_core.reward.train import save_reward_model
 
     tok = load_tokenizer(str(anchor))
     model = load_sequence_scorer(str(anchor), tok.pad_token_id)

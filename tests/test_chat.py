@@ -170,14 +170,14 @@ def test_sft_and_the_reward_model_follow_data_chat_template(tmp_path, monkeypatc
     import perl_core.data
     from perl_core.config import build_config
     from perl_core.policy.roles import OneBackbone, build_roles
-    from perl_core.reward import RewardScorer, train_reward_model
+    from perl_core.reward.train import RewardScorer, train_reward_model
     from perl_core.sft import train_anchor
 
     sft = [{"prompt": HH, "response": " One iced coffee."}, {"prompt": "Customer: a latte\nAgent:", "response": " Sure."}]
     pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": " No."} for r in sft]
     views = {"sft": sft, "pairwise": pairs}
     monkeypatch.setattr(perl_core.data, "load_rows", lambda cfg, view, split: views[view], raising=False)
-    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    monkeypatch.setattr("perl_core.data.versioning.recorded_version", lambda: {"md5": "test"})
     backbone = build_chat_backbone(tmp_path / "backbone", "qwen2.5")
     # data_dir under tmp: the stand-in rows only, whatever a prepared data/ holds in the working folder
     cfg = build_config({"artifacts_dir": str(tmp_path / "artifacts"),

@@ -15,14 +15,14 @@ from perl_core import data as data_api
 from perl_core.artifacts import ENSEMBLE_KIND, write_manifest
 from perl_core.callbacks import collect
 from perl_core.config import ConfigError, PerlConfig, build_config
-from perl_core.ensemble import (EnsembleScorer, aggregate, bootstrap_rows,
-                                centre, load_reward_scorer, member_std, train_reward_ensemble, train_reward_stage)
+from perl_core.reward.ensemble import EnsembleScorer, aggregate, bootstrap_rows, centre, member_std, train_reward_ensemble
+from perl_core.reward.stage import load_reward_scorer, train_reward_stage
 from perl_core.errors import UserError
 from stand_ins import samples_from_text
 from perl_core.modeling import (attach_lora, build_scratch_backbone, load_causal_lm,
                                 load_sequence_scorer, load_tokenizer)
 from perl_core.policy.roles import EnsembleRoles, OneBackbone, build_ensemble_roles, build_roles
-from perl_core.reward import RewardScorer, save_reward_model, train_reward_model
+from perl_core.reward.train import RewardScorer, save_reward_model, train_reward_model
 from perl_core.policy.rl import rl_loop
 
 PROMPTS = [f"Customer: a {s} {d} with {m} milk please\nAgent:" for s in ("small", "large", "medium")

@@ -253,7 +253,7 @@ def rows(monkeypatch):
 
 def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows):
     from perl_core import metrics as M
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     cfg = build_config({})
     m = ER.evaluate_reward_model(cfg, artifacts["reward_model"], tmp_path)
@@ -272,7 +272,7 @@ def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows)
         assert (tmp_path / png).stat().st_size > 1000
     assert "| roc_auc |" in (tmp_path / "reward_eval.md").read_text()
     # per-pair scores are kept, keyed by the pair's text, with the accuracy's and margin's intervals
-    from perl_core.reward import row_keys
+    from perl_core.reward.train import row_keys
 
     pairs = saved["scores"]["pairwise"]
     assert [p["key"] for p in pairs] == row_keys(pw, "pairwise") and [p["row"] for p in pairs] == list(range(1, 7))
@@ -288,7 +288,7 @@ def test_evaluate_reward_model_matches_direct_scoring(tmp_path, artifacts, rows)
 
 def test_evaluate_policy_same_seed_kl_zero_for_the_anchor_itself(tmp_path, artifacts, rows):
     from perl_core.policy.generation import PolicyGenerator
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     cfg = build_config({}, ["evaluation.bootstrap_samples=200", "evaluation.n_samples_table=6",
                             "policy.generation.max_new_tokens=6"])
@@ -343,7 +343,7 @@ def test_evaluation_and_generation_run_under_the_configured_precision(tmp_path, 
 
     from perl_core.errors import UserError
     from perl_core.policy.generation import PolicyGenerator
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     seen: dict[str, set] = {}
 

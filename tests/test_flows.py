@@ -96,7 +96,7 @@ def fake_eval_policy(cfg, policy_dir, anchor_dir, reward_model_dir, out_dir):
 
 # where each stage's perl_core function is defined (the tasks import it from there when they run)
 FAKES = {"perl_core.data.prepare_dataset": fake_prepare, "perl_core.data.versioning.data_version": fake_data_version,
-         "perl_core.sft.train_anchor": fake_anchor, "perl_core.ensemble.train_reward_stage": fake_reward,
+         "perl_core.sft.train_anchor": fake_anchor, "perl_core.reward.stage.train_reward_stage": fake_reward,
          "perl_core.policy.stage.train_policy": fake_policy,
          "perl_core.eval.reward.evaluate_reward_model": fake_eval_reward,
          "perl_core.eval.policy.evaluate_policy": fake_eval_policy}
@@ -290,8 +290,10 @@ def _edited_code_versions(tmp_path, edit: str) -> set[str]:
 @pytest.mark.parametrize("edit, changed", [
     ("eval/reporting.py", {"evaluate"}),            # evaluation code: evaluation only
     ("policy/rl.py", {"policy", "evaluate"}),         # RL code: RL and evaluation (registration follows them)
-    ("reward.py", {"reward_model", "policy", "evaluate"}),  # the reward model and what reads it
-    ("sft.py", {"anchor", "policy"}),                # the anchor; the policy stage reads its data version helper
+    ("reward/train.py", {"reward_model", "policy", "evaluate"}),  # the reward model and what reads it
+    ("reward/stage.py", {"reward_model", "policy", "evaluate"}),
+    ("sft.py", {"anchor"}),                          # the anchor alone
+    ("data/versioning.py", set(pipeline.STAGE_CODE)),  # every stage records its data version
     ("data/taskmaster4.py", {"data"}),              # a data source: the data stage (its md5 carries it on)
     ("config.py", set(pipeline.STAGE_CODE)),         # the config tree is every stage's
 ])
@@ -476,7 +478,7 @@ def test_real_tiny_pipeline_end_to_end(servers, tmp_path, monkeypatch):
     from flows.cli import app
     from perl_core.data.versioning import data_version
     from perl_core.policy.generation import PolicyGenerator
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     repo = tmp_path / "repo"
     repo.mkdir()

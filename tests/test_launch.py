@@ -203,7 +203,7 @@ def test_the_stage_commands_write_their_metrics_file(tmp_path, monkeypatch, comm
             samples_callback([{"prompt": "p", "response": "r"}], 2)
         return StageResult(Path(out_dir), {"steps": 2, "seconds": 0.5}, {"model": Path(out_dir)})
 
-    target = {"sft": "perl_core.sft.train_anchor", "reward": "perl_core.ensemble.train_reward_stage",
+    target = {"sft": "perl_core.sft.train_anchor", "reward": "perl_core.reward.stage.train_reward_stage",
               "policy": "perl_core.policy.stage.train_policy"}[command]
     monkeypatch.setattr(target, stage)
     monkeypatch.setattr(cli_policy, "check_model_dir", lambda *args: None)

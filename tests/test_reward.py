@@ -12,7 +12,7 @@ from perl_core.artifacts import read_manifest
 from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
-from perl_core.reward import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
+from perl_core.reward.train import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
                               length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
 from perl_core.modeling import encode_prompt, load_tokenizer, resolve_backbone
 
@@ -120,7 +120,7 @@ def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
     from safetensors.torch import load_file
 
     base = load_file(f"{backbone}/model.safetensors")
-    from perl_core.reward import RewardScorer  # noqa: F401  (the saved adapter is checked below)
+    from perl_core.reward.train import RewardScorer  # noqa: F401  (the saved adapter is checked below)
     from peft import PeftModel
     from perl_core.modeling import load_sequence_scorer
 
@@ -146,7 +146,7 @@ def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
     import json
 
     from perl_core import metrics as M
-    from perl_core.reward import row_keys
+    from perl_core.reward.train import row_keys
 
     result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")
     saved = json.loads(result.artifacts["validation_scores"].read_text())
@@ -356,7 +356,7 @@ def test_encoder_lora_trains_the_pooler_that_feeds_the_head(tmp_path, tiny_encod
 def test_truncation_modes_cut_what_they_say(backbone, tiny_encoder):
     """Expected ids built from the tokenizer directly: framing kept, the prompt loses its start, the
     response its end, the longer of the two first."""
-    from perl_core.reward import fit_example
+    from perl_core.reward.train import fit_example
 
     short_prompt, long_prompt = "Customer: a latte\nAgent:", "Customer: " + "very " * 80 + "\nAgent:"
     short_reply, long_reply = " Sure.", " Sure" + ", really" * 80 + "."

@@ -187,7 +187,7 @@ def test_policy_loss_on_a_hand_example():
 
 
 def test_one_backbone_reward_equals_the_reward_models_own_scorer(dirs):
-    from perl_core.reward import RewardScorer
+    from perl_core.reward.train import RewardScorer
 
     roles = roles_for(dirs)
     assert isinstance(roles, OneBackbone)
@@ -303,7 +303,7 @@ def test_resumed_policy_stage_writes_the_same_artifact(dirs, tmp_path, monkeypat
         monkeypatch.setattr(devices, "autocast_dtype", fp16_anywhere)
         monkeypatch.setattr(stage, "autocast_dtype", fp16_anywhere)  # the stage's check before any work
     monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
-    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    monkeypatch.setattr("perl_core.data.versioning.recorded_version", lambda: {"md5": "test"})
     anchor, rm = dirs
     # the baseline (moving average or value head), the running reward moments and the adaptive kl_coef all
     # carry from step to step: the checkpoint must hold them

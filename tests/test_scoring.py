@@ -12,7 +12,7 @@ from perl_core.artifacts import write_manifest
 from perl_core.config import build_config
 from perl_core.modeling import encode_pair, encode_prompt, load_tokenizer, pad_rows
 from perl_core.policy.roles import OneBackbone, build_roles
-from perl_core.reward import RewardScorer
+from perl_core.reward.train import RewardScorer
 
 PROMPTS = [
     "Human: I want a coffee.\n\nAssistant: Hot or iced?\n\nHuman: Iced, please.\n\nAssistant:",

@@ -26,7 +26,7 @@ from stand_ins import stand_in_reward_model  # noqa: E402
 from perl_core.config import build_config  # noqa: E402
 from perl_core.policy.generation import PolicyGenerator  # noqa: E402
 from perl_core.modeling import build_scratch_backbone  # noqa: E402
-from perl_core.reward import RewardScorer  # noqa: E402
+from perl_core.reward.train import RewardScorer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [f"Customer: a {s} {d} please\nAgent:" for s in ("small", "large") for d in ("latte", "mocha", "tea")]

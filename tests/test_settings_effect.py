@@ -20,7 +20,7 @@ import torch
 
 import perl_core.data
 from stand_ins import stand_in_reward_model
-from perl_core import reward as reward_mod
+from perl_core.reward import train as reward_mod
 from perl_core.policy import stage as stage_mod
 from perl_core import sft as sft_mod
 from perl_core.artifacts import write_manifest
@@ -145,7 +145,7 @@ def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
         mp.setattr(perl_core.data, "load_rows", lambda cfg, view, split:
                    rows[view][:8] if split == "train" else rows[view][8:], raising=False)
         mp.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
-        mp.setattr(sft_mod, "_data_version", lambda: {"md5": "test"})
+        mp.setattr(perl_core.data.versioning, "recorded_version", lambda: {"md5": "test"})
         mp.setattr(sft_mod, "train_loop", _record(sft_mod.train_loop, lambda model, *a: model, probes))
         mp.setattr(reward_mod, "train_loop", _record(reward_mod.train_loop, lambda model, *a: model, probes))
         mp.setattr(stage_mod, "rl_loop", _record(stage_mod.rl_loop, lambda roles, *a: roles.policy, probes))

@@ -24,7 +24,7 @@ def sft_data(monkeypatch):
     monkeypatch.setattr(perl_core.data, "load_rows", lambda cfg, view, split: views[split], raising=False)
     monkeypatch.setattr(perl_core.data, "corpus", lambda cfg: [r["prompt"] + r["response"] for r in ROWS],
                         raising=False)
-    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    monkeypatch.setattr("perl_core.data.versioning.recorded_version", lambda: {"md5": "test"})
 
 
 def cfg_for(tmp_path, tuning, steps=30):

@@ -87,6 +87,15 @@ def data_version(repo_root: str | Path = ".") -> dict:
     }
 
 
+def recorded_version(repo_root: str | Path = ".") -> dict:
+    """What a stage's manifest records as its data version: `data_version()`, or why there is none
+    (`{"unavailable": ...}`: no DVC-tracked data here, as in tests and ad-hoc runs)."""
+    try:
+        return data_version(repo_root)
+    except Exception as err:
+        return {"unavailable": str(err)[:200]}
+
+
 # ---------------------------------------------------------------- DVC commands
 def _dvc(repo_root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}

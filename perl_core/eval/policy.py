@@ -18,7 +18,7 @@ import torch
 
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
-from perl_core.ensemble import load_reward_scorer
+from perl_core.reward.stage import load_reward_scorer
 from perl_core.errors import UserError
 from perl_core import metrics as M
 from perl_core.eval import reporting as R

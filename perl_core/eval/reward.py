@@ -29,7 +29,7 @@ from perl_core.eval import reporting as R
 def _cut(scorer, prompt: str, response: str) -> Optional[tuple[int, int]]:
     """(prompt, response) tokens the scorer cuts to read the pair under its own truncation setting;
     None when it cannot read it at all (too long for `error`, or for `left` when the response is)."""
-    from perl_core.reward import fit_example
+    from perl_core.reward.train import fit_example
 
     try:
         _, prompt_cut, response_cut = fit_example(scorer.tokenizer, prompt, response, scorer.max_length,
@@ -127,7 +127,7 @@ def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float]
 
 def reward_and_members(scorer, prompts: Sequence[str], responses: Sequence[str]):
     """Scores of (prompt, response) pairs, and for an ensemble also each member's raw scores [members, pairs]."""
-    from perl_core.ensemble import EnsembleScorer
+    from perl_core.reward.ensemble import EnsembleScorer
 
     if isinstance(scorer, EnsembleScorer):
         raw = scorer.member_scores(prompts, responses)
@@ -172,8 +172,8 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     """Score `split` of every preference view the dataset has (pairwise and/or pointwise) with the
     reward model in `reward_model_dir`; write `reward_eval.{json,md}` and PNG plots into `out_dir`."""
     from perl_core.data import load_rows
-    from perl_core.ensemble import load_reward_scorer, read_reward_manifest
-    from perl_core.reward import score_rows
+    from perl_core.reward.stage import load_reward_scorer, read_reward_manifest
+    from perl_core.reward.train import score_rows
 
     manifest = read_reward_manifest(reward_model_dir)
     objective = manifest.get("objective") or cfg.reward.objective

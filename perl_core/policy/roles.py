@@ -8,7 +8,7 @@
   adapter (anchor = adapters off); the reward model is loaded once, frozen, merged.
 * `full` (the baseline PERL is compared with): separate policy, anchor and reward-model copies.
 
-A reward-model ensemble (`perl_core.ensemble`; its roles here: `build_ensemble_roles`) lays out member 0 as above and the others beside
+A reward-model ensemble (`perl_core.reward.ensemble`; its roles here: `build_ensemble_roles`) lays out member 0 as above and the others beside
 it: on one backbone, each member is a reward adapter (`reward_i`) with its own head.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from torch import nn
 from perl_core.artifacts import read_manifest
 from perl_core.config import ConfigError, PolicyConfig
 from perl_core.devices import enable_gradient_checkpointing, run_device
-from perl_core.ensemble import aggregate, centre, member_adapter, member_std, read_ensemble
+from perl_core.reward.ensemble import aggregate, centre, member_adapter, member_std, read_ensemble
 from perl_core.policy.generation import Samples
 from perl_core.modeling import (attach_lora, fit_embeddings, load_causal_lm, load_tokenizer, parameter_counts,
                                 response_end_id)
 from perl_core.packing import can_pack, pack, read_packed_scores
-from perl_core.reward import RewardScorer
+from perl_core.reward.train import RewardScorer
 from perl_core.policy.rl import sample_groups, token_logprobs
 from perl_core.scoring import read_scores
 from perl_core.training import set_seed

@@ -1,6 +1,6 @@
 """The policy stage: RL the anchor against the reward model and write the policy artifact.
 
-The roles come from `perl_core.policy.roles` (or `perl_core.ensemble` for a reward-model ensemble),
+The roles come from `perl_core.policy.roles` (or `perl_core.reward.ensemble` for a reward-model ensemble),
 the loop and its math from `perl_core.policy.rl`.
 """
 from __future__ import annotations
@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from perl_core import parallel
-from perl_core.artifacts import StageResult, read_manifest, write_manifest
+from perl_core.artifacts import ENSEMBLE_KIND, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
+from perl_core.data import versioning
 from perl_core.devices import autocast_dtype, run_device
-from perl_core.ensemble import ENSEMBLE_KIND, read_reward_manifest
+from perl_core.reward.stage import read_reward_manifest
 from perl_core.policy.rl import rl_loop
 from perl_core.policy.roles import build_ensemble_roles, build_roles
 
@@ -28,7 +29,6 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
                  samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
     from perl_core.data import load_prompts  # looked up at call time: tests stand in for the data
-    from perl_core.sft import _data_version
 
     autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
     parallel.per_process(cfg.policy.train.batch_size, "policy.train.batch_size")
@@ -53,7 +53,7 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
         return StageResult(out_dir, metrics, {"policy": out_dir})
     roles.save_policy(out_dir)
     write_manifest(out_dir, kind="policy", base_model=str(anchor_dir), tuning=cfg.policy.tuning,
-                   config=cfg.policy.model_dump(mode="json"), data_version=_data_version(), metrics=metrics,
+                   config=cfg.policy.model_dump(mode="json"), data_version=versioning.recorded_version(), metrics=metrics,
                    anchor=str(anchor_dir.resolve()), reward_model=str(reward_model_dir.resolve()),
                    backbone=anchor_manifest.get("base_model"), reward_model_base=rm_manifest.get("base_model"),
                    one_backbone=roles.one_backbone)

@@ -29,14 +29,15 @@ from perl_core import metrics as M
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig
+from perl_core.data import versioning
 from perl_core.devices import autocast, autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import DataError, UserError
 from perl_core.modeling import (attach_lora, encode_pair, fit_embeddings, load_sequence_scorer, load_tokenizer,
                                 pad_rows, parameter_counts, quiet_transformers, resolve_backbone, response_end_id)
-from perl_core.scoring import pair_scores, sequence_scores
+from perl_core.scoring import ENCODER_HEAD, is_encoder_head, pair_scores, sequence_scores
 from perl_core.training import eval_subset, set_seed, train_loop
 
-HEAD_NAMES = ("score", "classifier")  # Llama/Qwen/GPT-style heads vs BERT-style heads
+HEAD_NAMES = ("score", ENCODER_HEAD)  # Llama/Qwen/GPT-style heads vs BERT-style heads
 
 
 # ---------------------------------------------------------------- losses
@@ -77,7 +78,7 @@ def head_modules(model: nn.Module, head: str) -> list[str]:
     that W barely trained (std 0.009, zero bias), so a frozen pooler hands the head an almost
     constant input and LoRA cannot learn (docs/reward.md). Full tuning trains it anyway.
     """
-    if head != "classifier":
+    if not is_encoder_head(head):
         return [head]
     return [head] + sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith("pooler")})
 
@@ -312,7 +313,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
             base = resolve_backbone(rcfg.backbone, cfg.artifacts_dir, corpus)
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     model, head = build_reward_model(base, cfg, tokenizer)
-    encoder = head == "classifier"
+    encoder = is_encoder_head(head)
     train, train_cut = encode_rows(train_rows, tokenizer, cfg, encoder, "train")
     val, val_cut = encode_rows(val_rows, tokenizer, cfg, encoder, "validation")
     val_numbers = eval_subset(len(val), rcfg.eval_examples, rcfg.train.seed)
@@ -382,13 +383,8 @@ def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *
     model.save_pretrained(out, safe_serialization=True)  # PEFT: adapter + head (modules_to_save); full: HF model
     tokenizer.save_pretrained(out)
     base_ref = str(Path(base).resolve()) if Path(base).exists() else base
-    try:
-        from perl_core.data.versioning import data_version
-        version = data_version()
-    except Exception as err:  # no DVC-tracked data here (tests, ad-hoc runs): record why
-        version = {"unavailable": str(err)[:200]}
     write_manifest(out, kind="reward_model", base_model=base_ref, tuning=rcfg.tuning,
-                   config=rcfg.model_dump(mode="json"), data_version=version, metrics=metrics,
+                   config=rcfg.model_dump(mode="json"), data_version=versioning.recorded_version(), metrics=metrics,
                    head=head, objective=rcfg.objective, max_length=rcfg.max_length, truncation=rcfg.truncation,
                    data={"source": cfg.data.source, "name": cfg.data.name or cfg.data.source},
                    adapter_name="default" if rcfg.tuning == "lora" else None)
@@ -419,7 +415,7 @@ class RewardScorer:
             else:
                 model = fit_embeddings(load_sequence_scorer(str(path), tokenizer.pad_token_id), tokenizer)
         model.to(device or run_device())
-        return cls(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
+        return cls(model, tokenizer, manifest["max_length"], is_encoder_head(manifest["head"]),
                    manifest.get("truncation", "error"), precision)
 
     @torch.no_grad()

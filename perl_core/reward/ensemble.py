@@ -33,14 +33,15 @@ from typing import Iterator, Optional
 import torch
 
 from perl_core import parallel
-from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, REWARD_KINDS, StageResult, read_manifest, write_manifest
+from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
-from perl_core.reward import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
-                              train_reward_model)
+from perl_core.reward.train import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
+                                    train_reward_model)
+from perl_core.scoring import is_encoder_head
 
 AGGREGATIONS = ("mean", "min", "mean_minus_std")
 
@@ -77,11 +78,6 @@ def aggregate(scores: torch.Tensor, how: str, lam: float = 1.0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the artifact
-def read_reward_manifest(path: str | Path) -> dict:
-    """The manifest of a reward model or a reward-model ensemble; anything else is refused by name."""
-    return read_manifest(path, expect_kind=REWARD_KINDS)
-
-
 @dataclass
 class EnsembleSpec:
     path: Path
@@ -123,13 +119,6 @@ def validation_rows(cfg: PerlConfig) -> tuple[list[dict], list[int]]:
     if cfg.reward.eval_examples is not None and len(rows) > cfg.reward.eval_examples:
         picked = sorted(random.Random(cfg.reward.train.seed).sample(picked, cfg.reward.eval_examples))
     return [rows[i] for i in picked], [i + 1 for i in picked]
-
-
-def train_reward_stage(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
-                       resume: bool = False, base_model: Optional[str] = None) -> StageResult:
-    """The pipeline's reward stage: one reward model, or an ensemble when `reward.ensemble.size` is set."""
-    train = train_reward_model if cfg.reward.ensemble.size is None else train_reward_ensemble
-    return train(cfg, out_dir, callback=callback, resume=resume, base_model=base_model)
 
 
 def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
@@ -249,7 +238,7 @@ class EnsembleScorer:
             for name, member_dir in zip(adapters[1:], member_dirs[1:]):
                 model.load_adapter(str(member_dir), adapter_name=name)
         model.to(device or run_device())
-        shared = RewardScorer(model, tokenizer, manifest["max_length"], manifest["head"] == "classifier",
+        shared = RewardScorer(model, tokenizer, manifest["max_length"], is_encoder_head(manifest["head"]),
                               manifest.get("truncation", "error"), precision)
         return cls([shared] * len(member_dirs), adapters, offsets, aggregation, lam)
 
@@ -285,11 +274,3 @@ class EnsembleScorer:
         """The aggregate (this scorer's, or `aggregation`/`lam`) and the members' spread per (prompt, response)."""
         raw = self.member_scores(prompts, responses, batch_size)
         return self.combine(raw, aggregation, lam), self.spread(raw)
-
-
-def load_reward_scorer(path: str | Path, aggregation: Optional[str] = None, lam: Optional[float] = None,
-                       device: Optional[torch.device] = None, precision: str = "auto") -> RewardScorer | EnsembleScorer:
-    """A reward model's `RewardScorer`, or an ensemble's `EnsembleScorer` aggregating as given."""
-    if read_reward_manifest(path)["kind"] == ENSEMBLE_KIND:
-        return EnsembleScorer.load(path, device, aggregation, lam, precision)
-    return RewardScorer.load(path, device, precision)
