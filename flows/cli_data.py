@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_common import ConfigOpt, SetOpt, cli_config, friendly_errors
+from perl_core.config import DATA_SOURCES
 
 app = typer.Typer(help="Import, prepare and version preference data (DVC).", no_args_is_help=True)
 out = Console()
@@ -17,7 +18,7 @@ out = Console()
 @app.command("import")
 @friendly_errors
 def import_(
-    source: str = typer.Argument(..., help="synthetic | taskmaster4 | hh-rlhf | hub | local"),
+    source: str = typer.Argument(..., help=" | ".join(DATA_SOURCES)),
     path: Optional[str] = typer.Option(None, "--path", "-p", help="file or folder (local, hh-rlhf, taskmaster4) or hub dataset name"),
     name: Optional[str] = typer.Option(None, "--name", help="folder under data.data_dir (default: the source name)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="local/hub rows: pairwise | pointwise | sft"),
@@ -36,13 +37,13 @@ def import_(
     from perl_core.config import ConfigError
 
     cfg = cli_config(config, overrides)
-    cfg.data.source = source
-    for key, value in (("path", path), ("name", name), ("format", fmt), ("on_error", on_error)):
+    for key, value in (("source", source), ("path", path), ("name", name), ("format", fmt), ("on_error", on_error)):
         if value is not None:
             try:
                 setattr(cfg.data, key, value)
             except ValidationError as err:
-                raise ConfigError(f"--{key.replace('_', '-')} {value!r}: {err.errors()[0]['msg']}") from None
+                what = "SOURCE" if key == "source" else f"--{key.replace('_', '-')}"
+                raise ConfigError(f"{what} {value!r}: {err.errors()[0]['msg']}") from None
     with out.status(f"importing {source}") as status:
         result = prepare_dataset(cfg, force=force, on_step=lambda msg: status.update(msg))
     m = result.metrics

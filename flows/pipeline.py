@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import perl_core
 from flows import tasks, tracking
-from perl_core.config import ConfigError, PerlConfig
+from perl_core.config import DATA_SOURCES, ConfigError, PerlConfig
 from perl_core.errors import UserError
 
 STAGES = ("data", "anchor", "reward_model", "policy", "evaluate", "register")
@@ -49,10 +49,11 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 
 # ---------------------------------------------------------------- keys
 # The perl_core modules each stage's task calls (flows/tasks.py); a stage's code is these and every
-# perl_core module they import, followed through the import statements (the data sources, loaded by
-# name, are listed whole). Measurement code (bench/, outside perl_core) is no stage's code.
+# perl_core module they import, followed through the import statements; the data readers, imported by
+# name (perl_core.data.prepare.source_module), are named from the registry. Measurement code (bench/,
+# outside perl_core) is no stage's code.
 STAGE_CODE = {
-    "data": ("perl_core.data", "perl_core.data.*"),
+    "data": ("perl_core.data", *(f"perl_core.data.{name.replace('-', '_')}" for name in DATA_SOURCES)),
     "anchor": ("perl_core.sft",),
     "reward_model": ("perl_core.reward.stage",),
     "policy": ("perl_core.policy.stage",),
@@ -94,12 +95,7 @@ def _imported(module: str, path: Path) -> set[str]:
 def stage_code(stage: str, root: Optional[Path] = None) -> list[Path]:
     """The source files of `stage`'s code (see STAGE_CODE) under perl_core's folder `root`."""
     root = Path(root or Path(perl_core.__file__).resolve().parent)
-    todo = []
-    for entry in STAGE_CODE[stage]:
-        if entry.endswith(".*"):
-            folder = root.joinpath(*entry[:-2].split(".")[1:])
-            todo += [f"{entry[:-2]}.{p.stem}" for p in sorted(folder.glob("*.py")) if p.stem != "__init__"]
-        todo.append(entry.removesuffix(".*"))
+    todo = list(STAGE_CODE[stage])
     seen: dict[str, Path] = {}
     while todo:
         name = todo.pop()

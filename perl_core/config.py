@@ -70,11 +70,22 @@ class SyntheticConfig(Section):
     seed: int = Field(0, description="the generator's seed: the same seed gives the same dataset")
 
 
+# The data sources, registered here once: name -> what it reads. perl_core.data.prepare.SOURCES gives
+# each its reader module (a test checks both name the same sources); `data import`'s help reads this.
+DATA_SOURCES = {
+    "synthetic": "the embedded coffee-ordering task with a gold oracle",
+    "taskmaster4": "the Taskmaster-4 release (its folder, by path)",
+    "hh-rlhf": "Anthropic HH-RLHF transcripts (JSONL files)",
+    "hub": "a hub dataset by name (datasets.load_dataset)",
+    "local": "JSONL, JSON, CSV or Parquet files with a column map",
+}
+
+
 class DataConfig(Section):
     """The dataset: where its rows come from, how they are validated, deduplicated and split (`data import`)."""
 
-    source: str = Field("synthetic", description="where the rows come from: synthetic (the embedded task), "
-                        "taskmaster4, hh-rlhf, hub (datasets.load_dataset) or local (files)")
+    source: Literal[tuple(DATA_SOURCES)] = Field(  # type: ignore[valid-type]
+        "synthetic", description="where the rows come from: " + "; ".join(f"{k}: {v}" for k, v in DATA_SOURCES.items()))
     name: Optional[str] = Field(None, description="dataset folder under data_dir; defaults to the source")
     path: Optional[str] = Field(None, description="file/folder for local sources, or a hub dataset name")
     format: Optional[Literal["pairwise", "pointwise", "sft"]] = Field(

@@ -271,3 +271,12 @@ def test_efficiency_report_resume_names_a_damaged_saved_part(tmp_path):
     text = refused("report", "efficiency", "--resume", "--saved-only", "--out", out, "--config", "tiny",
                    "--set", f"data.data_dir={tmp_path / 'data'}", "--set", f"artifacts_dir={tmp_path / 'artifacts'}")
     assert f"{out / 'reward_efficiency.json'} is damaged" in text and "delete it" in text
+
+
+def test_an_unknown_data_source_is_refused_with_the_registered_ones(tmp_path):
+    from perl_core.config import DATA_SOURCES
+
+    expected = "'synthetic', 'taskmaster4', 'hh-rlhf', 'hub' or 'local'"
+    assert refused("data", "import", "bogus") == f"error: SOURCE 'bogus': Input should be {expected}"
+    assert f"Input should be {expected}" in refused("sft", "train", "--set", "data.source=bogus")
+    assert list(DATA_SOURCES) == ["synthetic", "taskmaster4", "hh-rlhf", "hub", "local"]

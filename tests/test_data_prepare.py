@@ -125,3 +125,18 @@ def test_corpus_is_train_text_only(tmp_path):
     texts = set(corpus(cfg.data))
     assert {r["prompt"] for r in load_rows(cfg.data, "sft", "train")} <= texts
     assert not {r["prompt"] for r in load_rows(cfg.data, "sft", "test")} & texts
+
+
+def test_every_registered_source_has_a_reader_and_no_reader_is_unregistered():
+    """perl_core.config.DATA_SOURCES names the sources once; each has its reader module, and every module
+    of perl_core.data that reads rows is registered."""
+    from pathlib import Path
+
+    from perl_core.config import DATA_SOURCES
+    from perl_core.data.prepare import source_module
+
+    readers = {name: source_module(name) for name in DATA_SOURCES}
+    assert all(callable(module.read) and callable(module.describe) for module in readers.values())
+    folder = Path(readers["synthetic"].__file__).parent
+    with_read = {p.stem for p in folder.glob("*.py") if "\ndef read(" in p.read_text() and "\ndef describe(" in p.read_text()}
+    assert with_read == {Path(module.__file__).stem for module in readers.values()}

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from perl_core.artifacts import StageResult
-from perl_core.config import DataConfig, PerlConfig
+from perl_core.config import DATA_SOURCES, DataConfig, PerlConfig
 from perl_core.data import card as cards
 from perl_core.data import versioning
 from perl_core.data.schema import SPLITS, VIEWS, Collected, collect
 from perl_core.errors import DataError, UserError
 
-# source name -> module in perl_core.data with `read(DataConfig) -> Iterator[Item]` and `describe(DataConfig) -> dict`
-SOURCES = {"synthetic": "synthetic", "local": "local", "hh-rlhf": "hh_rlhf", "taskmaster4": "taskmaster4", "hub": "hub"}
 GROUP_BY = "prompt"
 Step = Callable[[str], None]
 
@@ -108,9 +106,11 @@ def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> di
 
 # ---------------------------------------------------------------- the stage
 def source_module(name: str):
-    if name not in SOURCES:
-        raise UserError(f"data.source: unknown source {name!r}; choose one of {sorted(SOURCES)}")
-    return importlib.import_module(f"perl_core.data.{SOURCES[name]}")
+    """`data.source`'s reader: the module perl_core.data.<name, - as _> with `read(DataConfig) -> Iterator[Item]`
+    and `describe(DataConfig) -> dict`. Imported when used, so a reader is the data stage's code alone."""
+    if name not in DATA_SOURCES:  # the config refuses it first; a DataConfig built without validation lands here
+        raise UserError(f"data.source: unknown source {name!r}; choose one of {sorted(DATA_SOURCES)}")
+    return importlib.import_module(f"perl_core.data.{name.replace('-', '_')}")
 
 
 def dataset_dir(data_cfg: DataConfig) -> Path:
