@@ -108,7 +108,7 @@ def require_finite(value: torch.Tensor | float, what: str, step: int, checkpoint
         )
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the result, progress, the DDP loss step
 @dataclass
 class TrainResult:
     step: int
@@ -159,6 +159,98 @@ def shard_loss(step: nn.Module, batch: list, world: int) -> tuple[torch.Tensor, 
     return loss * share, metrics
 
 
+# ---------------------------------------------------------------- resume and checkpoints (this loop and RL's)
+def resume_from(checkpoint_dir: Optional[Path], resume: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler, scaler) -> tuple[int, dict, Optional[Path]]:
+    """Where a run continues: (step, the checkpoint's extra state, its folder) with the trainable weights, the
+    optimizer, the schedule and the loss scaler restored; (0, {}, None) for a fresh run or one with no checkpoint."""
+    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
+    if ckpt is None:
+        return 0, {}, None
+    meta = load_checkpoint(ckpt, model, optimizer, scheduler)
+    if scaler and meta["extra"].get("grad_scaler"):
+        scaler.load_state_dict(meta["extra"]["grad_scaler"])
+    return meta["step"], meta["extra"], ckpt
+
+
+def checkpoint_due(checkpoint_dir: Optional[Path], step: int, every: int, last: bool) -> bool:
+    return bool(checkpoint_dir) and (step % every == 0 or last)
+
+
+def write_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                     scaler, extra: dict, best: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """The main process saves (`extra`, everything the rest of the run reads, plus the loss scaler's state);
+    no process goes on, and none can resume from it, before it is whole."""
+    if parallel.is_main():
+        save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
+                        extra={**extra, "grad_scaler": scaler.state_dict() if scaler else None}, best=best)
+    parallel.barrier()
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class BestWeights:
+    """Validation's bookkeeping: the best value of the metric so far, its step and weights, early stopping."""
+    mode: str
+    patience: Optional[int]
+    value: Optional[float] = None
+    step: Optional[int] = None
+    state: Optional[dict[str, torch.Tensor]] = None
+    patience_left: Optional[int] = None
+    stopped: bool = False
+
+    def observe(self, value: float, step: int, model: nn.Module) -> None:
+        if self.value is None or (value > self.value if self.mode == "max" else value < self.value):
+            self.value, self.step, self.state, self.patience_left = value, step, trainable_state(model), self.patience
+        elif self.patience_left is not None:
+            self.patience_left -= 1
+            self.stopped = self.stopped or self.patience_left <= 0
+
+
+def _batches_from(batches: Callable[[int], Iterable[Any]], micro: int) -> Iterator[Any]:
+    """Every micro-batch after the first `micro`, epoch after epoch (each epoch's order fixed by its number)."""
+    epoch, seen = 0, 0
+    while True:
+        epoch_batches = list(batches(epoch))
+        if not epoch_batches:
+            raise UserError("the training data yielded no batches (empty split after filtering?)")
+        for batch in epoch_batches:
+            if seen >= micro:
+                yield batch
+            seen += 1
+        epoch += 1
+
+
+def accumulate(model: nn.Module, ddp: Optional[nn.Module], stream: Iterator[Any], loss_fn: LossFn, cfg: TrainConfig,
+               scaler, step: int, checkpoint_dir: Optional[Path]) -> tuple[dict[str, float], int]:
+    """One optimizer step's gradients: `cfg.grad_accum` micro-batches forward and backward. Returns the step's
+    metrics (means over the micro-batches, and over the processes) and the number of examples it saw."""
+    device, world = next(model.parameters()).device, parallel.world_size()
+    totals: dict[str, float] = {}
+    n_examples = 0
+    for micro in range(cfg.grad_accum):
+        batch = next(stream)
+        # gradients are all-reduced once per step, in the last micro-batch's backward
+        with parallel.no_sync(ddp, sync=micro == cfg.grad_accum - 1):
+            with autocast(cfg.precision, device):
+                loss, metrics = loss_fn(model, batch) if ddp is None else shard_loss(ddp, batch, world)
+            require_finite(loss, "training loss", step + 1, checkpoint_dir)
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
+        n_examples += int(metrics.get("batch_size", 0))
+    if ddp is not None:  # the whole batch's metrics: each process's are scaled by its share
+        keys = sorted(totals)
+        summed = parallel.sum_across(torch.tensor([totals[k] for k in keys] + [n_examples], dtype=torch.float64))
+        totals = {k: float(v) / world for k, v in zip(keys, summed[:-1])}
+        n_examples = int(summed[-1])
+    totals.pop("batch_size", None)
+    totals.pop("loss_weight", None)
+    return totals, n_examples
+
+
 def train_loop(
     model: nn.Module,
     batches: Callable[[int], Iterable[Any]],
@@ -182,122 +274,66 @@ def train_loop(
     batches as sequences of rows (each process takes its shard) and only the main process calls
     `callback` and writes checkpoints.
     """
-    device = next(model.parameters()).device
-    world = parallel.world_size()
-    main = parallel.is_main()
+    device, main = next(model.parameters()).device, parallel.is_main()
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     scaler = grad_scaler(cfg.precision, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-
-    step, micro_done, extra = 0, 0, {}
-    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
-    if ckpt is not None:
-        meta = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step, extra = meta["step"], meta["extra"]
-        micro_done = extra.get("micro_done", step * cfg.grad_accum)
-        if scaler and extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])
-    best = extra.get("best_metric")
-    best_step = extra.get("best_step")
-    patience_left = extra.get("patience_left", cfg.early_stopping_patience)
-    best_state = load_best_state(ckpt, best_step, model) if (best_step is not None and eval_fn) else None
-    result = TrainResult(step=step, best_metric=best, best_step=best_step,
-                         stopped_early=extra.get("stopped_early", False), last_eval=extra.get("last_eval", {}))
-
-    def _batches_from(micro: int) -> Iterator[Any]:
-        epoch, seen = 0, 0
-        while True:
-            epoch_batches = list(batches(epoch))
-            if not epoch_batches:
-                raise UserError("the training data yielded no batches (empty split after filtering?)")
-            for batch in epoch_batches:
-                if seen >= micro:
-                    yield batch
-                seen += 1
-            epoch += 1
+    step, extra, ckpt = resume_from(checkpoint_dir, resume, model, optimizer, scheduler, scaler)
+    micro_done = extra.get("micro_done", step * cfg.grad_accum)
+    best = BestWeights(eval_mode, cfg.early_stopping_patience, extra.get("best_metric"), extra.get("best_step"),
+                       patience_left=extra.get("patience_left", cfg.early_stopping_patience),
+                       stopped=extra.get("stopped_early", False))
+    if best.step is not None and eval_fn:
+        best.state = load_best_state(ckpt, best.step, model)
+    last_eval = extra.get("last_eval", {})
 
     started = time.perf_counter()
     bar = _progress(cfg.max_steps, step, desc) if main else None
     model.train()
-    stream = _batches_from(micro_done)
-    ddp = parallel.data_parallel(LossStep(model, loss_fn)) if world > 1 else None
+    stream = _batches_from(batches, micro_done)
+    ddp = parallel.data_parallel(LossStep(model, loss_fn)) if parallel.world_size() > 1 else None
     try:
-        while step < cfg.max_steps and not result.stopped_early:
+        while step < cfg.max_steps and not best.stopped:
             t0 = time.perf_counter()
-            totals: dict[str, float] = {}
-            n_examples = 0
-            for micro in range(cfg.grad_accum):
-                batch = next(stream)
-                # gradients are all-reduced once per step, in the last micro-batch's backward
-                with parallel.no_sync(ddp, sync=micro == cfg.grad_accum - 1):
-                    with autocast(cfg.precision, device):
-                        if ddp is None:
-                            loss, metrics = loss_fn(model, batch)
-                        else:
-                            loss, metrics = shard_loss(ddp, batch, world)
-                    require_finite(loss, "training loss", step + 1, checkpoint_dir)
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                micro_done += 1
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
-                n_examples += int(metrics.get("batch_size", 0))
-            if ddp is not None:  # the whole batch's metrics: each process's are scaled by its share
-                keys = sorted(totals)
-                summed = parallel.sum_across(torch.tensor([totals[k] for k in keys] + [n_examples], dtype=torch.float64))
-                totals = {k: float(v) / world for k, v in zip(keys, summed[:-1])}
-                n_examples = int(summed[-1])
+            # 1. the step's gradients, micro-batch by micro-batch; 2. the optimizer step
+            metrics, n_examples = accumulate(model, ddp, stream, loss_fn, cfg, scaler, step, checkpoint_dir)
+            micro_done += cfg.grad_accum
             grad_norm = optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm, step + 1, checkpoint_dir)
             step += 1
             seconds = time.perf_counter() - t0
-            totals.pop("batch_size", None)
-            totals.pop("loss_weight", None)
-            totals.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), step_seconds=seconds)
+            metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), step_seconds=seconds)
             if n_examples:
-                totals["examples_per_second"] = n_examples / seconds
+                metrics["examples_per_second"] = n_examples / seconds
             if main:
-                callback({f"train/{k}": v for k, v in totals.items()}, step)
+                callback({f"train/{k}": v for k, v in metrics.items()}, step)
             if bar:
-                bar.update(bar.task_ids[0], completed=step, info=f"loss {totals['loss']:.4f}")
+                bar.update(bar.task_ids[0], completed=step, info=f"loss {metrics['loss']:.4f}")
 
+            # 3. validation: every process evaluates (its weights are the same); the main one's numbers decide
             if eval_fn and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 model.eval()
                 with torch.no_grad(), autocast(cfg.precision, device):
-                    result.last_eval = eval_fn(model)
+                    last_eval = parallel.from_main(eval_fn(model))
                 model.train()
-                # every process evaluates (its copy of the weights is the same); the main one's numbers decide
-                result.last_eval = parallel.from_main(result.last_eval)
                 if main:
-                    callback({f"eval/{k}": v for k, v in result.last_eval.items()}, step)
+                    callback({f"eval/{k}": v for k, v in last_eval.items()}, step)
                 if eval_metric:
-                    value = result.last_eval[eval_metric]
-                    better = best is None or (value > best if eval_mode == "max" else value < best)
-                    if better:
-                        best, best_step, best_state = value, step, trainable_state(model)
-                        patience_left = cfg.early_stopping_patience
-                    elif patience_left is not None:
-                        patience_left -= 1
-                        if patience_left <= 0:
-                            result.stopped_early = True
-            if checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps or result.stopped_early):
-                # everything the rest of the run and its summary read, so a resume from here ends identically
-                if main:
-                    save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler,
-                                    extra={"micro_done": micro_done, "best_metric": best, "best_step": best_step,
-                                           "patience_left": patience_left, "stopped_early": result.stopped_early,
-                                           "last_eval": result.last_eval,
-                                           "grad_scaler": scaler.state_dict() if scaler else None},
-                                    best=best_state if best_step not in (None, step) else None)
-                parallel.barrier()  # no process reads or resumes from a checkpoint before it is whole
+                    best.observe(last_eval[eval_metric], step, model)
+
+            # 4. a checkpoint: everything the rest of the run and its summary read, so a resume ends identically
+            if checkpoint_due(checkpoint_dir, step, cfg.checkpoint_every, step == cfg.max_steps or best.stopped):
+                write_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, scaler,
+                                 extra={"micro_done": micro_done, "best_metric": best.value, "best_step": best.step,
+                                        "patience_left": best.patience_left, "stopped_early": best.stopped,
+                                        "last_eval": last_eval},
+                                 best=best.state if best.step not in (None, step) else None)
     finally:
         if bar:
             bar.stop()
-    if best_state is not None:
-        load_trainable_state(model, best_state)
+    if best.state is not None:
+        load_trainable_state(model, best.state)
     model.eval()
-    result.step, result.best_metric, result.best_step = step, best, best_step
-    result.seconds = time.perf_counter() - started
-    return result
+    return TrainResult(step=step, best_metric=best.value, best_step=best.step, stopped_early=best.stopped,
+                       last_eval=last_eval, seconds=time.perf_counter() - started)
