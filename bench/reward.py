@@ -9,13 +9,14 @@ validation metric. PERL's claim on a ~30M backbone: LoRA/full peak memory <= 0.5
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from bench.isolation import (cost_summary, machine, median_step_seconds, peak_memory_mb, run_isolated,
-                                       step_ended, tuning_settings)
+                             step_ended, tuning_settings)
 from perl_core.config import PerlConfig
 
 # The measurement setting, between the preset (data, LoRA settings) and the caller's overrides
@@ -94,6 +95,24 @@ def reward_table(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- the workload (in the fresh process)
+def validation_scores(cfg: PerlConfig, model_dir: Path) -> dict[str, list[dict]]:
+    """The saved reward model's score of each validation row its training evaluated (the `reward.eval_examples`
+    sample), per row as evaluations save them: the report's intervals of the quality and of LoRA - full."""
+    from perl_core.reward.ensemble import validation_rows
+    from perl_core.reward.train import RewardScorer, score_rows
+
+    rows, numbers = validation_rows(cfg)
+    scorer, objective = RewardScorer.load(model_dir), cfg.reward.objective
+    prompts = [r["prompt"] for r in rows]
+    if objective == "pairwise":  # [chosen..., rejected...]
+        scores = torch.cat([scorer.score(prompts, [r["chosen"] for r in rows]),
+                            scorer.score(prompts, [r["rejected"] for r in rows])])
+    else:
+        scores = scorer.score(prompts, [r["response"] for r in rows])
+    return {objective: score_rows(rows, scores, objective, numbers)}
+
+
+
 def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
     """Train one reward model (`train_reward_model`, the real code path) on `config` and report its cost.
 
@@ -113,7 +132,7 @@ def reward_workload(config: dict, out_dir: Optional[str] = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = train_reward_model(cfg, Path(out_dir or tmp), callback=record)
         # per-row validation scores: the report's interval of the quality and of LoRA - full
-        validation_rows = json.loads(result.artifacts["validation_scores"].read_text())["scores"]
+        validation_rows = validation_scores(cfg, result.artifacts["reward_model"])
     metric = "pairwise_accuracy" if cfg.reward.objective == "pairwise" else "roc_auc"
     median = median_step_seconds(steps)
     batch = cfg.reward.train.batch_size * cfg.reward.train.grad_accum

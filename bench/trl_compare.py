@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.isolation import (_rss_bytes, median_step_seconds, process_peak_bytes, step_ended,
-                                       steps_peak_bytes)
+                             steps_peak_bytes)
 
 MB = 1024 * 1024
 

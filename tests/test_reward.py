@@ -13,7 +13,7 @@ from perl_core.checkpoints import latest_checkpoint
 from perl_core.config import ConfigError, build_config
 from perl_core.errors import DataError, UserError
 from perl_core.reward.train import (RewardScorer, bradley_terry_loss, build_reward_model, encode_example,
-                              length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
+                                    length_buckets, pointwise_bce_loss, score_sequences, train_reward_model)
 from perl_core.modeling import encode_prompt, load_tokenizer, resolve_backbone
 
 DRINKS = ["latte", "espresso", "cappuccino", "mocha", "flat white", "cold brew", "americano", "chai"]
@@ -140,26 +140,23 @@ def test_lora_training_changes_only_adapter_and_head(tmp_path, backbone, rows):
     assert result.metrics["trainable_params"] < result.metrics["total_params"] / 5
 
 
-def test_validation_scores_are_saved_per_pair(tmp_path, backbone, rows):
-    """The final validation pass is kept per pair (the efficiency report's intervals): the rows are the
-    `eval_examples` subsample, and their scores are what the saved model gives those pairs."""
-    import json
-
+def test_the_benchmark_scores_the_validation_rows_training_evaluated(tmp_path, backbone, rows):
+    """The efficiency report's per-pair validation scores (bench.reward.validation_scores, from the saved
+    model): the rows are training's `eval_examples` subsample, so their accuracy is training's own."""
+    from bench.reward import validation_scores
     from perl_core import metrics as M
     from perl_core.reward.train import row_keys
 
-    result = train_reward_model(micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5"), tmp_path / "rm")
-    saved = json.loads(result.artifacts["validation_scores"].read_text())
-    pairs = saved["scores"]["pairwise"]
-    assert saved["objective"] == "pairwise" and len(pairs) == 5
+    cfg = micro_cfg(tmp_path, "reward.train.max_steps=3", "reward.eval_examples=5")
+    result = train_reward_model(cfg, tmp_path / "rm")
+    assert set(result.artifacts) == {"reward_model"}  # nothing in the model folder exists for a benchmark
+    pairs = validation_scores(cfg, tmp_path / "rm")["pairwise"]
+    assert len(pairs) == 5
     val = rows["pairwise"]["validation"]
     picked = [val[p["row"] - 1] for p in pairs]
     assert [p["key"] for p in pairs] == row_keys(picked, "pairwise")
     accuracy = M.pairwise_accuracy([p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
     assert accuracy == pytest.approx(result.metrics["validation/pairwise_accuracy"])
-    scorer = RewardScorer.load(tmp_path / "rm")
-    chosen = scorer.score([r["prompt"] for r in picked], [r["chosen"] for r in picked])
-    assert [p["chosen"] for p in pairs] == pytest.approx(chosen.tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])

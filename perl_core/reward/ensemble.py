@@ -23,7 +23,6 @@ member (N scorers). Evaluation and serving (`EnsembleScorer`) put LoRA members o
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -39,8 +38,7 @@ from perl_core.config import ConfigError, PerlConfig, PolicyConfig
 from perl_core.devices import autocast, run_device
 from perl_core.errors import UserError
 from perl_core.modeling import fit_embeddings, load_sequence_scorer, load_tokenizer, quiet_transformers
-from perl_core.reward.train import (RewardScorer, encode_rows, reward_metrics, score_examples, score_rows,
-                                    train_reward_model)
+from perl_core.reward.train import RewardScorer, encode_rows, reward_metrics, score_examples, train_reward_model
 from perl_core.scoring import is_encoder_head
 
 AGGREGATIONS = ("mean", "min", "mean_minus_std")
@@ -162,7 +160,7 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
     first = read_manifest(out / member_folder(0), expect_kind="reward_model")
     scorer = EnsembleScorer.from_members([out / m["folder"] for m in members], first["base_model"],
                                          aggregation="mean", precision=rcfg.train.precision)
-    rows, numbers = validation_rows(cfg)
+    rows, _ = validation_rows(cfg)
     examples, _ = encode_rows(rows, scorer.tokenizer, cfg, scorer.encoder, "validation")
     with autocast(rcfg.train.precision, run_device(), "reward.train.precision"):  # as the members' validation
         raw = torch.stack([score_examples(s.model, examples, rcfg.objective, s.tokenizer.pad_token_id,
@@ -189,10 +187,7 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
                        members=members, head=first["head"], objective=rcfg.objective, max_length=rcfg.max_length,
                        truncation=rcfg.truncation, data=first.get("data"))
     parallel.barrier()
-    scores_file = out / "validation_scores.json"
-    scores_file.write_text(json.dumps({"split": "validation", "objective": rcfg.objective, "aggregation": "mean",
-                                       "scores": {rcfg.objective: score_rows(rows, mean, rcfg.objective, numbers)}}))
-    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out, "validation_scores": scores_file})
+    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out})
 
 
 # ---------------------------------------------------------------- inference

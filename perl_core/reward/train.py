@@ -15,7 +15,6 @@ or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `mani
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
@@ -345,7 +344,7 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
 
     eval_metric = "pairwise_accuracy" if objective == "pairwise" else "roc_auc"
 
-    last_scores: list[torch.Tensor] = []  # the latest validation pass, saved per row with the model
+    last_scores: list[torch.Tensor] = []  # the latest validation pass
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         last_scores[:] = [score_examples(m, val, objective, pad_id, bs * 2)]
@@ -365,15 +364,10 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     if rcfg.truncation != "error":  # rows that were cut to fit reward.max_length, whole splits
         for split, cut in (("train", train_cut), ("validation", val_cut)):
             metrics.update({f"{split}/truncated_{part}": float(n) for part, n in cut.items()})
-    scores_file = out / "validation_scores.json"
     if parallel.is_main():
         save_reward_model(model, tokenizer, out, cfg, base=base, head=head, metrics=metrics)
-        # per-row validation scores: the validation metric's interval, and paired comparisons of two
-        # training runs on the same rows (the efficiency report's LoRA against full tuning)
-        scores_file.write_text(json.dumps({"split": "validation", "objective": objective, "scores": {objective: score_rows(
-            [val_rows[i] for i in val_numbers], last_scores[0], objective, [i + 1 for i in val_numbers])}}))
     parallel.barrier()  # the reward model is whole before any process goes on to read it
-    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out, "validation_scores": scores_file})
+    return StageResult(out_dir=out, metrics=metrics, artifacts={"reward_model": out})
 
 
 def save_reward_model(model: nn.Module, tokenizer, out: Path, cfg: PerlConfig, *, base: str, head: str,
