@@ -32,6 +32,11 @@ from perl_core.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32)
 QUICK_RANKS = (1, 8)  # r=8 is the reward benchmark's own LoRA run by default: one process fewer in CI
+# (workload, side) -> the function run_isolated runs, spelt out so that each can be found by name
+TRL_WORKLOADS = {("reward", "perl"): "bench.trl_compare:ours_reward_workload",
+                 ("reward", "trl"): "bench.trl_compare:trl_reward_workload",
+                 ("rloo", "perl"): "bench.trl_compare:ours_rloo_workload",
+                 ("rloo", "trl"): "bench.trl_compare:trl_rloo_workload"}
 
 
 def _saved(path: Path) -> dict:
@@ -186,7 +191,7 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callab
     out: dict = {"trl_version": version, "reward": {"config": reward_cfg}}
     for side in ("perl", "trl"):
         log(f"TRL comparison: reward model, {side}")
-        target = f"bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_reward_workload"
+        target = TRL_WORKLOADS["reward", side]
         result = _cached(parts / f"trl_reward_{side}.json" if parts else None, resume,
                          lambda: run_isolated(target, {"config": reward_cfg}))
         if result is not None:
@@ -197,7 +202,7 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callab
                        "anchor_dir": str(work / "anchor"), "reward_model_dir": str(work / "reward_model")}
         for side in ("perl", "trl"):
             log(f"TRL comparison: RLOO, {side}")
-            target = f"bench.trl_compare:{'ours' if side == 'perl' else 'trl'}_rloo_workload"
+            target = TRL_WORKLOADS["rloo", side]
             kwargs = {k: out["rloo"][k] for k in ("config", "anchor_dir", "reward_model_dir")}
             result = _cached(parts / f"trl_rloo_{side}.json" if parts else None, resume,
                              lambda: run_isolated(target, kwargs))

@@ -303,3 +303,14 @@ def test_memory_timeline_puts_each_sample_in_its_phase():
 
 
 MiB = 1024 * 1024
+
+
+def test_every_named_workload_exists():
+    """run_isolated takes workloads by name: each the report names resolves to a function."""
+    import importlib
+
+    from bench.report import TRL_WORKLOADS
+
+    for target in TRL_WORKLOADS.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
