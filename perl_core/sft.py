@@ -23,6 +23,7 @@ from perl_core import parallel
 from perl_core.artifacts import StageResult, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
 from perl_core.config import PerlConfig
+from perl_core import data as data_api
 from perl_core.data import versioning
 from perl_core.devices import autocast_dtype, enable_gradient_checkpointing, run_device
 from perl_core.errors import UserError
@@ -88,7 +89,6 @@ def validation_loss(model, examples: list, batch_size: int, pad_id: int) -> dict
 def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback = null_callback,
                  resume: bool = False) -> StageResult:
     """SFT the backbone on `sft` rows into `out_dir` (HF causal LM + tokenizer + manifest kind `anchor`)."""
-    from perl_core.data import corpus, load_rows
 
     out_dir = Path(out_dir)
     sft = cfg.sft
@@ -97,14 +97,14 @@ def train_anchor(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCallback
         autocast_dtype(sft.train.precision, device, "sft.train.precision")
         parallel.per_process(sft.train.batch_size, "sft.train.batch_size")
     with parallel.main_first():  # a scratch backbone is built once, by the main process
-        base = resolve_backbone(sft.backbone, cfg.artifacts_dir, corpus(cfg.data))
+        base = resolve_backbone(sft.backbone, cfg.artifacts_dir, data_api.corpus(cfg.data))
     tokenizer = load_tokenizer(base, chat_template=cfg.data.chat_template)
     set_seed(sft.train.seed)  # a new pad row and the fresh adapter's initialisation are part of the run's seed
     model = fit_embeddings(load_causal_lm(base, sft.backbone.dtype), tokenizer)
     metrics: dict[str, float] = {}
     if sft.enabled:
-        train, dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "train"), sft.max_length)
-        val, val_dropped = encode_rows(tokenizer, load_rows(cfg.data, "sft", "validation"), sft.max_length)
+        train, dropped = encode_rows(tokenizer, data_api.load_rows(cfg.data, "sft", "train"), sft.max_length)
+        val, val_dropped = encode_rows(tokenizer, data_api.load_rows(cfg.data, "sft", "validation"), sft.max_length)
         val = [val[i] for i in eval_subset(len(val), sft.eval_examples, sft.train.seed)]
         if not train:
             raise UserError(f"sft: no training row fits sft.max_length={sft.max_length} tokens "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from perl_core.config import SyntheticConfig
+from perl_core.data.schema import Record
 
 # ---------------------------------------------------------------- the catalogue
 DRINKS = ["latte", "cappuccino", "americano", "mocha", "flat white", "espresso", "cold brew", "chai latte"]
@@ -320,7 +321,6 @@ def describe(data_cfg) -> dict:
 
 
 def read(data_cfg):
-    from perl_core.data.schema import Record
 
     for view, rows in generate(data_cfg.synthetic).items():
         for i, row in enumerate(rows, start=1):

@@ -16,15 +16,17 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from perl_core import data as data_api
+from perl_core import metrics as M
 from perl_core.artifacts import read_manifest
 from perl_core.config import EvaluationConfig, PerlConfig
-from perl_core.reward.stage import load_reward_scorer
+from perl_core.data.synthetic import gold_score
 from perl_core.errors import UserError
-from perl_core import metrics as M
 from perl_core.eval import reporting as R
 from perl_core.modeling import encode_prompt, prompts_within
 from perl_core.policy.generation import PolicyGenerator, decode_responses, sample_responses
 from perl_core.policy.rl import token_logprobs
+from perl_core.reward.stage import load_reward_scorer
 
 
 @torch.no_grad()
@@ -166,7 +168,6 @@ def gold_oracle(cfg: PerlConfig) -> Optional[Callable[[str, str], float]]:
     """The dataset's gold scorer when it has one (the embedded synthetic task), else None."""
     if cfg.data.source != "synthetic":
         return None
-    from perl_core.data.synthetic import gold_score
 
     return gold_score
 
@@ -181,12 +182,11 @@ def evaluate_policy(cfg: PerlConfig, policy_dir: str | Path, anchor_dir: str | P
     (nats per response; unbiased for the tempered distributions when top_p is 1).
     Writes `policy_eval.{json,md}` and PNG histograms into `out_dir`.
     """
-    from perl_core.data import load_prompts  # looked up at call time: tests stand in for the data
 
     ev, gen = cfg.evaluation, cfg.policy.generation
     read_manifest(policy_dir, expect_kind="policy")
     read_manifest(anchor_dir, expect_kind="anchor")
-    prompts = list(load_prompts(cfg.data, split))
+    prompts = list(data_api.load_prompts(cfg.data, split))  # looked up at call time: tests stand in for the data
     if not prompts:
         raise UserError(f"the {split} split has no prompts to evaluate the policy on")
 

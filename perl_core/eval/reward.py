@@ -12,24 +12,26 @@ It returns a flat ``{name: float}`` dict that orchestration can log as metrics.
 """
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from perl_core.artifacts import read_manifest
+from perl_core import data as data_api
+from perl_core import metrics as M
 from perl_core.config import EvaluationConfig, PerlConfig
 from perl_core.errors import UserError
-from perl_core import metrics as M
 from perl_core.eval import reporting as R
+from perl_core.reward.ensemble import EnsembleScorer
+from perl_core.reward.stage import load_reward_scorer, read_reward_manifest
+from perl_core.reward.train import fit_example, score_rows
 
 
 def _cut(scorer, prompt: str, response: str) -> Optional[tuple[int, int]]:
     """(prompt, response) tokens the scorer cuts to read the pair under its own truncation setting;
     None when it cannot read it at all (too long for `error`, or for `left` when the response is)."""
-    from perl_core.reward.train import fit_example
 
     try:
         _, prompt_cut, response_cut = fit_example(scorer.tokenizer, prompt, response, scorer.max_length,
@@ -127,7 +129,6 @@ def pointwise_report(scores, labels, n_bins: int = 10) -> tuple[dict[str, float]
 
 def reward_and_members(scorer, prompts: Sequence[str], responses: Sequence[str]):
     """Scores of (prompt, response) pairs, and for an ensemble also each member's raw scores [members, pairs]."""
-    from perl_core.reward.ensemble import EnsembleScorer
 
     if isinstance(scorer, EnsembleScorer):
         raw = scorer.member_scores(prompts, responses)
@@ -153,7 +154,7 @@ def ensemble_report(scorer, raw: np.ndarray, view: str, labels=None, n_bins: int
 
 def _reward_markdown(model_dir: str, objective: str, metrics: dict, skipped: dict, truncated: dict,
                      plots: dict) -> str:
-    lines = [f"# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
+    lines = ["# Reward model evaluation", "", f"Model: `{model_dir}` (objective: {objective}), test split.", ""]
     lines.append(R.markdown_table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     if any(skipped.values()):
         lines += ["", "Rows longer than the model's max_length were left out: "
@@ -171,9 +172,6 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
                           split: str = "test", n_bins: int = 10) -> dict[str, float]:
     """Score `split` of every preference view the dataset has (pairwise and/or pointwise) with the
     reward model in `reward_model_dir`; write `reward_eval.{json,md}` and PNG plots into `out_dir`."""
-    from perl_core.data import load_rows
-    from perl_core.reward.stage import load_reward_scorer, read_reward_manifest
-    from perl_core.reward.train import score_rows
 
     manifest = read_reward_manifest(reward_model_dir)
     objective = manifest.get("objective") or cfg.reward.objective
@@ -181,7 +179,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     out.mkdir(parents=True, exist_ok=True)
     scorer = load_reward_scorer(reward_model_dir, cfg.policy.ensemble_aggregation, cfg.policy.ensemble_lambda,
                                 precision=cfg.reward.train.precision)
-    tok, max_length = scorer.tokenizer, scorer.max_length
+    max_length = scorer.max_length
 
     # the objective's own view must exist; the other one is a bonus when the dataset has it
     views = [objective] + [v for v in ("pairwise", "pointwise") if v != objective]
@@ -192,7 +190,7 @@ def evaluate_reward_model(cfg: PerlConfig, reward_model_dir: str | Path, out_dir
     row_scores: dict[str, list[dict]] = {}
     for view in views:
         try:
-            rows = load_rows(cfg.data, view, split)
+            rows = data_api.load_rows(cfg.data, view, split)
         except UserError:
             if view == objective:
                 raise
@@ -259,8 +257,6 @@ _ROW_FIELDS = {"pairwise": ("chosen", "rejected"), "pointwise": ("label", "score
 def read_reward_eval(path: str | Path) -> tuple[Path, dict]:
     """A `perl-rlhf eval reward` result: its folder or its reward_eval.json, checked enough that a
     comparison never fails half way with a traceback."""
-    import json
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder; expected the --out folder of `perl-rlhf eval reward` "

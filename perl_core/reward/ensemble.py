@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from perl_core import data as data_api
 from perl_core import parallel
 from perl_core.artifacts import ENSEMBLE_KIND, MANIFEST, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, null_callback
@@ -110,8 +111,6 @@ def bootstrap_rows(rows: list[dict], seed: int) -> list[dict]:
 def validation_rows(cfg: PerlConfig) -> tuple[list[dict], list[int]]:
     """The validation rows (and their 1-based numbers) a reward model with `cfg` evaluates on: the same
     `reward.eval_examples` sample `train_reward_model` draws, so member 0 and a lone reward model agree."""
-    from perl_core import data as data_api
-
     rows = data_api.load_rows(cfg.data, cfg.reward.objective, "validation")
     picked = list(range(len(rows)))
     if cfg.reward.eval_examples is not None and len(rows) > cfg.reward.eval_examples:
@@ -129,8 +128,6 @@ def train_reward_ensemble(cfg: PerlConfig, out_dir: str | Path, callback: Metric
     reach `callback` as `member_i/...` at steps i * max_steps + step. With `resume`, finished members
     are kept and an unfinished one continues from its checkpoint. `train_rows` replaces the training split.
     """
-    from perl_core import data as data_api
-
     rcfg = cfg.reward
     size = rcfg.ensemble.size
     if size is None:

@@ -15,6 +15,7 @@ or an ordinary Hugging Face model (`tuning: full`), plus the tokenizer and `mani
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perl_core import data as data_api
 from perl_core import parallel
 from perl_core import metrics as M
 from perl_core.artifacts import StageResult, read_manifest, write_manifest
@@ -166,8 +168,6 @@ def row_keys(rows: Sequence[dict], view: str) -> list[str]:
     """Each preference row's identity from its text: a dataset's `id` may be missing or shared by
     several pairs of one conversation, the text is not. A repeated row gets `#2`, `#3`, ... in order,
     so two evaluations of the same split agree on every key."""
-    import hashlib
-
     fields = ("prompt", "chosen", "rejected") if view == "pairwise" else ("prompt", "response", "label")
     keys, seen = [], {}
     for row in rows:
@@ -295,8 +295,6 @@ def train_reward_model(cfg: PerlConfig, out_dir: str | Path, callback: MetricsCa
     PERL initialises the reward model from the SFT model. `train_rows` replaces the training
     split (an ensemble member's bootstrap resample).
     """
-    from perl_core import data as data_api
-
     rcfg, out = cfg.reward, Path(out_dir)
     objective = rcfg.objective
     autocast_dtype(rcfg.train.precision, run_device(), "reward.train.precision")  # refuse before any work
