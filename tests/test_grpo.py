@@ -187,3 +187,29 @@ def test_grpo_settings_are_checked_with_their_names():
         build_config({"policy": {"algorithm": "reinforce", "kl_in": "loss"}})
     with pytest.raises(ConfigError, match=r"policy.loss_type"):
         build_config({"policy": {"algorithm": "grpo", "loss_type": "bnpo"}})
+
+
+def test_a_resumed_grpo_stage_writes_the_same_adapter(dirs, tmp_path, monkeypatch):
+    import perl_core.data
+    from perl_core.policy.stage import train_policy
+
+    monkeypatch.setattr(perl_core.data, "load_prompts", lambda cfg, split: PROMPTS, raising=False)
+    monkeypatch.setattr(perl_core.data, "load_prompt_rows", lambda cfg, split: {}, raising=False)
+    monkeypatch.setattr("perl_core.sft._data_version", lambda: {"md5": "test"})
+    anchor, rm = dirs
+    # mu = 2 under a warm-up and a linear decay: the schedule's place (once per batch) is part of the state
+    cfg = build_config({"policy": policy_cfg(
+        algorithm="grpo", kl_in="loss", rewards=[{"weight": 1.0}, {"function": "perl_core.policy.rewards:ends_turn"}],
+        train={"batch_size": 3, "max_steps": 4, "checkpoint_every": 2, "learning_rate": 0.02, "warmup_ratio": 0.25,
+               "updates_per_batch": 2}).model_dump()})
+    train_policy(cfg, tmp_path / "straight", anchor, rm)
+
+    def stop(metrics, step):
+        if step == 3:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_policy(cfg, tmp_path / "stopped", anchor, rm, callback=stop)
+    train_policy(cfg, tmp_path / "stopped", anchor, rm, resume=True)
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
