@@ -10,7 +10,7 @@ import typer
 from flows.cli_common import (ConfigOpt, MetricsFileOpt, SetOpt, check_model_dir, cli_config, console, friendly_errors,
                               metrics_file_log, print_metrics, read_text_file)
 
-app = typer.Typer(help="Policy RL (REINFORCE / RLOO, KL to the anchor) with LoRA on one backbone.",
+app = typer.Typer(help="Policy RL (REINFORCE / RLOO / GRPO, KL to the anchor) with LoRA on one backbone.",
                   no_args_is_help=True)
 
 

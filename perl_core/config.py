@@ -259,6 +259,9 @@ class PolicyTrainConfig(BaseTrainConfig):
     micro_batch_size: Optional[int] = Field(
         None, ge=1, description="samples per forward/backward in an RL step (same gradient, memory bounded by this "
         "instead of batch_size x k); none = all batch_size x k samples in one pass")
+    updates_per_batch: int = Field(
+        1, ge=1, description="grpo: optimisation passes (mu) over each sampled batch, each an optimizer step under "
+        "the clipped ratio to the log-probs before the first pass; the learning-rate schedule advances once per batch")
 
     @model_validator(mode="before")
     @classmethod
@@ -283,16 +286,46 @@ class PolicyTrainConfig(BaseTrainConfig):
         return self
 
 
+class RewardTerm(Section):
+    """One term of the reward the policy optimises (policy.rewards): the reward model, or a Python function."""
+
+    function: Optional[str] = Field(
+        None, description="`module:function` called with (prompts, responses, rows, **kwargs) that returns one float "
+        "per response (perl_core.policy.rewards ships gold_rubric, length_penalty, ends_turn, valid_api_call); "
+        "none = the reward model (an ensemble aggregated by policy.ensemble_aggregation)")
+    name: Optional[str] = Field(None, description="its metric name, rl/reward/<name>; default: the function's name, "
+                                "or reward_model")
+    weight: float = Field(1.0, description="the term's weight in the sum the policy optimises")
+    kwargs: dict[str, Any] = Field({}, description="keyword arguments the function is called with")
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.function.rsplit(":", 1)[-1] if self.function else "reward_model")
+
+
 class PolicyConfig(Section):
-    """Policy RL (REINFORCE / RLOO) against the reward model, anchored by KL."""
+    """Policy RL (REINFORCE / RLOO / GRPO) against the reward model, anchored by KL."""
 
     tuning: Literal["lora", "full"] = Field("lora", description="lora: train an adapter on the anchor (PERL); "
                                             "full: every weight")
     lora: LoraConfig = LoraConfig()
-    algorithm: Literal["reinforce", "rloo"] = Field(
+    algorithm: Literal["reinforce", "rloo", "grpo"] = Field(
         "rloo", description="rloo: each sample's baseline is the mean of its prompt's other k - 1 samples; "
-        "reinforce: the baseline is policy.baseline")
-    k: int = Field(4, ge=1, description="samples per prompt (rloo needs k >= 2)")
+        "reinforce: the baseline is policy.baseline; grpo: group-relative advantages under a clipped ratio "
+        "(policy.loss_type, policy.train.updates_per_batch)")
+    k: int = Field(4, ge=1, description="samples per prompt (rloo and grpo need k >= 2)")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="grpo's aggregation of the per-token objective: grpo = each response's token mean, then "
+        "the batch mean; dapo = the mean over every token of the batch; dr_grpo = the sum over tokens / (samples x "
+        "max_new_tokens)")
+    epsilon_low: float = Field(0.2, ge=0, lt=1, description="grpo: the ratio is clipped below at 1 - epsilon_low")
+    epsilon_high: float = Field(0.28, ge=0, description="grpo: the ratio is clipped above at 1 + epsilon_high "
+                                "(DAPO's clip-higher; 0.2 is PPO's symmetric clip)")
+    scale_advantages: bool = Field(True, description="grpo: divide each prompt's centred rewards by their standard "
+                                   "deviation (GRPO); false: centred only (Dr. GRPO)")
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward", description="grpo: where KL to the anchor enters: reward = r - kl_coef * KL before the advantages "
+        "(as reinforce and rloo); loss = GRPO's per-token k3 estimate times kl_coef added to the loss")
     baseline: Literal["moving_average", "value_head"] = Field(
         "moving_average", description="reinforce's baseline: a moving average of the batch-mean reward, or a learned "
         "value head on the policy's hidden states")
@@ -322,12 +355,27 @@ class PolicyConfig(Section):
         "mean - ensemble_lambda * std (uncertainty-weighted)")
     ensemble_lambda: float = Field(1.0, ge=0, description="mean_minus_std: reward units taken off per unit of the "
                                    "members' standard deviation")
+    rewards: list[RewardTerm] = Field(
+        [RewardTerm()], min_length=1, description="what the policy optimises: the weighted sum of these terms (the "
+        "reward model's normalised by policy.normalize_rewards, a function's as it returns), then policy.reward_clip")
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":
-        if self.algorithm == "rloo" and self.k < 2:
-            raise ValueError(f"policy.k must be >= 2 for algorithm 'rloo' (leave-one-out needs a second sample), got {self.k}")
+        if self.algorithm in ("rloo", "grpo") and self.k < 2:
+            need = "leave-one-out needs a second sample" if self.algorithm == "rloo" else "a group needs two samples"
+            raise ValueError(f"policy.k must be >= 2 for algorithm '{self.algorithm}' ({need}), got {self.k}")
+        if self.algorithm != "grpo" and (self.train.updates_per_batch > 1 or self.kl_in == "loss"):
+            raise ValueError(f"policy.train.updates_per_batch > 1 and policy.kl_in=loss need policy.algorithm grpo "
+                             f"(its clipped ratio and k3 term); algorithm {self.algorithm!r} takes one on-policy pass "
+                             "with the KL in the reward")
+        labels = [term.label for term in self.rewards]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"policy.rewards: names must differ, got {labels} (set `name` on repeated terms)")
         return self
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return any(term.function is None for term in self.rewards)
 
 
 class EvaluationConfig(Section):

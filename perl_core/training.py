@@ -57,7 +57,8 @@ def eval_subset(n_rows: int, n: Optional[int], seed: int) -> list[int]:
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, max_grad_norm: float,
                    step: int, checkpoint_dir: Optional[Path]) -> torch.Tensor:
     """Clip, step, schedule, zero: the end of every optimisation step (SFT, reward model, RL).
-    Returns the gradient norm before clipping."""
+    Returns the gradient norm before clipping. `scheduler=None` leaves the learning rate where it is
+    (RL's inner update passes over one batch: the schedule counts batches)."""
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
@@ -68,7 +69,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
         scaler.update()
     else:
         optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 

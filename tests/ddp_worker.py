@@ -4,8 +4,9 @@
 Besides the artifacts under OUT/artifacts, every process writes OUT/probe/rank-<r>.json: the
 batches it was handed and its shard of each (`parallel.shard`), what it opened for writing,
 created, renamed or removed under OUT/artifacts (an audit hook), and the RL update's gradient on
-a fixed set of samples. With PERL_TEST_RESUME set it also trains the reward model and the policy
-for 2 steps straight, and for 1 step then resumed to 2, under OUT/artifacts/resume.
+a fixed set of samples (rloo, and grpo's second update pass). With PERL_TEST_RESUME set it also
+trains the reward model and the policy for 2 steps straight, and for 1 step then resumed to 2,
+under OUT/artifacts/resume.
 """
 import json
 import os
@@ -119,6 +120,14 @@ batch = rl.prompt_batches(len(SFT), 2, cfg.policy.train.seed, 0)
 encoded = prompts_within(tokenizer, [r["prompt"] for r in SFT], cfg.policy.max_prompt_length)
 fixed["prompt_ids"] = [encoded[i][1] for i in batch for _ in range(cfg.policy.k)]
 train_policy(cfg, ARTIFACTS / "policy", ARTIFACTS / "anchor", ARTIFACTS / "reward_model")
+rl_gradient = dict(gradients)
+# GRPO on the same samples: the dapo loss's token count spans both processes' shards, and the gradient
+# recorded last is the second update pass's (after the first pass's step, under the clipped ratio)
+gradients.clear()
+grpo = build_config(cfg.model_dump(mode="json"), ["policy.algorithm=grpo", "policy.loss_type=dapo",
+                                                  "policy.train.updates_per_batch=2", "policy.kl_in=loss"])
+train_policy(grpo, ARTIFACTS / "policy_grpo", ARTIFACTS / "anchor", ARTIFACTS / "reward_model")
+grpo_gradient = dict(gradients)
 
 if os.environ.get("PERL_TEST_RESUME"):
     # resume under N processes: a run stopped after step 1 and resumed to step 2 ends where a straight
@@ -150,5 +159,5 @@ if os.environ.get("PERL_TEST_RESUME"):
 probe = OUT / "probe"
 probe.mkdir(parents=True, exist_ok=True)
 (probe / f"rank-{parallel.rank()}.json").write_text(json.dumps(
-    {"world": parallel.world_size(), "seen": seen, "writes": writes, "rl_gradient": gradients,
+    {"world": parallel.world_size(), "seen": seen, "writes": writes, "rl_gradient": rl_gradient, "grpo_gradient": grpo_gradient,
      "resumed_steps": resumed_steps}))

@@ -65,13 +65,15 @@ def test_two_processes_of_batch_4_take_the_step_of_one_process_of_batch_8(launch
         assert max(float(a[n].abs().max()) for n in a if "lora_B" in n) > 1e-3
 
 
-def test_rl_update_on_the_same_samples_has_the_one_process_gradient(launches):
+@pytest.mark.parametrize("algorithm", ["rl", "grpo"])  # rloo; grpo with the dapo loss, mu = 2, k3 in the loss
+def test_rl_update_on_the_same_samples_has_the_one_process_gradient(launches, algorithm):
     _, _, single, probes = launches
-    assert single["rl_gradient"], "the RL step recorded no gradient"
+    key = f"{algorithm}_gradient"
+    assert single[key], "the RL step recorded no gradient"
     for probe in probes:  # after DDP's all-reduce every process holds the whole batch's gradient
-        assert probe["rl_gradient"].keys() == single["rl_gradient"].keys()
-        for name, grad in single["rl_gradient"].items():
-            torch.testing.assert_close(torch.tensor(probe["rl_gradient"][name]), torch.tensor(grad),
+        assert probe[key].keys() == single[key].keys()
+        for name, grad in single[key].items():
+            torch.testing.assert_close(torch.tensor(probe[key][name]), torch.tensor(grad),
                                        rtol=1e-4, atol=1e-6, msg=name)
 
 

@@ -11,7 +11,7 @@ from perl_core.data.prepare import dataset_dir, prepare_dataset
 from perl_core.data.schema import SPLITS, TEXT_FIELDS, VIEWS, decode_json, not_utf8
 from perl_core.errors import DataError
 
-__all__ = ["load_rows", "load_prompts", "corpus", "prepare_dataset", "VIEWS", "SPLITS"]
+__all__ = ["load_rows", "load_prompts", "load_prompt_rows", "corpus", "prepare_dataset", "VIEWS", "SPLITS"]
 
 
 def _import_hint(data_cfg: DataConfig) -> str:
@@ -73,6 +73,18 @@ def load_prompts(data_cfg: DataConfig, split: str) -> list[str]:
         for row in load_rows(data_cfg, view, split):
             seen.setdefault(row["prompt"], None)
     return list(seen)
+
+
+def load_prompt_rows(data_cfg: DataConfig, split: str) -> dict[str, dict]:
+    """Each unique prompt of a split (as `load_prompts` lists them) with its first data row: what
+    programmatic rewards (`policy.rewards`) read beside the prompt."""
+    root = dataset_dir(data_cfg)
+    rows: dict[str, dict] = {}
+    for view in ("sft", "pairwise", "pointwise"):
+        if (root / view / f"{split}.jsonl").exists():
+            for row in load_rows(data_cfg, view, split):
+                rows.setdefault(row["prompt"], row)
+    return rows
 
 
 def corpus(data_cfg: DataConfig) -> list[str]:

@@ -1,16 +1,33 @@
-"""Policy RL against the reward model, anchored by KL: REINFORCE with a baseline, and RLOO.
+"""Policy RL against the reward model, anchored by KL: REINFORCE with a baseline, RLOO and GRPO.
 
 One step, top to bottom (PERL, arXiv 2403.10704, with REINFORCE / RLOO as in Ahmadian et al. 2024):
 
     y_1..y_k ~ pi(. | x)                        for each of B prompts x   (one batched `generate`)
     r_i      = RM(x, y_i)                       normalised by running moments, optionally clipped
-                                                (an ensemble: mean, min or mean - lambda*std over its members)
+                                                (an ensemble: mean, min or mean - lambda*std over its members;
+                                                with policy.rewards, sum_j w_j r_ij: perl_core.policy.rewards)
     KL_i     = sum_t log pi(y_it | .) - log pi_anchor(y_it | .)       (per-token log-ratios)
     R_i      = r_i - beta * KL_i                the KL-regularised reward
     A_i      = R_i - mean_{j != i} R_j          rloo: leave-one-out over the k samples
              = R_i - b                          reinforce: b a moving average or a learned value
     loss     = - mean_i  A_i * sum_t log pi(y_it | .)
     beta    <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * B*k / kl_horizon)    (adaptive_kl)
+
+GRPO (Shao et al. 2024), with DAPO's (Yu et al. 2025) and Dr. GRPO's (Liu et al. 2025) corrections:
+
+    A_i      = (R_i - mean_g R) / (std_g R + 1e-4)     over the k samples g of a prompt (scale_advantages;
+                                                       without it centred only)
+    rho_it   = pi(y_it | .) / pi_old(y_it | .)          pi_old: the policy's log-probs of the sampled tokens
+                                                       before the batch's first update pass, kept for all mu
+    o_it     = min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)  [ - beta * k3_it  (kl_in=loss) ]
+    k3_it    = exp(q_it - l_it) - (q_it - l_it) - 1    q, l: the anchor's and the policy's log-probs
+    loss     = - mean_i (1/|y_i|) sum_t o_it           grpo
+             = - sum_it o_it / sum_i |y_i|             dapo
+             = - sum_it o_it / (B*k * max_new_tokens)  dr_grpo
+    repeated mu = updates_per_batch times per batch, an optimizer step each; the learning-rate schedule
+    advances once per batch (so `max_steps` and the warm-up count batches, as for rloo). With kl_in=reward
+    R_i = r_i - beta * KL_i as above; with kl_in=loss R_i = r_i. At mu = 1 rho = 1 with gradient grad log pi:
+    the on-policy policy gradient with each prompt's mean as baseline.
 
 pi and pi_anchor are the tempered distributions softmax(logits / T), T = `generation.temperature`:
 the policy samples from pi_T, so its gradient and the KL are taken for pi_T (:func:`token_logprobs`).
@@ -51,10 +68,11 @@ from torch import nn
 from perl_core import parallel
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from perl_core.config import PolicyConfig
+from perl_core.config import PolicyConfig, RewardTerm
 from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
 from perl_core.policy.generation import Samples, decode_responses, sample_responses
+from perl_core.policy.rewards import combine, function_rewards, resolve
 from perl_core.modeling import prompts_within
 from perl_core.packing import can_pack, pack, packed_token_logits, plain_logits
 from perl_core.scoring import position_ids
@@ -149,6 +167,51 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).view(-1)
 
 
+def group_advantages(rewards: torch.Tensor, k: int, scale: bool) -> torch.Tensor:
+    """A_i = R_i - mean_g R over each prompt's k consecutive samples, divided by (std_g R + 1e-4) when `scale`."""
+    grouped = rewards.view(-1, k)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(-1, keepdim=True) + 1e-4)
+    return centred.view(-1)
+
+
+def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor,
+                      eps_low: float, eps_high: float) -> torch.Tensor:
+    """o_it = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - old_logp), per token [N, T]."""
+    ratio = torch.exp(logp - old_logp.detach())
+    a = advantage.detach().unsqueeze(-1)
+    return torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+
+
+def k3_kl(logp: torch.Tensor, anchor_logp: torch.Tensor) -> torch.Tensor:
+    """exp(q - l) - (q - l) - 1 per token: GRPO's non-negative, unbiased estimate of KL(pi || anchor)."""
+    log_ratio = anchor_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(objective: torch.Tensor, mask: torch.Tensor, loss_type: str, *, n_samples: float,
+              n_tokens: float, max_new_tokens: int) -> torch.Tensor:
+    """- the per-token objective aggregated as `loss_type` (module docstring); `mask` the response tokens.
+    The normalisers are the whole batch's (n_samples responses, n_tokens tokens), so micro-batches'
+    losses add up to the batch's."""
+    kept = objective * mask
+    if loss_type == "grpo":
+        return -(kept.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_samples
+    if loss_type == "dapo":
+        return -kept.sum() / n_tokens
+    return -kept.sum() / (n_samples * max_new_tokens)  # dr_grpo
+
+
+def clip_count(logp: torch.Tensor, old_logp: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor,
+               cfg: PolicyConfig) -> tuple[float, float]:
+    """(tokens whose clipped term is the one in effect, tokens): the clip fraction's parts."""
+    with torch.no_grad():
+        ratio, a = torch.exp(logp - old_logp), advantage.unsqueeze(-1)
+        out = ((ratio < 1 - cfg.epsilon_low) & (a < 0)) | ((ratio > 1 + cfg.epsilon_high) & (a > 0))
+        return float((out.float() * mask).sum()), float(mask.sum())
+
+
 def adapt_kl_coef(kl_coef: float, kl: float, target: float, n_samples: int, horizon: int) -> float:
     """Ziegler et al.'s proportional controller: beta grows when KL is above target, shrinks below."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
@@ -228,10 +291,12 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
             gold_score: Optional[Callable[[str, str], float]] = None,
-            samples_callback: SamplesCallback = null_samples) -> RLResult:
+            samples_callback: SamplesCallback = null_samples,
+            prompt_rows: Optional[dict[str, dict]] = None) -> RLResult:
     """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
 
     Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
+    `prompt_rows` maps a prompt to its data row, which reward functions (`policy.rewards`) receive.
     """
     from perl_core.policy.generation import decode_responses
 
@@ -246,6 +311,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
                         f"policy.train.batch_size={tc.batch_size}: under {world} processes every step needs a whole "
                         "batch (each process takes batch_size / N of its prompts); lower the batch size or add prompts")
     device = next(roles.policy.parameters()).device
+    functions = resolve(cfg.rewards)  # a reward function that does not import stops the run before any work
+    custom_rewards = cfg.rewards != [RewardTerm()]  # the default, the reward model alone, logs as it always has
 
     def amp():  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
         return autocast(tc.precision, device, "policy.train.precision")
@@ -291,11 +358,19 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         chunks = row_chunks(len(responses), tc.micro_batch_size)
         with torch.no_grad(), amp():
             scored = [roles.reward_and_spread(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
-                      for rows in chunks]
+                      if cfg.uses_reward_model else (torch.zeros(rows.stop - rows.start), None) for rows in chunks]
             rm_reward = torch.cat([reward.float().to(device) for reward, _ in scored])
             member_std = None if scored[0][1] is None else torch.cat([spread.float().cpu() for _, spread in scored])
             anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
         require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
+        if custom_rewards:  # each term's raw values; what rl/reward reports is their weighted sum
+            batch_rows = [dict((prompt_rows or {}).get(p, {}), finished=bool(f))
+                          for p, f in zip(batch_prompts, samples.finished.tolist())]
+            raw = [rm_reward if fn is None else function_rewards(term, fn, batch_prompts, responses, batch_rows)
+                   .to(device) for term, fn in zip(cfg.rewards, functions)]
+            shown_reward = combine(raw, cfg.rewards)
+        else:
+            raw, shown_reward = [rm_reward], rm_reward
         t2 = time.perf_counter()
 
         # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss. In one pass, the
@@ -306,11 +381,16 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         with torch.set_grad_enabled(one_pass), amp():
             policy_logp, entropy, *hidden = chunked_logprobs(update_forward, samples, chunks, value_head is not None)
         moments.update(parallel.gather(rm_reward))  # the moments of every process's rewards
-        reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
-        total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
+        rm_part = moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward
+        reward = clip_reward(combine([rm_part if fn is None else values for fn, values in zip(functions, raw)],
+                                     cfg.rewards), cfg.reward_clip)
+        total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp,
+                                        kl_coef if cfg.kl_in == "reward" else 0.0)
         value_loss = torch.zeros(())
         if cfg.algorithm == "rloo":
             advantage = rloo_advantages(total, k)
+        elif cfg.algorithm == "grpo":
+            advantage = group_advantages(total, k, cfg.scale_advantages)
         elif value_head is not None:
             value = value_forward(hidden[0].detach().float()).squeeze(-1)
             value_loss = F.mse_loss(value, total)
@@ -322,28 +402,47 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             batch_mean = float(parallel.gather(total).mean())  # over every process's samples
             advantage = total - (baseline if baseline is not None else batch_mean)
             baseline = moving_average(baseline, batch_mean, cfg.baseline_decay)
-        loss = 0.0
-        for i, rows in enumerate(chunks):
-            # under N processes the gradients are all-reduced once, in the last chunk's backward
-            with parallel.no_sync(update_forward, sync=i == len(chunks) - 1):
-                if one_pass:
-                    logp = policy_logp
-                else:
-                    with amp():
-                        logp = update_forward(sample_rows(samples, rows))[0]
-                # the loss is a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
-                part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
-                require_finite(part, "policy loss", step + 1, checkpoint_dir)
-                (scaler.scale(part) if scaler else part).backward()
-            loss += float(part.detach())
-        grad_norm = optimizer_step(trainable, optimizer, scheduler, scaler, tc.max_grad_norm, step + 1, checkpoint_dir)
+        if cfg.algorithm == "grpo":  # the batch's normalisers; dapo's token count over every process's samples
+            old_logp, mask = policy_logp.detach(), samples.response_mask.to(device).float()
+            n_tokens = float(parallel.gather(mask.sum().reshape(1)).sum()) / world
+            norms = dict(n_samples=len(advantage), n_tokens=n_tokens, max_new_tokens=cfg.generation.max_new_tokens)
+        losses, grad_norms, clipped = [], [], []
+        for update in range(tc.updates_per_batch):  # mu passes (grpo); one for the on-policy algorithms
+            loss = 0.0
+            for i, rows in enumerate(chunks):
+                # under N processes the gradients are all-reduced once, in the last chunk's backward
+                with parallel.no_sync(update_forward, sync=i == len(chunks) - 1):
+                    if one_pass and update == 0:
+                        logp = policy_logp
+                    else:
+                        with amp():
+                            logp = update_forward(sample_rows(samples, rows))[0]
+                    if cfg.algorithm == "grpo":
+                        objective = clipped_objective(logp, old_logp[rows], advantage[rows], cfg.epsilon_low,
+                                                      cfg.epsilon_high)
+                        if cfg.kl_in == "loss":
+                            objective = objective - kl_coef * k3_kl(logp, anchor_logp[rows])
+                        part = grpo_loss(objective, mask[rows], cfg.loss_type, **norms)
+                        clipped.append(clip_count(logp, old_logp[rows], advantage[rows], mask[rows], cfg))
+                    else:
+                        # a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
+                        part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
+                    require_finite(part, "policy loss", step + 1, checkpoint_dir)
+                    (scaler.scale(part) if scaler else part).backward()
+                loss += float(part.detach())
+            losses.append(loss)
+            # the schedule advances once per batch: inner passes step the optimizer only
+            last = update == tc.updates_per_batch - 1
+            grad_norms.append(optimizer_step(trainable, optimizer, scheduler if last else None, scaler,
+                                             tc.max_grad_norm, step + 1, checkpoint_dir))
+        loss, grad_norm = sum(losses) / len(losses), sum(float(g) for g in grad_norms) / len(grad_norms)
         step += 1
         t3 = time.perf_counter()
 
         n_tokens = float(samples.response_mask.sum())
         mean_kl = float(parallel.gather(kl).mean())  # the controller's KL: every process's samples
         metrics = {
-            "reward": float(rm_reward.mean()), "reward_std": float(rm_reward.std()),
+            "reward": float(shown_reward.mean()), "reward_std": float(shown_reward.std()),
             "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
             "entropy": float(entropy.sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
             "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
@@ -353,6 +452,10 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         }
         if value_head is not None:
             metrics["value_loss"] = float(value_loss.detach())
+        if cfg.algorithm == "grpo":  # the share of tokens whose ratio left the clip range, over the mu passes
+            metrics["clip_fraction"] = sum(c for c, _ in clipped) / max(sum(n for _, n in clipped), 1.0)
+        if custom_rewards:
+            metrics.update({f"reward/{term.label}": float(values.mean()) for term, values in zip(cfg.rewards, raw)})
         if member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
             metrics["reward_member_std"] = float(member_std.mean())
         gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
@@ -362,7 +465,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             keys = sorted(metrics)
             means = parallel.sum_across(torch.tensor([float(metrics[key]) for key in keys])) / world
             metrics = dict(zip(keys, means.tolist()))
-            every_reward = parallel.gather(rm_reward)
+            every_reward = parallel.gather(shown_reward)
             metrics.update(reward=float(every_reward.mean()), reward_std=float(every_reward.std()), kl=mean_kl)
         if cfg.adaptive_kl:
             kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses) * world, cfg.kl_horizon)
@@ -370,7 +473,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             callback({f"rl/{name}": v for name, v in metrics.items()}, step)
         every = cfg.log_samples_every
         if main and every and (step % every == 0 or step == tc.max_steps):  # the main process's completions
-            samples_callback(completion_rows(batch_prompts, responses, rm_reward.tolist(), gold), step)
+            terms = {term.label: values.tolist() for term, values in zip(cfg.rewards, raw)} if custom_rewards else None
+            samples_callback(completion_rows(batch_prompts, responses, shown_reward.tolist(), gold, terms), step)
         result.history.append(metrics)
         if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
             if main:
@@ -385,9 +489,13 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
 
 
 def completion_rows(prompts: list[str], responses: list[str], rewards: list[float],
-                    gold: Optional[list[float]] = None) -> list[dict]:
-    """One row per completion: the reward model's raw score (before normalisation) and the gold score if known."""
+                    gold: Optional[list[float]] = None, terms: Optional[dict[str, list[float]]] = None) -> list[dict]:
+    """One row per completion: the reward model's raw score (before normalisation) and the gold score if known;
+    with policy.rewards the weighted sum of the raw terms, and each term (`reward/<name>`)."""
     rows = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, rewards)]
     for row, g in zip(rows, gold or []):
         row["gold_score"] = float(g)
+    for name, values in (terms or {}).items():
+        for row, value in zip(rows, values):
+            row[f"reward/{name}"] = float(value)
     return rows

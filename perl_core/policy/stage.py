@@ -41,9 +41,15 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     gold = None
     if cfg.data.source == "synthetic":
         from perl_core.data.synthetic import gold_score as gold
+    # reward functions read the prompts' data rows; the reward model is still loaded when none lists it
+    # (the roles share its backbone) but then never scores
+    rows = None
+    if not all(term.function is None for term in cfg.policy.rewards):
+        from perl_core.data import load_prompt_rows
+        rows = load_prompt_rows(cfg.data, "train")
     result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
                      checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
-                     samples_callback=samples_callback)
+                     samples_callback=samples_callback, prompt_rows=rows)
     # final_kl_coef, like every final_* metric, is the mean over the last steps (`_summary`);
     # the coefficient the run ended on is `last_kl_coef`
     metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
