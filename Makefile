@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= true
 
-.PHONY: install run test bench report clean gpu-wheels
+.PHONY: install run test docker-test bench report clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The image and the compose stack on a Docker engine (tests/test_docker_e2e.py; starts one as root if none answers)
+docker-test: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m docker tests/test_docker_e2e.py
 
 report: $(STAMP)
 	$(BIN)/perl-rlhf report efficiency

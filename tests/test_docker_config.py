@@ -43,6 +43,9 @@ def test_compose_stack_validates_and_wires_services_by_health(stack):
         ("worker", "/opt/perl/app/data"): ("volume", "perl-data"),
         ("worker", "/opt/perl/app/artifacts"): ("volume", "perl-artifacts"),
         ("worker", "/opt/perl/app/.prefect"): ("volume", "prefect-results"),
+        ("worker", "/opt/perl/dvc-cache"): ("volume", "perl-dvc-cache"),
+        ("worker", "/opt/perl/dvc-remote"): ("volume", "perl-dvc-remote"),
+        ("worker", "/opt/perl/data-version"): ("volume", "perl-data-version"),
     }
     assert set(stack["volumes"]) == {source for _, source in mounts.values()}
     assert stack["networks"]["default"]["name"] == "perl"  # prefect.yaml's docker pool joins it by name
@@ -186,3 +189,27 @@ def test_every_copy_source_is_in_the_build_context():
         src = src.rstrip("/")
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
         assert src in sent or any(p.startswith(src + "/") for p in sent), f"{src} is excluded by .dockerignore"
+
+
+def test_offline_build_names_every_image_and_source_from_the_environment(tmp_path):
+    """A registry mirror or docker/make_base_images.sh's stand-ins: each image name and the build's
+    sources come from the environment; the defaults are the official images and indexes."""
+    default = resolved_stack(tmp_path / "a")["services"]
+    assert default["postgres"]["image"] == "postgres:15-bookworm"
+    args = default["worker"]["build"]["args"]
+    assert args["BASE_IMAGE"] == "python:3.11-slim-bookworm" and args["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    assert args["TORCH_FIND_LINKS"] == ""  # empty: torch from the PyTorch index of TORCH_VARIANT
+    env = {"PERL_BASE_IMAGE": "perl-base/python:3.11-bookworm", "PERL_POSTGRES_IMAGE": "mirror.local/postgres:15",
+           "PERL_IMAGE": "mirror.local/perl-rlhf", "PERL_TORCH_FIND_LINKS": "http://172.17.0.1:8765/",
+           "PIP_INDEX_URL": "http://mirror.local/simple"}
+    services = resolved_stack(tmp_path / "b", extra_env=env)["services"]
+    assert services["postgres"]["image"] == "mirror.local/postgres:15"
+    for name in ("mlflow", "prefect-server", "deploy", "worker"):
+        assert services[name]["image"] == "mirror.local/perl-rlhf:latest"
+        assert services[name]["build"]["args"] == {**args, "BASE_IMAGE": env["PERL_BASE_IMAGE"],
+                                                   "TORCH_FIND_LINKS": env["PERL_TORCH_FIND_LINKS"],
+                                                   "PIP_INDEX_URL": env["PIP_INDEX_URL"]}
+    dockerfile = DOCKERFILE.read_text()
+    assert not dockerfile.startswith("# syntax=")  # a frontend image fetched from a registry
+    for arg in ("BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_FIND_LINKS", "PIP_INDEX_URL"):
+        assert re.search(rf"(?m)^ARG {arg}=", dockerfile), arg

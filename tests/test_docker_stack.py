@@ -178,6 +178,7 @@ def _image_env(image: dict, commit: str) -> dict[str, str]:
     for key, value in _dockerfile_env().items():
         value = (value.replace("${GIT_COMMIT}", commit).replace("${TORCH_VARIANT}", "cpu")
                  .replace("/opt/perl/requirements.lock", str(image["lock"])).replace("/opt/perl/app", str(image["app"]))
+                 .replace("/opt/perl/dvc-remote", str(image["app"].parent / "dvc-remote"))
                  .replace("/opt/venv/bin", str(image["bin"])).replace("${PATH}", os.environ["PATH"]))
         env[key] = value
     assert "/opt/" not in "".join(env.values()), env
