@@ -67,7 +67,6 @@ from torch import nn
 
 from perl_core import parallel
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
-from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from perl_core.config import PolicyConfig, RewardTerm
 from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
@@ -76,7 +75,8 @@ from perl_core.policy.rewards import combine, function_rewards, resolve
 from perl_core.modeling import prompts_within
 from perl_core.packing import can_pack, pack, packed_token_logits, plain_logits
 from perl_core.scoring import position_ids
-from perl_core.training import make_optimizer, make_scheduler, optimizer_step, require_finite, set_seed
+from perl_core.training import (checkpoint_due, make_optimizer, make_scheduler, optimizer_step, require_finite,
+                                resume_from, set_seed, write_checkpoint)
 
 
 # ---------------------------------------------------------------- the math
@@ -270,7 +270,7 @@ def chunked_logprobs(logprobs: nn.Module, samples: Samples, chunks: list[slice],
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- one step, in four parts
 @dataclass
 class RLResult:
     step: int
@@ -288,6 +288,238 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
     return order[i * batch_size:(i + 1) * batch_size] if n_prompts >= batch_size else order
 
 
+@dataclass
+class Rollout:
+    """Step 1: k samples for each of this process's prompts of the batch (k consecutive rows per prompt)."""
+    prompts: list[str]
+    samples: Samples
+    responses: list[str]
+    chunks: list[slice]  # the rows each micro-batch of scoring and update takes
+
+
+@dataclass
+class Scores:
+    """Step 2, without gradients: the reward model's reward (and its members' spread), each `policy.rewards`
+    term's raw values, what `rl/reward` reports (their weighted sum), the anchor's log-probs, the gold score."""
+    rm_reward: torch.Tensor
+    member_std: Optional[torch.Tensor]
+    raw: list[torch.Tensor]
+    shown: torch.Tensor
+    anchor_logp: torch.Tensor
+    gold: Optional[list[float]] = None  # the gold oracle's score of each sample, when the task has one (a metric,
+                                        # computed after the step's timings)
+
+
+@dataclass
+class Learner:
+    """Step 3: the policy's log-probs of the sampled tokens (with the gradient when the update is one pass), the
+    entropy, the value head's input; the regularised reward R, the KL, the advantage."""
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    hidden: list
+    total: torch.Tensor = None
+    kl: torch.Tensor = None
+    advantage: torch.Tensor = None
+    value_loss: torch.Tensor = None
+
+
+@dataclass
+class RLState:
+    """What a step hands the next and a checkpoint keeps: beta, the reinforce baseline, the reward moments."""
+    kl_coef: float
+    baseline: Optional[float] = None
+    moments: RunningMoments = field(default_factory=RunningMoments)
+
+
+class RLRun:
+    """The run's fixed parts (roles, optimizer, the update's forward, reward terms) and :meth:`step`."""
+
+    def __init__(self, roles, tokenizer, encoded: list, cfg: PolicyConfig, checkpoint_dir: Optional[Path],
+                 prompt_rows: Optional[dict[str, dict]], gold_score: Optional[Callable[[str, str], float]]):
+        tc = cfg.train
+        self.roles, self.tokenizer, self.encoded, self.cfg, self.checkpoint_dir = roles, tokenizer, encoded, cfg, checkpoint_dir
+        self.prompt_rows, self.gold_score = prompt_rows, gold_score
+        self.world = parallel.world_size()
+        self.device = next(roles.policy.parameters()).device
+        self.functions = resolve(cfg.rewards)  # a reward function that does not import stops the run before any work
+        self.custom_rewards = cfg.rewards != [RewardTerm()]  # the default, the reward model alone, logs as it always has
+        self.scaler = grad_scaler(tc.precision, self.device)
+        set_seed(tc.seed)
+        self.value_head = nn.Linear(roles.hidden_size, 1) \
+            if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
+        if self.value_head is not None:
+            self.value_head.to(self.device)
+        self.trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": self.value_head} if self.value_head else {}))
+        self.optimizer = make_optimizer(self.trainable, tc)
+        self.scheduler = make_scheduler(self.optimizer, tc)
+        self.update_forward = parallel.data_parallel(PolicyLogprobs(roles.policy))
+        self.value_forward = parallel.data_parallel(self.value_head) if self.value_head is not None else None
+
+    def amp(self):  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
+        return autocast(self.cfg.train.precision, self.device, "policy.train.precision")
+
+    def step(self, step: int, state: RLState) -> tuple[dict[str, float], Rollout, Scores]:
+        """One RL step (the module docstring's equations): sample, score, advantages, update."""
+        t0 = time.perf_counter()
+        rollout = self.sample(step)                              # 1. y ~ pi(. | x), k per prompt
+        t1 = time.perf_counter()
+        scores = self.score(rollout, step)                       # 2. r = RM(x, y), the reward terms, log pi_anchor
+        t2 = time.perf_counter()
+        learner = self.advantages(rollout, scores, state, step)  # 3. log pi, R = r - beta KL, the advantage A
+        loss, grad_norm, clipped = self.update(rollout, scores, learner, state, step)  # 4. the policy-gradient step(s)
+        t3 = time.perf_counter()
+        if self.gold_score is not None:
+            scores.gold = [self.gold_score(p, r) for p, r in zip(rollout.prompts, rollout.responses)]
+        metrics = self.metrics(rollout, scores, learner, state, loss, grad_norm, clipped,
+                               {"generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
+                                "step_seconds": t3 - t0})
+        return metrics, rollout, scores
+
+    def sample(self, step: int) -> Rollout:
+        cfg, k = self.cfg, self.cfg.k
+        # this process's prompts of the step's batch (all of them for one process)
+        chosen = [self.encoded[i] for i in parallel.shard(prompt_batches(len(self.encoded), cfg.train.batch_size,
+                                                                            cfg.train.seed, step))]
+        if self.world > 1:  # each process its own sampling stream, the same after a resume
+            torch.manual_seed(random.Random(f"{cfg.train.seed}-{step}-{parallel.rank()}").getrandbits(63))
+        with self.amp():
+            samples = sample_responses(self.roles.policy, self.tokenizer, [ids for _, ids in chosen for _ in range(k)],
+                                       max_new_tokens=cfg.generation.max_new_tokens,
+                                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+        responses = decode_responses(self.tokenizer, samples)
+        return Rollout([p for p, _ in chosen for _ in range(k)], samples, responses,
+                       row_chunks(len(responses), cfg.train.micro_batch_size))
+
+    def score(self, rollout: Rollout, step: int) -> Scores:
+        cfg, roles, samples, prompts = self.cfg, self.roles, rollout.samples, rollout.prompts
+        with torch.no_grad(), self.amp():
+            scored = [roles.reward_and_spread(sample_rows(samples, rows), prompts[rows], rollout.responses[rows])
+                      if cfg.uses_reward_model else (torch.zeros(rows.stop - rows.start), None) for rows in rollout.chunks]
+            rm_reward = torch.cat([reward.float().to(self.device) for reward, _ in scored])
+            member_std = None if scored[0][1] is None else torch.cat([spread.float().cpu() for _, spread in scored])
+            anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in rollout.chunks])
+        require_finite(rm_reward.sum(), "reward-model reward", step + 1, self.checkpoint_dir)
+        if self.custom_rewards:  # each term's raw values; what rl/reward reports is their weighted sum
+            batch_rows = [dict((self.prompt_rows or {}).get(p, {}), finished=bool(f))
+                          for p, f in zip(prompts, samples.finished.tolist())]
+            raw = [rm_reward if fn is None else function_rewards(term, fn, prompts, rollout.responses, batch_rows)
+                   .to(self.device) for term, fn in zip(cfg.rewards, self.functions)]
+            shown = combine(raw, cfg.rewards)
+        else:
+            raw, shown = [rm_reward], rm_reward
+        return Scores(rm_reward, member_std, raw, shown, anchor_logp)
+
+    def advantages(self, rollout: Rollout, scores: Scores, state: RLState, step: int) -> Learner:
+        """The learner's log-probs; the regularised reward and the advantage. In one pass, the forward that gives
+        the KL also carries the gradient. Micro-batched, the KL needs every sample's log-probs before any
+        advantage exists, so this pass runs without gradients and :meth:`update` runs each chunk again."""
+        cfg, k = self.cfg, self.cfg.k
+        with torch.set_grad_enabled(len(rollout.chunks) == 1), self.amp():
+            logp, entropy, *hidden = chunked_logprobs(self.update_forward, rollout.samples, rollout.chunks,
+                                                      self.value_head is not None)
+        learner = Learner(logp, entropy, hidden)
+        state.moments.update(parallel.gather(scores.rm_reward))  # the moments of every process's rewards
+        rm_part = state.moments.normalise(scores.rm_reward) if cfg.normalize_rewards else scores.rm_reward
+        reward = clip_reward(combine([rm_part if fn is None else values for fn, values in zip(self.functions, scores.raw)],
+                                     cfg.rewards), cfg.reward_clip)
+        total, kl = kl_penalised_reward(reward, logp.detach(), scores.anchor_logp,
+                                        state.kl_coef if cfg.kl_in == "reward" else 0.0)
+        value_loss = torch.zeros(())
+        if cfg.algorithm == "rloo":
+            advantage = rloo_advantages(total, k)
+        elif cfg.algorithm == "grpo":
+            advantage = group_advantages(total, k, cfg.scale_advantages)
+        elif self.value_head is not None:
+            value = self.value_forward(hidden[0].detach().float()).squeeze(-1)
+            value_loss = F.mse_loss(value, total)
+            advantage = total - value.detach()
+            require_finite(value_loss, "value loss", step + 1, self.checkpoint_dir)
+            # a graph of its own: the value head reads detached hidden states
+            (self.scaler.scale(value_loss) if self.scaler else value_loss).backward()
+        else:
+            batch_mean = float(parallel.gather(total).mean())  # over every process's samples
+            advantage = total - (state.baseline if state.baseline is not None else batch_mean)
+            state.baseline = moving_average(state.baseline, batch_mean, cfg.baseline_decay)
+        learner.total, learner.kl, learner.advantage, learner.value_loss = total, kl, advantage, value_loss
+        return learner
+
+    def update(self, rollout: Rollout, scores: Scores, learner: Learner, state: RLState,
+               step: int) -> tuple[float, float, list]:
+        """`policy.train.updates_per_batch` passes (grpo; one for the on-policy algorithms), an optimizer step each."""
+        cfg, tc, samples, chunks, advantage = self.cfg, self.cfg.train, rollout.samples, rollout.chunks, learner.advantage
+        one_pass = len(chunks) == 1
+        if cfg.algorithm == "grpo":  # the batch's normalisers; dapo's token count over every process's samples
+            old_logp, mask = learner.logp.detach(), samples.response_mask.to(self.device).float()
+            n_tokens = float(parallel.gather(mask.sum().reshape(1)).sum()) / self.world
+            norms = dict(n_samples=len(advantage), n_tokens=n_tokens, max_new_tokens=cfg.generation.max_new_tokens)
+        losses, grad_norms, clipped = [], [], []
+        for update in range(tc.updates_per_batch):
+            loss = 0.0
+            for i, rows in enumerate(chunks):
+                # under N processes the gradients are all-reduced once, in the last chunk's backward
+                with parallel.no_sync(self.update_forward, sync=i == len(chunks) - 1):
+                    if one_pass and update == 0:
+                        logp = learner.logp
+                    else:
+                        with self.amp():
+                            logp = self.update_forward(sample_rows(samples, rows))[0]
+                    if cfg.algorithm == "grpo":
+                        objective = clipped_objective(logp, old_logp[rows], advantage[rows], cfg.epsilon_low,
+                                                      cfg.epsilon_high)
+                        if cfg.kl_in == "loss":
+                            objective = objective - state.kl_coef * k3_kl(logp, scores.anchor_logp[rows])
+                        part = grpo_loss(objective, mask[rows], cfg.loss_type, **norms)
+                        clipped.append(clip_count(logp, old_logp[rows], advantage[rows], mask[rows], cfg))
+                    else:
+                        # a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
+                        part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
+                    require_finite(part, "policy loss", step + 1, self.checkpoint_dir)
+                    (self.scaler.scale(part) if self.scaler else part).backward()
+                loss += float(part.detach())
+            losses.append(loss)
+            # the schedule advances once per batch: inner passes step the optimizer only
+            last = update == tc.updates_per_batch - 1
+            grad_norms.append(optimizer_step(self.trainable, self.optimizer, self.scheduler if last else None,
+                                             self.scaler, tc.max_grad_norm, step + 1, self.checkpoint_dir))
+        return sum(losses) / len(losses), sum(float(g) for g in grad_norms) / len(grad_norms), clipped
+
+    def metrics(self, rollout: Rollout, scores: Scores, learner: Learner, state: RLState, loss: float,
+                grad_norm: float, clipped: list, seconds: dict[str, float]) -> dict[str, float]:
+        cfg, samples, world = self.cfg, rollout.samples, self.world
+        n_tokens = float(samples.response_mask.sum())
+        mean_kl = float(parallel.gather(learner.kl).mean())  # the controller's KL: every process's samples
+        metrics = {
+            "reward": float(scores.shown.mean()), "reward_std": float(scores.shown.std()),
+            "kl_penalised_reward": float(learner.total.mean()), "kl": mean_kl, "kl_coef": state.kl_coef,
+            "entropy": float(learner.entropy.sum()) / max(n_tokens, 1.0),
+            "response_length": n_tokens / len(rollout.responses),
+            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
+            "advantage_std": float(learner.advantage.std()), "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0], **seconds, "tokens_per_second": n_tokens / seconds["step_seconds"],
+        }
+        if self.value_head is not None:
+            metrics["value_loss"] = float(learner.value_loss.detach())
+        if cfg.algorithm == "grpo":  # the share of tokens whose ratio left the clip range, over the mu passes
+            metrics["clip_fraction"] = sum(c for c, _ in clipped) / max(sum(n for _, n in clipped), 1.0)
+        if self.custom_rewards:
+            metrics.update({f"reward/{term.label}": float(values.mean()) for term, values in zip(cfg.rewards, scores.raw)})
+        if scores.member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
+            metrics["reward_member_std"] = float(scores.member_std.mean())
+        if scores.gold is not None:
+            metrics["gold_score"] = sum(scores.gold) / len(scores.gold)
+        if world > 1:  # the batch's numbers: means over the processes' equal shares, the reward's over every sample
+            keys = sorted(metrics)
+            means = parallel.sum_across(torch.tensor([float(metrics[key]) for key in keys])) / world
+            metrics = dict(zip(keys, means.tolist()))
+            every_reward = parallel.gather(scores.shown)
+            metrics.update(reward=float(every_reward.mean()), reward_std=float(every_reward.std()), kl=mean_kl)
+        if cfg.adaptive_kl:
+            state.kl_coef = adapt_kl_coef(state.kl_coef, mean_kl, cfg.target_kl, len(rollout.responses) * world,
+                                          cfg.kl_horizon)
+        return metrics
+
+
+# ---------------------------------------------------------------- the loop
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
             gold_score: Optional[Callable[[str, str], float]] = None,
@@ -298,193 +530,41 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
     Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
     `prompt_rows` maps a prompt to its data row, which reward functions (`policy.rewards`) receive.
     """
-    from perl_core.policy.generation import decode_responses
-
     encoded = prompts_within(tokenizer, prompts, cfg.max_prompt_length)
     if not encoded:
         raise UserError(f"no prompt fits policy.max_prompt_length={cfg.max_prompt_length} tokens")
-    tc, k = cfg.train, cfg.k
+    tc = cfg.train
     parallel.per_process(tc.batch_size, "policy.train.batch_size")
     world, main = parallel.world_size(), parallel.is_main()
     if world > 1 and len(encoded) < tc.batch_size:  # a step would take every prompt, split unevenly
         raise UserError(f"only {len(encoded)} prompts fit policy.max_prompt_length={cfg.max_prompt_length}, fewer than "
                         f"policy.train.batch_size={tc.batch_size}: under {world} processes every step needs a whole "
                         "batch (each process takes batch_size / N of its prompts); lower the batch size or add prompts")
-    device = next(roles.policy.parameters()).device
-    functions = resolve(cfg.rewards)  # a reward function that does not import stops the run before any work
-    custom_rewards = cfg.rewards != [RewardTerm()]  # the default, the reward model alone, logs as it always has
-
-    def amp():  # every forward of the step (sampling, scoring, update) runs under policy.train.precision
-        return autocast(tc.precision, device, "policy.train.precision")
-
-    scaler = grad_scaler(tc.precision, device)
-    set_seed(tc.seed)
-    value_head = nn.Linear(roles.hidden_size, 1) if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
-    if value_head is not None:
-        value_head.to(device)
-    trainable = nn.ModuleDict({"policy": roles.policy} | ({"value_head": value_head} if value_head else {}))
-    optimizer, scheduler = make_optimizer(trainable, tc), None
-    scheduler = make_scheduler(optimizer, tc)
-    update_forward = parallel.data_parallel(PolicyLogprobs(roles.policy))
-    value_forward = parallel.data_parallel(value_head) if value_head is not None else None
-    kl_coef, baseline, moments, step, extra = cfg.kl_coef, None, RunningMoments(), 0, {}
-    if resume and (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
-        meta = load_checkpoint(ckpt, trainable, optimizer, scheduler)
-        step, extra = meta["step"], meta["extra"]
-        kl_coef, baseline = extra["kl_coef"], extra["baseline"]
-        moments = RunningMoments(**extra["moments"])
-        if scaler and extra.get("grad_scaler"):
-            scaler.load_state_dict(extra["grad_scaler"])
+    run = RLRun(roles, tokenizer, encoded, cfg, checkpoint_dir, prompt_rows, gold_score)
+    step, extra, _ = resume_from(checkpoint_dir, resume, run.trainable, run.optimizer, run.scheduler, run.scaler)
+    state = RLState(extra["kl_coef"], extra["baseline"], RunningMoments(**extra["moments"])) if extra \
+        else RLState(cfg.kl_coef)
     result = RLResult(step=step, history=extra.get("history", []))
     started = time.perf_counter()
     roles.policy.train()
     while step < tc.max_steps:
-        t0 = time.perf_counter()
-        # this process's prompts of the step's batch (all of them for one process)
-        chosen = [encoded[i] for i in parallel.shard(prompt_batches(len(encoded), tc.batch_size, tc.seed, step))]
-        batch_prompts = [p for p, _ in chosen for _ in range(k)]  # k consecutive samples per prompt
-        if world > 1:  # each process its own sampling stream, the same after a resume
-            torch.manual_seed(random.Random(f"{tc.seed}-{step}-{parallel.rank()}").getrandbits(63))
-
-        # 1. sample k responses per prompt from the current policy
-        with amp():
-            samples = sample_responses(roles.policy, tokenizer, [ids for _, ids in chosen for _ in range(k)],
-                                       max_new_tokens=cfg.generation.max_new_tokens,
-                                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
-        responses = decode_responses(tokenizer, samples)
-        t1 = time.perf_counter()
-
-        # 2. score: the reward model, and the anchor's log-probs for the KL (no gradients)
-        chunks = row_chunks(len(responses), tc.micro_batch_size)
-        with torch.no_grad(), amp():
-            scored = [roles.reward_and_spread(sample_rows(samples, rows), batch_prompts[rows], responses[rows])
-                      if cfg.uses_reward_model else (torch.zeros(rows.stop - rows.start), None) for rows in chunks]
-            rm_reward = torch.cat([reward.float().to(device) for reward, _ in scored])
-            member_std = None if scored[0][1] is None else torch.cat([spread.float().cpu() for _, spread in scored])
-            anchor_logp = torch.cat([roles.anchor_logprobs(sample_rows(samples, rows)) for rows in chunks])
-        require_finite(rm_reward.sum(), "reward-model reward", step + 1, checkpoint_dir)
-        if custom_rewards:  # each term's raw values; what rl/reward reports is their weighted sum
-            batch_rows = [dict((prompt_rows or {}).get(p, {}), finished=bool(f))
-                          for p, f in zip(batch_prompts, samples.finished.tolist())]
-            raw = [rm_reward if fn is None else function_rewards(term, fn, batch_prompts, responses, batch_rows)
-                   .to(device) for term, fn in zip(cfg.rewards, functions)]
-            shown_reward = combine(raw, cfg.rewards)
-        else:
-            raw, shown_reward = [rm_reward], rm_reward
-        t2 = time.perf_counter()
-
-        # 3. update: the KL-regularised reward, the baseline, the REINFORCE loss. In one pass, the
-        #    forward that gives the KL also carries the gradient. Micro-batched, the KL needs every
-        #    sample's log-probs before any advantage exists, so a no-grad pass comes first and each
-        #    chunk runs again with gradients: only one chunk's activations are alive at a time.
-        one_pass = len(chunks) == 1
-        with torch.set_grad_enabled(one_pass), amp():
-            policy_logp, entropy, *hidden = chunked_logprobs(update_forward, samples, chunks, value_head is not None)
-        moments.update(parallel.gather(rm_reward))  # the moments of every process's rewards
-        rm_part = moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward
-        reward = clip_reward(combine([rm_part if fn is None else values for fn, values in zip(functions, raw)],
-                                     cfg.rewards), cfg.reward_clip)
-        total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp,
-                                        kl_coef if cfg.kl_in == "reward" else 0.0)
-        value_loss = torch.zeros(())
-        if cfg.algorithm == "rloo":
-            advantage = rloo_advantages(total, k)
-        elif cfg.algorithm == "grpo":
-            advantage = group_advantages(total, k, cfg.scale_advantages)
-        elif value_head is not None:
-            value = value_forward(hidden[0].detach().float()).squeeze(-1)
-            value_loss = F.mse_loss(value, total)
-            advantage = total - value.detach()
-            require_finite(value_loss, "value loss", step + 1, checkpoint_dir)
-            # a graph of its own: the value head reads detached hidden states
-            (scaler.scale(value_loss) if scaler else value_loss).backward()
-        else:
-            batch_mean = float(parallel.gather(total).mean())  # over every process's samples
-            advantage = total - (baseline if baseline is not None else batch_mean)
-            baseline = moving_average(baseline, batch_mean, cfg.baseline_decay)
-        if cfg.algorithm == "grpo":  # the batch's normalisers; dapo's token count over every process's samples
-            old_logp, mask = policy_logp.detach(), samples.response_mask.to(device).float()
-            n_tokens = float(parallel.gather(mask.sum().reshape(1)).sum()) / world
-            norms = dict(n_samples=len(advantage), n_tokens=n_tokens, max_new_tokens=cfg.generation.max_new_tokens)
-        losses, grad_norms, clipped = [], [], []
-        for update in range(tc.updates_per_batch):  # mu passes (grpo); one for the on-policy algorithms
-            loss = 0.0
-            for i, rows in enumerate(chunks):
-                # under N processes the gradients are all-reduced once, in the last chunk's backward
-                with parallel.no_sync(update_forward, sync=i == len(chunks) - 1):
-                    if one_pass and update == 0:
-                        logp = policy_logp
-                    else:
-                        with amp():
-                            logp = update_forward(sample_rows(samples, rows))[0]
-                    if cfg.algorithm == "grpo":
-                        objective = clipped_objective(logp, old_logp[rows], advantage[rows], cfg.epsilon_low,
-                                                      cfg.epsilon_high)
-                        if cfg.kl_in == "loss":
-                            objective = objective - kl_coef * k3_kl(logp, anchor_logp[rows])
-                        part = grpo_loss(objective, mask[rows], cfg.loss_type, **norms)
-                        clipped.append(clip_count(logp, old_logp[rows], advantage[rows], mask[rows], cfg))
-                    else:
-                        # a mean over all N samples: a chunk adds its share, so the gradients sum to one pass's
-                        part = policy_loss(advantage[rows], logp) * (len(logp) / len(advantage))
-                    require_finite(part, "policy loss", step + 1, checkpoint_dir)
-                    (scaler.scale(part) if scaler else part).backward()
-                loss += float(part.detach())
-            losses.append(loss)
-            # the schedule advances once per batch: inner passes step the optimizer only
-            last = update == tc.updates_per_batch - 1
-            grad_norms.append(optimizer_step(trainable, optimizer, scheduler if last else None, scaler,
-                                             tc.max_grad_norm, step + 1, checkpoint_dir))
-        loss, grad_norm = sum(losses) / len(losses), sum(float(g) for g in grad_norms) / len(grad_norms)
+        metrics, rollout, scores = run.step(step, state)
         step += 1
-        t3 = time.perf_counter()
-
-        n_tokens = float(samples.response_mask.sum())
-        mean_kl = float(parallel.gather(kl).mean())  # the controller's KL: every process's samples
-        metrics = {
-            "reward": float(shown_reward.mean()), "reward_std": float(shown_reward.std()),
-            "kl_penalised_reward": float(total.mean()), "kl": mean_kl, "kl_coef": kl_coef,
-            "entropy": float(entropy.sum()) / max(n_tokens, 1.0), "response_length": n_tokens / len(responses),
-            "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
-            "advantage_std": float(advantage.std()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-            "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
-            "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
-        }
-        if value_head is not None:
-            metrics["value_loss"] = float(value_loss.detach())
-        if cfg.algorithm == "grpo":  # the share of tokens whose ratio left the clip range, over the mu passes
-            metrics["clip_fraction"] = sum(c for c, _ in clipped) / max(sum(n for _, n in clipped), 1.0)
-        if custom_rewards:
-            metrics.update({f"reward/{term.label}": float(values.mean()) for term, values in zip(cfg.rewards, raw)})
-        if member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
-            metrics["reward_member_std"] = float(member_std.mean())
-        gold = [gold_score(p, r) for p, r in zip(batch_prompts, responses)] if gold_score is not None else None
-        if gold is not None:
-            metrics["gold_score"] = sum(gold) / len(gold)
-        if world > 1:  # the batch's numbers: means over the processes' equal shares, the reward's over every sample
-            keys = sorted(metrics)
-            means = parallel.sum_across(torch.tensor([float(metrics[key]) for key in keys])) / world
-            metrics = dict(zip(keys, means.tolist()))
-            every_reward = parallel.gather(shown_reward)
-            metrics.update(reward=float(every_reward.mean()), reward_std=float(every_reward.std()), kl=mean_kl)
-        if cfg.adaptive_kl:
-            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, len(responses) * world, cfg.kl_horizon)
         if main:
             callback({f"rl/{name}": v for name, v in metrics.items()}, step)
         every = cfg.log_samples_every
         if main and every and (step % every == 0 or step == tc.max_steps):  # the main process's completions
-            terms = {term.label: values.tolist() for term, values in zip(cfg.rewards, raw)} if custom_rewards else None
-            samples_callback(completion_rows(batch_prompts, responses, shown_reward.tolist(), gold, terms), step)
+            terms = {term.label: values.tolist() for term, values in zip(cfg.rewards, scores.raw)} \
+                if run.custom_rewards else None
+            samples_callback(completion_rows(rollout.prompts, rollout.responses, scores.shown.tolist(), scores.gold, terms),
+                             step)
         result.history.append(metrics)
-        if checkpoint_dir and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
-            if main:
-                save_checkpoint(checkpoint_dir, step, trainable, optimizer, scheduler,
-                                extra={"kl_coef": kl_coef, "baseline": baseline, "moments": vars(moments),
-                                       "grad_scaler": scaler.state_dict() if scaler else None,
-                                       "history": result.history})  # the stage's summary averages the last steps
-            parallel.barrier()  # no process resumes from a checkpoint before it is whole
+        if checkpoint_due(checkpoint_dir, step, tc.checkpoint_every, step == tc.max_steps):
+            write_checkpoint(checkpoint_dir, step, run.trainable, run.optimizer, run.scheduler, run.scaler,
+                             extra={"kl_coef": state.kl_coef, "baseline": state.baseline, "moments": vars(state.moments),
+                                    "history": result.history})  # the stage's summary averages the last steps
     roles.policy.eval()
-    result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, kl_coef
+    result.step, result.seconds, result.kl_coef = step, time.perf_counter() - started, state.kl_coef
     return result
 
 
