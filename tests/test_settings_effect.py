@@ -120,9 +120,10 @@ def workdir(tmp_path_factory) -> Path:
 _RUNS: dict[tuple, Run] = {}
 
 
-def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
-    """Run `stage` with BASE + `train`; a refused setting comes back as `Run.error`. Cached: checks share runs."""
-    key = (stage, tuple(sorted(train.items())), patches)
+def run_stage(stage: str, root: Path, patches: tuple = (), policy: tuple = (), **train) -> Run:
+    """Run `stage` with BASE + `train` (and `policy`'s (key, value) pairs in the policy section); a refused
+    setting comes back as `Run.error`. Cached: checks share runs."""
+    key = (stage, tuple(sorted(train.items())), patches, policy)
     if key in _RUNS:
         return _RUNS[key]
     settings = BASE | train
@@ -134,7 +135,8 @@ def run_stage(stage: str, root: Path, patches: tuple = (), **train) -> Run:
         "sft": {"sft": {"backbone": backbone, "train": settings}},
         "reward": {"reward": {"backbone": backbone, "lora": {"rank": 4}, "max_length": 64, "init_from_anchor": False,
                               "train": settings}},
-        "policy": {"policy": {"k": K, "lora": {"rank": 4}, "generation": {"max_new_tokens": 4}, "train": settings}},
+        "policy": {"policy": {"k": K, "lora": {"rank": 4}, "generation": {"max_new_tokens": 4}, "train": settings,
+                              **dict(policy)}},
     }
     rows = {"sft": SFT_ROWS, "pairwise": PAIRS}
     history: list[tuple[int, dict]] = []
@@ -301,13 +303,24 @@ def check_micro_batch_size(stage, root):
     assert set(base.probe.train_rows) == {4} and set(changed.probe.train_rows) == {2 // K}
 
 
+def check_updates_per_batch(stage, root):
+    refused = run_stage(stage, root, updates_per_batch=2)  # rloo, the base: on-policy, one pass
+    assert isinstance(refused.error, ConfigError) and "need policy.algorithm grpo" in str(refused.error)
+    grpo = (("algorithm", "grpo"),)
+    base, changed = run_stage(stage, root, policy=grpo), run_stage(stage, root, policy=grpo, updates_per_batch=2)
+    # each batch's second pass runs the policy's forward again with gradients; the schedule still counts batches
+    assert changed.probe.grad_embeds == 2 * base.probe.grad_embeds > 0
+    assert lrs(changed, stage) == lrs(base, stage) and len(lrs(base, stage)) == BASE["max_steps"]
+    assert changed.moved() != base.moved()
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     "learning_rate": check_learning_rate, "weight_decay": check_weight_decay, "batch_size": check_batch_size,
     "grad_accum": check_grad_accum, "max_steps": check_max_steps, "warmup_ratio": check_warmup_ratio,
     "schedule": check_schedule, "max_grad_norm": check_max_grad_norm, "precision": check_precision,
     "gradient_checkpointing": check_gradient_checkpointing, "eval_every": check_eval_every,
     "early_stopping_patience": check_early_stopping_patience, "checkpoint_every": check_checkpoint_every,
-    "seed": check_seed, "micro_batch_size": check_micro_batch_size,
+    "seed": check_seed, "micro_batch_size": check_micro_batch_size, "updates_per_batch": check_updates_per_batch,
 }
 SETTINGS = {"sft": TrainConfig, "reward": TrainConfig, "policy": PolicyTrainConfig}
 
