@@ -54,7 +54,7 @@ from perl_core.checkpoints import latest_checkpoint, load_checkpoint, save_check
 from perl_core.config import PolicyConfig
 from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
-from perl_core.policy.generation import Samples, decode_responses, sample_responses
+from perl_core.policy.generation import HFSampler, Samples, decode_responses
 from perl_core.modeling import prompts_within
 from perl_core.packing import can_pack, pack, packed_token_logits, plain_logits
 from perl_core.scoring import position_ids
@@ -175,6 +175,37 @@ class RunningMoments:
         return (x - self.mean) / math.sqrt(self.var + 1e-8)
 
 
+def logprob_gap(samples: Samples, policy_logp: torch.Tensor) -> Optional[dict[str, float]]:
+    """|sampler's - learner's log-prob| per sampled token, its mean and max (None when the sampler gave none)."""
+    if samples.logprobs is None:
+        return None
+    mask = samples.response_mask.bool().cpu()
+    gap = (samples.logprobs.cpu() - policy_logp.detach().float().cpu()).abs()[mask]
+    if gap.numel() == 0:
+        return {"logprob_gap": 0.0, "logprob_gap_max": 0.0}
+    return {"logprob_gap": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+
+
+def gap_threshold(cfg: PolicyConfig, device: torch.device) -> Optional[float]:
+    """policy.max_logprob_gap, or its automatic value: 0.02 in fp32, 0.1 under 16-bit autocast, none with top_p < 1."""
+    if cfg.max_logprob_gap is not None:
+        return cfg.max_logprob_gap
+    if cfg.generation.top_p < 1:
+        return None
+    from perl_core import devices  # looked up at call time, as autocast does
+
+    return 0.1 if devices.autocast_dtype(cfg.train.precision, device, "policy.train.precision") else 0.02
+
+
+def check_logprob_gap(gap: Optional[dict[str, float]], threshold: Optional[float], step: int, sampler) -> None:
+    if gap is None or threshold is None or not gap["logprob_gap_max"] > threshold:
+        return
+    raise UserError(f"RL step {step}: the sampler is not sampling from the policy: a sampled token's log-prob differs "
+                    f"by {gap['logprob_gap_max']:.4g} (mean {gap['logprob_gap']:.4g}) between the {sampler.engine} "
+                    f"sampler (adapter version {sampler.version}) and the learner, above policy.max_logprob_gap="
+                    f"{threshold:g}; the sampler's weights are stale or not the policy's")
+
+
 # ---------------------------------------------------------------- micro-batches
 def row_chunks(n: int, size: Optional[int]) -> list[slice]:
     """Consecutive row ranges of at most `size` rows covering 0..n-1 (one range when size is None)."""
@@ -185,7 +216,8 @@ def row_chunks(n: int, size: Optional[int]) -> list[slice]:
 def sample_rows(samples: Samples, rows: slice) -> Samples:
     """The samples of `rows`, with the batch's padding (so every row's forward is the one it has in the whole batch)."""
     return replace(samples, sequences=samples.sequences[rows], attention_mask=samples.attention_mask[rows],
-                   response_mask=samples.response_mask[rows], finished=samples.finished[rows])
+                   response_mask=samples.response_mask[rows], finished=samples.finished[rows],
+                   logprobs=None if samples.logprobs is None else samples.logprobs[rows])
 
 
 class PolicyLogprobs(nn.Module):
@@ -228,8 +260,12 @@ def prompt_batches(n_prompts: int, batch_size: int, seed: int, step: int) -> lis
 def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback: MetricsCallback = null_callback,
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
             gold_score: Optional[Callable[[str, str], float]] = None,
-            samples_callback: SamplesCallback = null_samples) -> RLResult:
+            samples_callback: SamplesCallback = null_samples, sampler=None) -> RLResult:
     """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
+
+    `sampler` draws the step's samples (`generation.HFSampler` on the policy when none; the stage
+    passes `vllm_engine.VLLMSampler` for `policy.generation.engine: vllm`); its log-probs are checked
+    against the learner's every step (`check_logprob_gap`).
 
     Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
     """
@@ -251,6 +287,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         return autocast(tc.precision, device, "policy.train.precision")
 
     scaler = grad_scaler(tc.precision, device)
+    sampler = sampler or HFSampler(roles.policy, tokenizer, cfg.generation)
+    max_gap = gap_threshold(cfg, device)
     set_seed(tc.seed)
     value_head = nn.Linear(roles.hidden_size, 1) if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
     if value_head is not None:
@@ -279,11 +317,10 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         if world > 1:  # each process its own sampling stream, the same after a resume
             torch.manual_seed(random.Random(f"{tc.seed}-{step}-{parallel.rank()}").getrandbits(63))
 
-        # 1. sample k responses per prompt from the current policy
+        # 1. sample k responses per prompt from the current policy (the sampler first takes its weights)
+        sampler.sync(step)
         with amp():
-            samples = sample_responses(roles.policy, tokenizer, [ids for _, ids in chosen for _ in range(k)],
-                                       max_new_tokens=cfg.generation.max_new_tokens,
-                                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+            samples = sampler.sample([ids for _, ids in chosen for _ in range(k)])
         responses = decode_responses(tokenizer, samples)
         t1 = time.perf_counter()
 
@@ -305,6 +342,8 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         one_pass = len(chunks) == 1
         with torch.set_grad_enabled(one_pass), amp():
             policy_logp, entropy, *hidden = chunked_logprobs(update_forward, samples, chunks, value_head is not None)
+        gap = logprob_gap(samples, policy_logp)  # the sampler's log-probs against the learner's, every step
+        check_logprob_gap(gap, max_gap, step + 1, sampler)
         moments.update(parallel.gather(rm_reward))  # the moments of every process's rewards
         reward = clip_reward(moments.normalise(rm_reward) if cfg.normalize_rewards else rm_reward, cfg.reward_clip)
         total, kl = kl_penalised_reward(reward, policy_logp.detach(), anchor_logp, kl_coef)
@@ -351,6 +390,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             "generate_seconds": t1 - t0, "score_seconds": t2 - t1, "update_seconds": t3 - t2,
             "step_seconds": t3 - t0, "tokens_per_second": n_tokens / (t3 - t0),
         }
+        metrics.update(gap or {})
         if value_head is not None:
             metrics["value_loss"] = float(value_loss.detach())
         if member_std is not None:  # how much a reward-model ensemble's members disagree on these samples
