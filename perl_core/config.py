@@ -244,8 +244,36 @@ class RewardConfig(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
 
 
+class VLLMConfig(Section):
+    """The vLLM server RL samples through when `policy.generation.engine` is `vllm` (docs/policy.md)."""
+
+    url: Optional[str] = Field(None, description="an already running vLLM server (e.g. http://gpu-host:8000), "
+                               "started with --enable-lora on the anchor's folder and able to read this run's "
+                               "folder (adapters are loaded by path); none = the stage starts one and stops it")
+    python: Optional[str] = Field(None, description="the Python of the virtualenv holding vLLM (`make vllm-env` "
+                                  "builds it); none = $PERL_VLLM_PYTHON, else the one `make vllm-env` built")
+    sync_every: int = Field(1, ge=1, description="load the policy's LoRA adapter into the server every N optimizer "
+                            "steps (only the adapter travels, never the weights); N > 1 samples from an adapter up "
+                            "to N - 1 steps old, which the log-prob guard sees")
+    startup_timeout_s: float = Field(900, gt=0, description="seconds the started server may take to answer its "
+                                     "health check before the run stops")
+    request_timeout_s: float = Field(1800, gt=0, description="seconds one step's sampling request may take")
+    threads_bind: str = Field("all", description="CPU server: the cores its OpenMP threads bind to "
+                              "(VLLM_CPU_OMP_THREADS_BIND, e.g. 0-3); `all` = every core this process may use, "
+                              "`auto` = vLLM's own choice. Its idle threads sleep (OMP_WAIT_POLICY=PASSIVE), so "
+                              "the trainer gets the cores back between sampling requests")
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU server: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    extra_args: list[str] = Field([], description="more command-line arguments for the started server "
+                                  "(vllm.entrypoints.openai.api_server)")
+
+
 class GenerationConfig(Section):
     """How the policy and the anchor sample responses: in RL, `policy generate` and `eval policy`."""
+
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="what RL samples with: hf = transformers' generate in the trainer's process; vllm = a "
+        "vLLM server holding the anchor, the policy's adapter synced into it by version (policy.generation.vllm)")
+    vllm: VLLMConfig = VLLMConfig()
 
     max_new_tokens: int = Field(32, ge=1, description="most tokens sampled per response (fewer when EOS comes first)")
     temperature: float = Field(0.7, gt=0, description="sampling temperature while training and evaluating the policy")
@@ -342,6 +370,11 @@ class PolicyConfig(Section):
     reward_clip: Optional[float] = Field(None, gt=0, description="clip the (normalised) reward to [-c, c]; none = "
                                          "no clipping")
     generation: GenerationConfig = GenerationConfig()
+    max_logprob_gap: Optional[float] = Field(
+        None, gt=0, description="stop RL when a sampled token's log-prob from the sampler and from the learner "
+        "differ by more than this (the sampler is not sampling from the policy); none = 0.02 in fp32, 0.1 under "
+        "bf16/fp16 autocast, and no stop when generation.top_p < 1 (the sampler's values are then renormalised over "
+        "the nucleus, the learner's not)")
     # lr 1e-3 peaks early and then oscillates (KL 12-20 nats); 3e-4 climbs steadily below target_kl (docs/policy.md)
     train: PolicyTrainConfig = PolicyTrainConfig(learning_rate=3e-4, batch_size=16, max_steps=150)
     max_prompt_length: int = Field(
@@ -358,6 +391,13 @@ class PolicyConfig(Section):
     rewards: list[RewardTerm] = Field(
         [RewardTerm()], min_length=1, description="what the policy optimises: the weighted sum of these terms (the "
         "reward model's normalised by policy.normalize_rewards, a function's as it returns), then policy.reward_clip")
+
+    @model_validator(mode="after")
+    def _vllm_needs_lora(self) -> "PolicyConfig":
+        if self.generation.engine == "vllm" and self.tuning != "lora":
+            raise ValueError("policy.generation.engine=vllm syncs only the policy's LoRA adapter into the server: it "
+                             f"needs policy.tuning=lora (got {self.tuning!r}); use engine hf for full tuning")
+        return self
 
     @model_validator(mode="after")
     def _rloo_needs_k(self) -> "PolicyConfig":

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import perl_core.data  # noqa: E402
 from perl_core import parallel  # noqa: E402
 from perl_core.config import build_config  # noqa: E402
-from perl_core.policy import rl  # noqa: E402
+from perl_core.policy import generation, rl  # noqa: E402
 from perl_core.policy.stage import train_policy  # noqa: E402
 from perl_core.reward.train import train_reward_model  # noqa: E402
 from perl_core.sft import train_anchor  # noqa: E402
@@ -89,7 +89,7 @@ train_reward_model(cfg, ARTIFACTS / "reward_model", base_model=str(ARTIFACTS / "
 # RL on one fixed set of samples: every process scores and updates the rows of its shard of them
 # (in one process, all of them), so the update's gradient can be compared across launches
 fixed: dict = {}
-_sample = rl.sample_responses
+_sample = generation.sample_responses  # what rl_loop's HFSampler calls
 
 
 def fixed_samples(model, tokenizer, prompt_ids, **kwargs):
@@ -112,7 +112,7 @@ def recording_step(model, optimizer, *args, **kwargs):
 
 
 rl.optimizer_step = recording_step
-rl.sample_responses = fixed_samples
+generation.sample_responses = fixed_samples
 from perl_core.modeling import prompts_within, load_tokenizer  # noqa: E402
 
 tokenizer = load_tokenizer(str(ARTIFACTS / "anchor"), padding_side="left")
@@ -132,7 +132,7 @@ grpo_gradient = dict(gradients)
 if os.environ.get("PERL_TEST_RESUME"):
     # resume under N processes: a run stopped after step 1 and resumed to step 2 ends where a straight
     # 2-step run ends (fresh sampling again: each process draws from its own seeded stream)
-    rl.sample_responses, rl.optimizer_step = _sample, _step
+    generation.sample_responses, rl.optimizer_step = _sample, _step
 
     def steps(n: int):  # a constant learning rate: a linear decay would differ between 1 and 2 planned steps
         return build_config(cfg.model_dump(mode="json"), [

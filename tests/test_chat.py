@@ -1,6 +1,8 @@
 """Chat templates: our transcripts become messages, prompts are rendered with add_generation_prompt,
 the response is the assistant turn ended by the template's end-of-turn, `data.chat_template=off`
 turns it off, and TRL's conversational rows are accepted."""
+import math
+
 import pytest
 import torch
 
@@ -95,6 +97,8 @@ def test_chat_template_off_reads_plain_text(tmp_path):
 
 
 def test_generation_stops_on_the_end_of_turn_and_decoding_drops_it(tokenizers):
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
     from perl_core.policy.generation import decode_responses, sample_responses
 
     tok = tokenizers["qwen2.5"]
@@ -113,13 +117,17 @@ def test_generation_stops_on_the_end_of_turn_and_decoding_drops_it(tokenizers):
             n = generation_config.max_new_tokens
             # finished rows are padded after their end token; an unfinished one runs to max_new_tokens
             rows = [words + [end] + [pad] * (n - len(words) - 1), words[:1] + [end] + [pad] * (n - 2), words * 2]
-            return torch.cat([input_ids, torch.tensor([r[:n] for r in rows])], 1)
+            sequences = torch.cat([input_ids, torch.tensor([r[:n] for r in rows])], 1)
+            # uniform processed scores over the vocabulary: each sampled token's log-prob is -log V
+            return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(torch.zeros(3, len(tok)) for _ in range(n)))
 
     n = 2 * len(words)
     samples = sample_responses(Scripted(), tok, [encode_prompt(tok, HH)] * 3, max_new_tokens=n, temperature=0.7)
     assert samples.finished.tolist() == [True, True, False] and samples.temperature == 0.7
     assert samples.response_mask.sum(-1).tolist() == [len(words) + 1, 2, n]
     assert decode_responses(tok, samples) == ["Sure, one latte", tok.decode(words[:1]), tok.decode(words * 2)]
+    expected = -math.log(len(tok)) * samples.response_mask.float()  # 0 after the end token
+    assert torch.allclose(samples.logprobs, expected)
 
 
 # ---------------------------------------------------------------- TRL's conversational rows

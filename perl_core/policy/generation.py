@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from perl_core.artifacts import read_manifest
 from perl_core.config import GenerationConfig
@@ -38,6 +39,9 @@ class Samples:
     prompt_width: int
     finished: torch.Tensor         # [N] bool: the response ended with EOS (not cut by max_new_tokens)
     temperature: float = 1.0       # greedy samples carry 1.0: their log-probs are the untempered model's
+    # [N, T]: the sampler's log-prob of each sampled token under the distribution it drew from (T, top_p), 0 off
+    # the response mask; what RL's log-prob guard compares with the learner's (`rl.logprob_gap`)
+    logprobs: Optional[torch.Tensor] = None
 
     @property
     def responses(self) -> torch.Tensor:
@@ -45,7 +49,8 @@ class Samples:
 
     def to(self, device: torch.device) -> "Samples":
         return replace(self, sequences=self.sequences.to(device), attention_mask=self.attention_mask.to(device),
-                       response_mask=self.response_mask.to(device), finished=self.finished.to(device))
+                       response_mask=self.response_mask.to(device), finished=self.finished.to(device),
+                       logprobs=None if self.logprobs is None else self.logprobs.to(device))
 
 
 @contextlib.contextmanager
@@ -60,11 +65,11 @@ def merged_adapters(model):
     16-bit matmul W + dW would round small updates away, which the unmerged adapter (its own matmuls)
     keeps, so the samples would come from another policy than the one trained. Anything but plain
     LoRA on linear layers (DoRA and other variants, LoRA biases, other layer types), or no PEFT model
-    at all, samples as it is."""
+    at all, samples as it is, and so does a model whose adapters are off (`disable_adapter`: the anchor)."""
     from peft.tuners.lora import Linear as LoraLinear, LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if hasattr(model, "disable_adapter") else []
-    active = [(m, [a for a in m.active_adapters if a in m.lora_A]) for m in layers]
+    active = [(m, [a for a in m.active_adapters if a in m.lora_A]) for m in layers if not m.disable_adapters]
     active = [(m, names) for m, names in active if names and not getattr(m, "merged", False)]
     plain = all(isinstance(m, LoraLinear) and m.get_base_layer().weight.dtype == torch.float32
                 and not any(m.use_dora.get(a, False) or a in getattr(m, "lora_variant", {})
@@ -107,17 +112,21 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=0,  # transformers otherwise applies top_k=50 silently
         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+        output_scores=True, return_dict_in_generate=True,  # the processed scores: the sampled tokens' log-probs
     )
     was_training = model.training
     model.eval()  # no dropout, and gradient-checkpointed layers keep the KV cache (they drop it in training mode)
     with merged_adapters(model):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
     model.train(was_training)
-    out = out.cpu()
+    out = generated.sequences.cpu()
     width = ids.shape[1]
     response = out[:, width:]
     if response.shape[1] == 0:
         raise UserError("generate returned no new tokens")
+    # scores[t] = the logits of step t after temperature and top-p (-inf outside the nucleus), in float32
+    logprobs = torch.stack([F.log_softmax(score.float(), dim=-1).gather(-1, response[:, t:t + 1].to(score.device))
+                            .squeeze(-1).cpu() for t, score in enumerate(generated.scores)], dim=1)
     is_eos = response == eos
     # keep tokens up to and including the first EOS; everything after it is padding
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -125,7 +134,31 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     finished = is_eos.any(-1)
     sequences = torch.cat([ids, response.masked_fill(after_eos, pad)], dim=1)
     attention_mask = torch.cat([mask, response_mask], dim=1)
-    return Samples(sequences, attention_mask, response_mask, width, finished, 1.0 if greedy else float(temperature))
+    return Samples(sequences, attention_mask, response_mask, width, finished, 1.0 if greedy else float(temperature),
+                   logprobs=logprobs.masked_fill(after_eos, 0.0))
+
+
+class HFSampler:
+    """RL's sampler in the trainer's process: `sample_responses` on the policy itself, so every step
+    samples from the weights being trained (`sync` has nothing to send; the version is the step)."""
+
+    engine = "hf"
+
+    def __init__(self, policy, tokenizer, gen: GenerationConfig):
+        self.policy, self.tokenizer, self.gen, self.version = policy, tokenizer, gen, 0
+
+    def sync(self, step: int) -> None:
+        self.version = step
+
+    def sample(self, prompt_ids: list[list[int]]) -> Samples:
+        return sample_responses(self.policy, self.tokenizer, prompt_ids, max_new_tokens=self.gen.max_new_tokens,
+                                temperature=self.gen.temperature, top_p=self.gen.top_p)
+
+    def __enter__(self) -> "HFSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def decode_responses(tokenizer, samples: Samples) -> list[str]:

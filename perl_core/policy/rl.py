@@ -70,7 +70,7 @@ from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback,
 from perl_core.config import PolicyConfig, RewardTerm
 from perl_core.devices import autocast, grad_scaler
 from perl_core.errors import UserError
-from perl_core.policy.generation import Samples, decode_responses, sample_responses
+from perl_core.policy.generation import HFSampler, Samples, decode_responses
 from perl_core.policy.rewards import combine, function_rewards, resolve
 from perl_core.modeling import prompts_within
 from perl_core.packing import can_pack, pack, packed_token_logits, plain_logits
@@ -238,6 +238,37 @@ class RunningMoments:
         return (x - self.mean) / math.sqrt(self.var + 1e-8)
 
 
+def logprob_gap(samples: Samples, policy_logp: torch.Tensor) -> Optional[dict[str, float]]:
+    """|sampler's - learner's log-prob| per sampled token, its mean and max (None when the sampler gave none)."""
+    if samples.logprobs is None:
+        return None
+    mask = samples.response_mask.bool().cpu()
+    gap = (samples.logprobs.cpu() - policy_logp.detach().float().cpu()).abs()[mask]
+    if gap.numel() == 0:
+        return {"logprob_gap": 0.0, "logprob_gap_max": 0.0}
+    return {"logprob_gap": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+
+
+def gap_threshold(cfg: PolicyConfig, device: torch.device) -> Optional[float]:
+    """policy.max_logprob_gap, or its automatic value: 0.02 in fp32, 0.1 under 16-bit autocast, none with top_p < 1."""
+    if cfg.max_logprob_gap is not None:
+        return cfg.max_logprob_gap
+    if cfg.generation.top_p < 1:
+        return None
+    from perl_core import devices  # looked up at call time, as autocast does
+
+    return 0.1 if devices.autocast_dtype(cfg.train.precision, device, "policy.train.precision") else 0.02
+
+
+def check_logprob_gap(gap: Optional[dict[str, float]], threshold: Optional[float], step: int, sampler) -> None:
+    if gap is None or threshold is None or not gap["logprob_gap_max"] > threshold:
+        return
+    raise UserError(f"RL step {step}: the sampler is not sampling from the policy: a sampled token's log-prob differs "
+                    f"by {gap['logprob_gap_max']:.4g} (mean {gap['logprob_gap']:.4g}) between the {sampler.engine} "
+                    f"sampler (adapter version {sampler.version}) and the learner, above policy.max_logprob_gap="
+                    f"{threshold:g}; the sampler's weights are stale or not the policy's")
+
+
 # ---------------------------------------------------------------- micro-batches
 def row_chunks(n: int, size: Optional[int]) -> list[slice]:
     """Consecutive row ranges of at most `size` rows covering 0..n-1 (one range when size is None)."""
@@ -248,7 +279,8 @@ def row_chunks(n: int, size: Optional[int]) -> list[slice]:
 def sample_rows(samples: Samples, rows: slice) -> Samples:
     """The samples of `rows`, with the batch's padding (so every row's forward is the one it has in the whole batch)."""
     return replace(samples, sequences=samples.sequences[rows], attention_mask=samples.attention_mask[rows],
-                   response_mask=samples.response_mask[rows], finished=samples.finished[rows])
+                   response_mask=samples.response_mask[rows], finished=samples.finished[rows],
+                   logprobs=None if samples.logprobs is None else samples.logprobs[rows])
 
 
 class PolicyLogprobs(nn.Module):
@@ -317,6 +349,7 @@ class Learner:
     logp: torch.Tensor
     entropy: torch.Tensor
     hidden: list
+    gap: Optional[dict[str, float]] = None  # the sampler's log-probs against these (rl/logprob_gap)
     total: torch.Tensor = None
     kl: torch.Tensor = None
     advantage: torch.Tensor = None
@@ -335,7 +368,7 @@ class RLRun:
     """The run's fixed parts (roles, optimizer, the update's forward, reward terms) and :meth:`step`."""
 
     def __init__(self, roles, tokenizer, encoded: list, cfg: PolicyConfig, checkpoint_dir: Optional[Path],
-                 prompt_rows: Optional[dict[str, dict]], gold_score: Optional[Callable[[str, str], float]]):
+                 prompt_rows: Optional[dict[str, dict]], gold_score: Optional[Callable[[str, str], float]], sampler=None):
         tc = cfg.train
         self.roles, self.tokenizer, self.encoded, self.cfg, self.checkpoint_dir = roles, tokenizer, encoded, cfg, checkpoint_dir
         self.prompt_rows, self.gold_score = prompt_rows, gold_score
@@ -344,6 +377,8 @@ class RLRun:
         self.functions = resolve(cfg.rewards)  # a reward function that does not import stops the run before any work
         self.custom_rewards = cfg.rewards != [RewardTerm()]  # the default, the reward model alone, logs as it always has
         self.scaler = grad_scaler(tc.precision, self.device)
+        self.sampler = sampler or HFSampler(roles.policy, tokenizer, cfg.generation)
+        self.max_gap = gap_threshold(cfg, self.device)
         set_seed(tc.seed)
         self.value_head = nn.Linear(roles.hidden_size, 1) \
             if cfg.algorithm == "reinforce" and cfg.baseline == "value_head" else None
@@ -382,10 +417,9 @@ class RLRun:
                                                                             cfg.train.seed, step))]
         if self.world > 1:  # each process its own sampling stream, the same after a resume
             torch.manual_seed(random.Random(f"{cfg.train.seed}-{step}-{parallel.rank()}").getrandbits(63))
+        self.sampler.sync(step)  # the sampler first takes the policy's weights (vLLM: the adapter, by version)
         with self.amp():
-            samples = sample_responses(self.roles.policy, self.tokenizer, [ids for _, ids in chosen for _ in range(k)],
-                                       max_new_tokens=cfg.generation.max_new_tokens,
-                                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)
+            samples = self.sampler.sample([ids for _, ids in chosen for _ in range(k)])
         responses = decode_responses(self.tokenizer, samples)
         return Rollout([p for p, _ in chosen for _ in range(k)], samples, responses,
                        row_chunks(len(responses), cfg.train.micro_batch_size))
@@ -417,7 +451,8 @@ class RLRun:
         with torch.set_grad_enabled(len(rollout.chunks) == 1), self.amp():
             logp, entropy, *hidden = chunked_logprobs(self.update_forward, rollout.samples, rollout.chunks,
                                                       self.value_head is not None)
-        learner = Learner(logp, entropy, hidden)
+        learner = Learner(logp, entropy, hidden, gap=logprob_gap(rollout.samples, logp))
+        check_logprob_gap(learner.gap, self.max_gap, step + 1, self.sampler)  # every step: is it the policy's sample?
         state.moments.update(parallel.gather(scores.rm_reward))  # the moments of every process's rewards
         rm_part = state.moments.normalise(scores.rm_reward) if cfg.normalize_rewards else scores.rm_reward
         reward = clip_reward(combine([rm_part if fn is None else values for fn, values in zip(self.functions, scores.raw)],
@@ -496,6 +531,7 @@ class RLRun:
             "finished_fraction": float(samples.finished.float().mean()), "policy_loss": loss,
             "advantage_std": float(learner.advantage.std()), "grad_norm": float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0], **seconds, "tokens_per_second": n_tokens / seconds["step_seconds"],
+            **(learner.gap or {}),
         }
         if self.value_head is not None:
             metrics["value_loss"] = float(learner.value_loss.detach())
@@ -524,8 +560,12 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
             checkpoint_dir: Optional[Path] = None, resume: bool = False,
             gold_score: Optional[Callable[[str, str], float]] = None,
             samples_callback: SamplesCallback = null_samples,
-            prompt_rows: Optional[dict[str, dict]] = None) -> RLResult:
+            prompt_rows: Optional[dict[str, dict]] = None, sampler=None) -> RLResult:
     """Train `roles.policy` for `cfg.train.max_steps` steps on `prompts` (see the module docstring).
+
+    `sampler` draws the step's samples (`generation.HFSampler` on the policy when none; the stage
+    passes `vllm_engine.VLLMSampler` for `policy.generation.engine: vllm`); its log-probs are checked
+    against the learner's every step (`check_logprob_gap`).
 
     Every `cfg.log_samples_every` steps and at the last one, the step's completions go to `samples_callback`.
     `prompt_rows` maps a prompt to its data row, which reward functions (`policy.rewards`) receive.
@@ -540,7 +580,7 @@ def rl_loop(roles, tokenizer, prompts: list[str], cfg: PolicyConfig, *, callback
         raise UserError(f"only {len(encoded)} prompts fit policy.max_prompt_length={cfg.max_prompt_length}, fewer than "
                         f"policy.train.batch_size={tc.batch_size}: under {world} processes every step needs a whole "
                         "batch (each process takes batch_size / N of its prompts); lower the batch size or add prompts")
-    run = RLRun(roles, tokenizer, encoded, cfg, checkpoint_dir, prompt_rows, gold_score)
+    run = RLRun(roles, tokenizer, encoded, cfg, checkpoint_dir, prompt_rows, gold_score, sampler)
     step, extra, _ = resume_from(checkpoint_dir, resume, run.trainable, run.optimizer, run.scheduler, run.scaler)
     state = RLState(extra["kl_coef"], extra["baseline"], RunningMoments(**extra["moments"])) if extra \
         else RLState(cfg.kl_coef)

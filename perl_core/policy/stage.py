@@ -13,9 +13,11 @@ from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback,
 from perl_core.config import PerlConfig
 from perl_core.data import versioning
 from perl_core.devices import autocast_dtype, run_device
-from perl_core.reward.stage import read_reward_manifest
+from perl_core.errors import UserError
 from perl_core.policy.rl import rl_loop
 from perl_core.policy.roles import build_ensemble_roles, build_roles
+from perl_core.policy.vllm_engine import policy_sampler
+from perl_core.reward.stage import read_reward_manifest
 
 
 def _summary(history: list[dict[str, float]], last: int = 10) -> dict[str, float]:
@@ -47,9 +49,13 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
     if not all(term.function is None for term in cfg.policy.rewards):
         from perl_core.data import load_prompt_rows
         rows = load_prompt_rows(cfg.data, "train")
-    result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
-                     checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
-                     samples_callback=samples_callback, prompt_rows=rows)
+    if cfg.policy.generation.engine == "vllm" and parallel.world_size() > 1:
+        raise UserError("policy.generation.engine=vllm samples through one vLLM server: run the policy stage in "
+                        "one process (or use engine hf under accelerate launch)")
+    with policy_sampler(cfg.policy, roles.policy, roles.tokenizer, anchor_dir, out_dir) as sampler:
+        result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
+                         checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
+                         samples_callback=samples_callback, prompt_rows=rows, sampler=sampler)
     # final_kl_coef, like every final_* metric, is the mean over the last steps (`_summary`);
     # the coefficient the run ended on is `last_kl_coef`
     metrics = _summary(result.history) | {"steps": result.step, "seconds": result.seconds,
