@@ -118,7 +118,8 @@ class VLLMServer:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(self.command(python), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(), start_new_session=True, cwd=self.run_dir)
+                                            env=self.environment(), start_new_session=True, cwd=self.run_dir,
+                                            preexec_fn=_die_with_parent)
         finally:
             log.close()
         try:
@@ -201,6 +202,17 @@ class VLLMServer:
 
     def get(self, path: str) -> dict:
         return self.request(path)
+
+
+def _die_with_parent() -> None:
+    """In the server's child before exec: SIGTERM when the trainer dies (a killed run leaves no server;
+    vLLM's own shutdown then stops its engine processes). Linux only; elsewhere `stop` alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
