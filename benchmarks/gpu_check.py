@@ -19,6 +19,14 @@ tokenizers, safetensors, psutil, pyyaml, ...), plus the pure-Python wheels in CA
 machine lacks them: `make gpu-wheels` puts them in `.gpu_wheels/`, which this script appends to
 `sys.path` (a machine's own copy wins). Nothing of Prefect, MLflow, DVC or datasets is imported.
 
+No vLLM row (`policy.generation.engine: vllm`): vLLM is not installed on the GPU machine, and its
+CUDA build (a vllm wheel pinned to that machine's torch and CUDA, with its dependencies several
+GB) does not fit what a device run can carry. A row needs a virtualenv with a CUDA vLLM whose torch
+matches the machine's, an anchor folder the server can read (the random-weight shapes above, saved
+with `save_pretrained`), and then, per shape, `benchmarks/rollout_engines.py` with
+`--set policy.generation.vllm.python=<that env>/bin/python` (and `--dtype bfloat16` in
+`policy.generation.vllm.extra_args`: the started server serves fp32 unless a later `--dtype` says otherwise).
+
     PYTHONPATH=. python benchmarks/gpu_check.py --out gpu_check.json            # on the GPU machine
     PYTHONPATH=. python benchmarks/gpu_check.py --quick --shapes llama-micro    # seconds, on a CPU
 """

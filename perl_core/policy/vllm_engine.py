@@ -118,7 +118,8 @@ class VLLMServer:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(self.command(python), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(), start_new_session=True, cwd=self.run_dir)
+                                            env=self.environment(), start_new_session=True, cwd=self.run_dir,
+                                            preexec_fn=_die_with_parent)
         finally:
             log.close()
         try:
@@ -203,6 +204,17 @@ class VLLMServer:
         return self.request(path)
 
 
+def _die_with_parent() -> None:
+    """In the server's child before exec: SIGTERM when the trainer dies (a killed run leaves no server;
+    vLLM's own shutdown then stops its engine processes). Linux only; elsewhere `stop` alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _free_port() -> int:
     import socket
 
@@ -234,6 +246,9 @@ class VLLMSampler:
         self.adapter_root = self.run_dir / "adapters"
         self.version: Optional[int] = None  # the step whose adapter the server samples with
         self.loaded: Optional[str] = None
+        self.used: set[str] = set()
+        self.folder: Optional[Path] = None
+        self.last_texts: list[str] = []  # the server's own decoding of the last samples
         self.sync_seconds = 0.0
         need = cfg.max_prompt_length + gen.max_new_tokens + 1
         self.server = VLLMServer(self.vcfg, anchor_dir, self.run_dir, max_model_len=max(512, need),
@@ -262,11 +277,16 @@ class VLLMSampler:
         self.policy.save_pretrained(str(folder), selected_adapters=[POLICY_ADAPTER], safe_serialization=True,
                                     save_embedding_layers=False)
         name = f"policy-v{version}"
+        if name in self.used:  # the server refuses a name it has held (a second run on one sampler)
+            name = f"{name}.{len(self.used)}"
+        self.used.add(name)
         self.server.request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())})
         old, self.loaded, self.version = self.loaded, name, version
-        if old is not None and old != name:
+        old_folder, self.folder = self.folder, folder
+        if old is not None:
             self.server.request("/v1/unload_lora_adapter", {"lora_name": old})
-            shutil.rmtree(self.adapter_root / old.removeprefix("policy-"), ignore_errors=True)
+            if old_folder != folder:
+                shutil.rmtree(old_folder, ignore_errors=True)
         self.sync_seconds = time.perf_counter() - t0
 
     # -------------------------------------------------------- sampling
@@ -277,12 +297,13 @@ class VLLMSampler:
         body = {"model": self.loaded, "prompt": prompt_ids, "max_tokens": gen.max_new_tokens,
                 "temperature": gen.temperature, "top_p": gen.top_p, "top_k": -1, "logprobs": 0,
                 "return_tokens_as_token_ids": True, "stop_token_ids": [end], "ignore_eos": True,
-                "skip_special_tokens": False, "n": 1}
+                "skip_special_tokens": True, "n": 1}
         out = self.server.request("/v1/completions", body, timeout=self.vcfg.request_timeout_s)
         choices = sorted(out.get("choices", []), key=lambda c: c["index"])
         if len(choices) != len(prompt_ids):
             raise UserError(f"vLLM server {self.server.url}: {len(choices)} completions for {len(prompt_ids)} prompts")
         tokens, logps = zip(*(parse_choice(c) for c in choices))
+        self.last_texts = [c.get("text", "") for c in choices]
         return layout_samples(prompt_ids, list(tokens), list(logps), gen.max_new_tokens, end, pad, gen.temperature)
 
 
