@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     from perl_core.config import load_config
     from perl_core.modeling import resolve_backbone
     from perl_core.policy.stage import train_policy
-    from perl_core.reward import train_reward_model
+    from perl_core.reward.train import train_reward_model
 
     work = Path(args.work_dir)
     cfg = load_config("smollm2", [f"policy.train.max_steps={args.steps}", f"reward.train.max_steps={args.rm_steps}",
