@@ -42,6 +42,7 @@ BASE_IMAGE = os.environ.get("PERL_BASE_IMAGE", "perl-base/python:3.11-bookworm")
 POSTGRES_IMAGE = os.environ.get("PERL_POSTGRES_IMAGE", "perl-base/postgres:15-bookworm")
 PROJECT = "perl-e2e"
 APP = "/opt/perl/app"
+WHEEL_PORT = int(os.environ.get("PERL_WHEEL_PORT", "18765"))
 
 
 def docker(*args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -137,7 +138,10 @@ def image(engine, tmp_path_factory):
         (folder / wheel.name).symlink_to(wheel)
         host = _bridge_gateway()
         handler = functools.partial(_QuietFiles, directory=str(folder))
-        server = http.server.ThreadingHTTPServer((host, 0), handler)
+        try:  # a fixed address: TORCH_FIND_LINKS is part of the install step's cache key
+            server = http.server.ThreadingHTTPServer((host, WHEEL_PORT), handler)
+        except OSError:  # taken: any port, at the cost of that step's cache
+            server = http.server.ThreadingHTTPServer((host, 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         args += ["--build-arg", f"TORCH_FIND_LINKS=http://{host}:{server.server_address[1]}/"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
