@@ -2,7 +2,8 @@
 
 On the smollm2 preset's synthetic task (SmolLM2-135M-Instruct): one anchor and one reward model,
 then the same RL run (same seed, same steps) once per engine; per engine the RL step time, the
-sampling time and samples/s, the log-prob guard's gap, and the RL result at equal steps (the reward
+sampling time and samples/s, the scoring and update time (with vllm: the trainer beside the idle
+server, which shows whether its threads leave the cores alone), the log-prob guard's gap, and the RL result at equal steps (the reward
 model's score and the gold score of the sampled responses, means over the last `--window` steps).
 
     python benchmarks/rollout_engines.py --steps 6                 # needs `make vllm-env`; ~10 min on 2 CPU cores
@@ -72,17 +73,20 @@ def main(argv=None) -> dict:
         rows[engine] = {
             "steps": len(history), "stage_seconds": wall, "samples_per_step": n,
             "step_seconds": mean("step_seconds"), "generate_seconds": mean("generate_seconds"),
-            "samples_per_second": n / mean("generate_seconds"), "update_seconds": mean("update_seconds"),
+            "samples_per_second": n / mean("generate_seconds"), "score_seconds": mean("score_seconds"),
+            "update_seconds": mean("update_seconds"),  # with vllm: the trainer beside an idle server
             "logprob_gap_mean": mean("logprob_gap"), "logprob_gap_max": max(m["rl/logprob_gap_max"] for m in history),
             "final_reward": mean("reward", tail), "final_gold": mean("gold_score", tail),
             "first_step_seconds": history[0]["rl/step_seconds"]}
     report = {"config": "smollm2", "steps": args.steps, "window": args.window, "engines": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print("| engine | step s | generate s | samples/s | gap mean | gap max | reward (last) | gold (last) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | step s | generate s | samples/s | score s | update s | gap mean | gap max | reward (last) | "
+          "gold (last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for engine, r in rows.items():
         print(f"| {engine} | {r['step_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['samples_per_second']:.2f} | "
+              f"{r['score_seconds']:.1f} | {r['update_seconds']:.1f} | "
               f"{r['logprob_gap_mean']:.1e} | {r['logprob_gap_max']:.1e} | {r['final_reward']:.3f} | "
               f"{r['final_gold']:.3f} |")
     return report

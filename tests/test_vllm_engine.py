@@ -93,7 +93,8 @@ def test_samples_decode_as_the_hf_tokenizer_does_and_match_the_learner(dirs, sam
     use(sampler, roles).sync(0)
     ids = [encode_prompt(roles.tokenizer, p) for p in PROMPTS for _ in range(2)]
     samples = sampler.sample(ids)
-    assert decode_responses(roles.tokenizer, samples) == sampler.last_texts
+    # the server's own detokenizer holds back a UTF-8 character cut in half at the end (max_new_tokens): HF shows U+FFFD
+    assert [t.rstrip("\ufffd") for t in decode_responses(roles.tokenizer, samples)] == sampler.last_texts
     assert samples.sequences.shape[1] == samples.prompt_width + samples.response_mask.shape[1]
     end = roles.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for row, mask, done in zip(samples.responses, samples.response_mask, samples.finished):
