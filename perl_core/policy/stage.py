@@ -11,7 +11,9 @@ from perl_core import parallel
 from perl_core.artifacts import ENSEMBLE_KIND, StageResult, read_manifest, write_manifest
 from perl_core.callbacks import MetricsCallback, SamplesCallback, null_callback, null_samples
 from perl_core.config import PerlConfig
+from perl_core import data as data_api
 from perl_core.data import versioning
+from perl_core.data.synthetic import gold_score
 from perl_core.devices import autocast_dtype, run_device
 from perl_core.errors import UserError
 from perl_core.policy.rl import rl_loop
@@ -30,28 +32,23 @@ def train_policy(cfg: PerlConfig, out_dir: str | Path, anchor_dir: str | Path, r
                  callback: MetricsCallback = null_callback, resume: bool = False,
                  samples_callback: SamplesCallback = null_samples) -> StageResult:
     """RL the anchor against the reward model; writes the policy (PEFT adapter or full model) to `out_dir`."""
-    from perl_core.data import load_prompts  # looked up at call time: tests stand in for the data
-
     autocast_dtype(cfg.policy.train.precision, run_device(), "policy.train.precision")  # refuse before any work
     parallel.per_process(cfg.policy.train.batch_size, "policy.train.batch_size")
+    if cfg.policy.generation.engine == "vllm" and parallel.world_size() > 1:
+        raise UserError("policy.generation.engine=vllm samples through one vLLM server: run the policy stage in "
+                        "one process (or use engine hf under accelerate launch)")
     out_dir, anchor_dir, reward_model_dir = Path(out_dir), Path(anchor_dir), Path(reward_model_dir)
     anchor_manifest = read_manifest(anchor_dir, expect_kind="anchor")
     rm_manifest = read_reward_manifest(reward_model_dir)
-    prompts = load_prompts(cfg.data, "train")
+    prompts = data_api.load_prompts(cfg.data, "train")  # looked up at call time: tests stand in for the data
     build = build_ensemble_roles if rm_manifest["kind"] == ENSEMBLE_KIND else build_roles
     roles = build(cfg.policy, anchor_dir, reward_model_dir, sample_texts=prompts[:64])
-    gold = None
-    if cfg.data.source == "synthetic":
-        from perl_core.data.synthetic import gold_score as gold
+    gold = gold_score if cfg.data.source == "synthetic" else None
     # reward functions read the prompts' data rows; the reward model is still loaded when none lists it
     # (the roles share its backbone) but then never scores
     rows = None
     if not all(term.function is None for term in cfg.policy.rewards):
-        from perl_core.data import load_prompt_rows
-        rows = load_prompt_rows(cfg.data, "train")
-    if cfg.policy.generation.engine == "vllm" and parallel.world_size() > 1:
-        raise UserError("policy.generation.engine=vllm samples through one vLLM server: run the policy stage in "
-                        "one process (or use engine hf under accelerate launch)")
+        rows = data_api.load_prompt_rows(cfg.data, "train")
     with policy_sampler(cfg.policy, roles.policy, roles.tokenizer, anchor_dir, out_dir) as sampler:
         result = rl_loop(roles, roles.tokenizer, prompts, cfg.policy, callback=callback,
                          checkpoint_dir=out_dir / "checkpoints", resume=resume, gold_score=gold,
