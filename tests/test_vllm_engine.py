@@ -18,7 +18,7 @@ from perl_core.modeling import encode_prompt, resolve_backbone
 from perl_core.policy.generation import decode_responses
 from perl_core.policy.rl import logprob_gap, rl_loop, token_logprobs
 from perl_core.policy.roles import build_roles
-from perl_core.policy.vllm_engine import VLLMSampler, default_python
+from perl_core.policy.vllm_engine import VLLMSampler, default_python, group_processes
 from stand_ins import stand_in_reward_model
 
 PYTHON = default_python()
@@ -131,5 +131,4 @@ def test_the_server_stops_with_its_whole_process_group(sampler):
     pgid = os.getpgid(sampler.server.process.pid)
     sampler.__exit__(None, None, None)
     assert sampler.server.process is None
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
+    assert group_processes(pgid) == []  # no live process of the server's group (zombies are reaped by init)

@@ -223,14 +223,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_processes(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, from /proc (Linux)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
+            live.append(int(stat.parent.name))
+    return live
+
+
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return bool(group_processes(pgid))
 
 
 class VLLMSampler:
