@@ -245,7 +245,7 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     baseline = _preload()
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
-    from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, peft_lora_config, prompts_within
+    from perl_core.modeling import load_causal_lm, load_tokenizer, peft_lora_config, prompts_within
     from perl_core.reward.train import RewardScorer
     from perl_core.training import set_seed
 
@@ -256,11 +256,11 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     scorer = RewardScorer.load(reward_model_dir)
     rm_calls: list[float] = []
 
-    def perl_reward_model(prompts, completions, **kwargs) -> list[float]:
+    def perl_reward_model(prompts, completions, text, **kwargs) -> list[float]:
         from perl_core.eval.policy import rm_scores
 
         t0 = time.perf_counter()
-        scores = rm_scores(scorer, list(prompts), list(completions))
+        scores = rm_scores(scorer, list(text), completion_texts(completions))
         rm_calls.append(time.perf_counter() - t0)
         return [float(s) for s in scores]
 
@@ -276,21 +276,43 @@ def trl_rloo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
             max_completion_length=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p, top_k=0,
             beta=pc.kl_coef, normalize_advantages=False, num_iterations=1, **common)
         trainer = RLOOTrainer(model=model, reward_funcs=perl_reward_model, args=args,
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                              train_dataset=Dataset.from_list(trl_prompts(tokenizer, prompts)),
                               processing_class=tokenizer, peft_config=peft_lora_config(model, pc.lora, "CAUSAL_LM"),
                               callbacks=[timer])
-        counts = parameter_counts(trainer.model)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
+        counts, train_seconds, quality = train_and_judge(trainer, cfg, reward_model_dir, tokenizer, scorer)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        out = Path(tmp) / "policy"
-        trainer.model.eval()
-        merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-        quality = _policy_quality(cfg, None, reward_model_dir, model=merged, tokenizer=tokenizer, scorer=scorer)
-    del out
     return _finish(_rl_result("trl", cfg, timer.seconds, rewards, [], counts["trainable"], train_seconds, quality,
                               extra={"rm_seconds_total": sum(rm_calls)}), baseline)
+
+
+def trl_prompts(tokenizer, prompts: Sequence[str]) -> list[dict]:
+    """TRL's training rows for our prompts. A chat model gets the turns ours renders, as messages (TRL
+    applies the same chat template with the generation prompt); `text` is our prompt, which TRL hands
+    the reward callable as a keyword and which our reward model reads."""
+    from perl_core.modeling import prompt_messages, uses_chat_template
+
+    chat = uses_chat_template(tokenizer)
+    return [{"prompt": prompt_messages(p) if chat else p, "text": p} for p in prompts]
+
+
+def completion_texts(completions) -> list[str]:
+    """TRL's completions as text: a chat model's are messages, the answer the last one's content."""
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
+
+def train_and_judge(trainer, cfg, reward_model_dir, tokenizer, scorer) -> tuple[dict, float, dict]:
+    """Train a TRL trainer (timed), then judge its policy, adapter merged, as ours is judged:
+    (parameter counts, training seconds, quality)."""
+    from perl_core.modeling import parameter_counts
+
+    counts = parameter_counts(trainer.model)
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+    trainer.model.eval()
+    merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    return counts, train_seconds, _policy_quality(cfg, None, reward_model_dir, model=merged, tokenizer=tokenizer,
+                                                  scorer=scorer)
 
 
 def _rl_result(library: str, cfg, steps, rewards, gold, trainable, train_seconds, quality, extra=None) -> dict:

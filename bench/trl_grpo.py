@@ -91,7 +91,7 @@ def trl_grpo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     from perl_core import data as data_api
     from perl_core.config import PerlConfig
     from perl_core.eval.policy import rm_scores
-    from perl_core.modeling import load_causal_lm, load_tokenizer, parameter_counts, peft_lora_config, prompts_within
+    from perl_core.modeling import load_causal_lm, load_tokenizer, peft_lora_config, prompts_within
     from perl_core.reward.train import RewardScorer
     from perl_core.training import set_seed
 
@@ -102,8 +102,8 @@ def trl_grpo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
     prompts = [p for p, _ in prompts_within(tokenizer, data_api.load_prompts(cfg.data, "train"), pc.max_prompt_length)]
     scorer = RewardScorer.load(reward_model_dir)
 
-    def perl_reward_model(prompts, completions, **kwargs) -> list[float]:
-        return [float(s) for s in rm_scores(scorer, list(prompts), list(completions))]
+    def perl_reward_model(prompts, completions, text, **kwargs) -> list[float]:
+        return [float(s) for s in rm_scores(scorer, list(text), T.completion_texts(completions))]
 
     set_seed(tc.seed)
     model = load_causal_lm(anchor_dir)
@@ -118,16 +118,10 @@ def trl_grpo_workload(config: dict, anchor_dir: str, reward_model_dir: str) -> d
             beta=pc.kl_coef, loss_type=pc.loss_type, num_iterations=mu, epsilon=pc.epsilon_low,
             epsilon_high=pc.epsilon_high, scale_rewards="group" if pc.scale_advantages else "none", **common)
         trainer = GRPOTrainer(model=model, reward_funcs=perl_reward_model, args=args,
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                              train_dataset=Dataset.from_list(T.trl_prompts(tokenizer, prompts)),
                               processing_class=tokenizer, peft_config=peft_lora_config(model, pc.lora, "CAUSAL_LM"),
                               callbacks=[timer])
-        counts = parameter_counts(trainer.model)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        trainer.model.eval()
-        merged = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-        quality = T._policy_quality(cfg, None, reward_model_dir, model=merged, tokenizer=tokenizer, scorer=scorer)
+        counts, train_seconds, quality = T.train_and_judge(trainer, cfg, reward_model_dir, tokenizer, scorer)
     steps = timer.seconds
     batches = [sum(steps[i:i + mu]) for i in range(0, len(steps) - mu + 1, mu)]  # a generation and its mu updates
     return T._finish(_result("trl", cfg, batches, train_seconds, counts["trainable"], quality), baseline)
