@@ -7,6 +7,9 @@ One call, :func:`efficiency_report`, runs in order
    each rank trained exactly like the reward benchmark's LoRA setting (alpha / r kept),
 4. TRL's `RewardTrainer` and `RLOOTrainer` with LoRA against ours on the benchmarks' LoRA settings
    (`bench/trl_compare.py`; skipped, and said so, when the `bench` extra is not installed),
+5. with `engines`: RL rollouts through `generate` against a vLLM server on the policy benchmark's
+   LoRA setting, anchor and reward model (`bench/engines.py`; skipped, and said so, without a vLLM
+   environment),
 every setting in a fresh Python process, and writes ONE report into `out_dir`:
 `efficiency_report.json`, `efficiency_report.md`, and PNG plots (quality against rank, peak
 memory and step time bars). Ratios are to full tuning of the same stage; they are the claim,
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from perl_core.eval import reporting as R
+from bench.engines import engine_rows
 from bench.isolation import as_overrides, machine, peak_memory_mb, ratio, run_isolated
 from perl_core.errors import UserError
 
@@ -241,10 +245,25 @@ def trl_rows(trl_result: dict) -> list[dict]:
     return rows
 
 
+def engines_part(policy_bench: Optional[dict], log: Callable[[str], None], parts: Optional[Path] = None,
+                 resume: bool | str = False) -> dict:
+    """RL with `generate` against a vLLM server on the policy benchmark's LoRA setting, anchor and reward model."""
+    from bench.engines import engines_comparison
+
+    work = Path(policy_bench["request"].get("work_dir") or "") if policy_bench else None
+    if not (work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists()):
+        return {"skipped": "the policy benchmark did not provide an anchor and reward model to share"}
+    config = setting_config(policy_bench, "lora", "the policy benchmark")
+    result = _cached(parts / "rollout_engines.json" if parts else None, resume,
+                     lambda: engines_comparison(config, work / "anchor", work / "reward_model", work / "engines",
+                                                log=log))
+    return result if result is not None else {"skipped": "not measured in this run"}
+
+
 # ---------------------------------------------------------------- the report
 def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "default",
                       overrides: Sequence[str] = (), ranks: Optional[Sequence[int]] = None,
-                      with_trl: bool = True, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
+                      with_trl: bool = True, with_engines: bool = False, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
                       reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None,
                       resume: bool | str = False, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run every benchmark (see the module docstring) and write the report into `out_dir`.
@@ -289,12 +308,13 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
     sweep = rank_sweep(reward_bench, ranks, log, parts, resume)
     trl_result = trl_comparison(reward_bench, policy_bench, log, parts, resume) if with_trl \
         else {"skipped": "--no-trl"}
+    engines = engines_part(policy_bench, log, parts, resume) if with_engines else {"skipped": "without --engines"}
 
     report = {
         "command": " ".join(part for part in ["perl-rlhf report efficiency", "--quick" if quick else "", f"--out {out_dir}",
                              f"--config {preset}" if preset != "default" else "",
                              *(f"--set {o}" for o in overrides), *(f"--rank {r}" for r in (ranks_arg or [])),
-                             "" if with_trl else "--no-trl", f"--backbone {backbone}" if backbone else "",
+                             "" if with_trl else "--no-trl", "--engines" if with_engines else "", f"--backbone {backbone}" if backbone else "",
                              f"--reward-steps {reward_steps}" if reward_steps else "",
                              f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
                              f"--policy-steps {policy_steps}" if policy_steps else "", "--resume" if resume else "",
@@ -308,6 +328,7 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
         "rank_sweep": sweep, "ranks_requested": list(ranks), "resumed": bool(resume),
         "trl": trl_rows(trl_result),
         "trl_raw": trl_result,
+        "engines": engine_rows(engines), "engines_raw": engines,
         "benchmarks": {"reward": reward_bench, "policy": policy_bench},
         "seconds": time.perf_counter() - started,
     }
@@ -441,6 +462,22 @@ def report_markdown(report: dict) -> str:
         if raw.get("rloo", {}).get("skipped"):
             lines += [f"RLOO not measured: {raw['rloo']['skipped']}.", ""]
         lines += TRL_CONFIGURATION
+    lines += ["", "## Rollout engines: `generate` against vLLM", ""]
+    raw = report.get("engines_raw") or {"skipped": "not measured"}
+    if raw.get("skipped"):
+        lines += [f"Not measured: {raw['skipped']}.", ""]
+    else:
+        headers = ["engine", "RL step s", "sampling s", "samples/s", "scoring s", "update s", "log-prob gap max",
+                   "RM reward (last steps)", "gold (last steps)", "step / hf", "samples/s / hf"]
+        table = [[r["engine"], f"{r['step_seconds']:.2f}", f"{r['generate_seconds']:.2f}",
+                  f"{r['samples_per_second']:.2f}", f"{r['score_seconds']:.2f}", f"{r['update_seconds']:.2f}",
+                  f"{r['logprob_gap_max']:.1e}", R.fmt(r["final_reward"]), R.fmt(r["final_gold"]),
+                  _ratio_cell(r["step_ratio_to_hf"]), _ratio_cell(r["samples_per_second_ratio_to_hf"])]
+                 for r in report["engines"]]
+        lines += [R.markdown_table(headers, table), "",
+                  "The policy benchmark's LoRA setting, anchor and reward model, once per "
+                  "`policy.generation.engine`, each in a fresh process; means over the steps. With vllm the "
+                  "update runs beside the idle server.", ""]
     return "\n".join(lines) + "\n"
 
 

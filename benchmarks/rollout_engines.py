@@ -1,10 +1,8 @@
 """RL rollouts through `generate` (hf) and through a vLLM server (vllm), side by side in one run.
 
 On the smollm2 preset's synthetic task (SmolLM2-135M-Instruct): one anchor and one reward model,
-then the same RL run (same seed, same steps) once per engine; per engine the RL step time, the
-sampling time and samples/s, the scoring and update time (with vllm: the trainer beside the idle
-server, which shows whether its threads leave the cores alone), the log-prob guard's gap, and the RL result at equal steps (the reward
-model's score and the gold score of the sampled responses, means over the last `--window` steps).
+then the same RL run (same seed, same steps) once per engine, each in a fresh process
+(`bench.engines`: what each row holds); the ratios vllm / hf.
 
     python benchmarks/rollout_engines.py --steps 6                 # needs `make vllm-env`; ~10 min on 2 CPU cores
     python benchmarks/rollout_engines.py --engines hf --steps 2    # hf alone
@@ -18,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +34,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
 
+    from bench.engines import engine_rows, engines_comparison
     from perl_core import data as data_api
     from perl_core.artifacts import MANIFEST, write_manifest
     from perl_core.config import load_config
     from perl_core.modeling import resolve_backbone
-    from perl_core.policy.stage import train_policy
     from perl_core.reward.train import train_reward_model
 
     work = Path(args.work_dir)
@@ -55,40 +52,20 @@ def main(argv=None) -> dict:
     if not (rm / MANIFEST).exists():
         train_reward_model(cfg, rm, base_model=str(anchor))
 
-    rows = {}
-    for engine in args.engines:
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.policy.generation.engine = engine
-        history: list[dict] = []
-        started = time.perf_counter()
-        train_policy(run_cfg, work / f"policy_{engine}", anchor, rm, callback=lambda m, s: history.append(m))
-        wall = time.perf_counter() - started
-        n = run_cfg.policy.train.batch_size * run_cfg.policy.k
-        tail = history[-args.window:]
-
-        def mean(key, part=history):
-            values = [m[f"rl/{key}"] for m in part if f"rl/{key}" in m]
-            return sum(values) / len(values) if values else None
-
-        rows[engine] = {
-            "steps": len(history), "stage_seconds": wall, "samples_per_step": n,
-            "step_seconds": mean("step_seconds"), "generate_seconds": mean("generate_seconds"),
-            "samples_per_second": n / mean("generate_seconds"), "score_seconds": mean("score_seconds"),
-            "update_seconds": mean("update_seconds"),  # with vllm: the trainer beside an idle server
-            "logprob_gap_mean": mean("logprob_gap"), "logprob_gap_max": max(m["rl/logprob_gap_max"] for m in history),
-            "final_reward": mean("reward", tail), "final_gold": mean("gold_score", tail),
-            "first_step_seconds": history[0]["rl/step_seconds"]}
-    report = {"config": "smollm2", "steps": args.steps, "window": args.window, "engines": rows}
+    result = engines_comparison(cfg.model_dump(mode="json"), anchor, rm, work, args.engines, args.window)
+    if "skipped" in result:
+        raise SystemExit(f"error: {result['skipped']}")
+    report = {"config": "smollm2", "steps": args.steps, "window": args.window, **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print("| engine | step s | generate s | samples/s | score s | update s | gap mean | gap max | reward (last) | "
-          "gold (last) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for engine, r in rows.items():
-        print(f"| {engine} | {r['step_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['samples_per_second']:.2f} | "
-              f"{r['score_seconds']:.1f} | {r['update_seconds']:.1f} | "
-              f"{r['logprob_gap_mean']:.1e} | {r['logprob_gap_max']:.1e} | {r['final_reward']:.3f} | "
-              f"{r['final_gold']:.3f} |")
+    print("| engine | step s | generate s | samples/s | score s | update s | gap max | reward (last) | gold (last) | "
+          "step / hf | samples/s / hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in engine_rows(result):
+        print(f"| {r['engine']} | {r['step_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['samples_per_second']:.2f} | "
+              f"{r['score_seconds']:.1f} | {r['update_seconds']:.1f} | {r['logprob_gap_max']:.1e} | "
+              f"{r['final_reward']:.3f} | {r['final_gold']:.3f} | {r['step_ratio_to_hf'] or float('nan'):.2f} | "
+              f"{r['samples_per_second_ratio_to_hf'] or float('nan'):.2f} |")
     return report
 
 

@@ -20,6 +20,7 @@ def efficiency(
     overrides: Optional[List[str]] = SetOpt,
     ranks: Optional[List[int]] = typer.Option(None, "--rank", help="LoRA ranks to sweep (repeatable; default 1 2 4 8 16 32)"),
     trl: bool = typer.Option(True, "--trl/--no-trl", help="measure TRL side by side (needs the bench extra)"),
+    engines: bool = typer.Option(False, "--engines", help="RL sampled with generate against a vLLM server (needs `make vllm-env`)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="benchmark backbone (default: the benchmarks' scratch:llama-small)"),
     reward_steps: Optional[int] = typer.Option(None, "--reward-steps", help="reward-model steps per setting (rank sweep and TRL too)"),
     reward_batch_size: Optional[int] = typer.Option(None, "--reward-batch-size", help="preference pairs per step"),
@@ -31,7 +32,7 @@ def efficiency(
     from bench.report import efficiency_report
 
     report = efficiency_report(out, quick=quick, preset=config, overrides=list(overrides or []), ranks=ranks,
-                               with_trl=trl, backbone=backbone, reward_steps=reward_steps,
+                               with_trl=trl, with_engines=engines, backbone=backbone, reward_steps=reward_steps,
                                reward_batch_size=reward_batch_size, policy_steps=policy_steps,
                                resume="saved-only" if (resume and saved_only) else resume,
                                log=lambda msg: console.print(f"[dim]{msg}[/]"))
