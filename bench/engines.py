@@ -78,9 +78,12 @@ def engines_comparison(config: dict, anchor_dir, reward_model_dir, out_dir, engi
     out: dict = {"engines": {}}
     for engine in engines:
         log(f"rollout engines: {engine}")
-        out["engines"][engine] = run_isolated("bench.engines:engine_workload", {
-            "config": config, "anchor_dir": str(anchor_dir), "reward_model_dir": str(reward_model_dir),
-            "engine": engine, "out_dir": str(out_dir), "window": window})
+        try:
+            out["engines"][engine] = run_isolated("bench.engines:engine_workload", {
+                "config": config, "anchor_dir": str(anchor_dir), "reward_model_dir": str(reward_model_dir),
+                "engine": engine, "out_dir": str(out_dir), "window": window})
+        except RuntimeError as err:  # e.g. a backbone vLLM cannot serve: the report says so and goes on
+            out.setdefault("failed", {})[engine] = str(err).splitlines()[-1][:300]
     if {"hf", "vllm"} <= out["engines"].keys():
         hf, vllm = out["engines"]["hf"], out["engines"]["vllm"]
         out["vllm_over_hf"] = {key: ratio(vllm[key], hf[key]) for key in

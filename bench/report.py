@@ -478,6 +478,8 @@ def report_markdown(report: dict) -> str:
                   "The policy benchmark's LoRA setting, anchor and reward model, once per "
                   "`policy.generation.engine`, each in a fresh process; means over the steps. With vllm the "
                   "update runs beside the idle server.", ""]
+    for engine, why in (raw.get("failed") or {}).items():
+        lines += [f"{engine} failed: {why}", ""]
     return "\n".join(lines) + "\n"
 
 

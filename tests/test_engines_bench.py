@@ -61,6 +61,9 @@ def test_rows_and_the_report_section_from_hand_made_results():
     table = lines[lines.index("## Rollout engines: `generate` against vLLM") + 4:][:2]
     assert table == ["| hf | 10.00 | 5.00 | 3.20 | 2.00 | 3.00 | 4.0e-05 | 0.100 | 0.300 | 1.00× | 1.00× |",
                      "| vllm | 20.00 | 12.50 | 1.28 | 2.00 | 3.00 | 4.0e-05 | 0.100 | 0.300 | 2.00× | 0.40× |"]
+    failed = report_markdown({**base, "engines_raw": {"engines": {"hf": hf}, "failed": {"vllm": "head size 16"}},
+                              "engines": E.engine_rows({"engines": {"hf": hf}})})
+    assert "vllm failed: head size 16" in failed and "| hf | 10.00 |" in failed
     skipped = report_markdown({**base, "engines_raw": {"skipped": "without --engines"}, "engines": []})
     assert "Not measured: without --engines." in skipped
 
@@ -75,3 +78,18 @@ def test_without_a_vllm_environment_the_comparison_is_skipped_and_says_how(monke
                                  "(or set policy.generation.vllm.python / .url)"}
     served = build_config({"policy": {"generation": {"vllm": {"url": "http://gpu-box:8000"}}}}).model_dump(mode="json")
     assert E.vllm_missing(served) is None
+
+
+def test_an_engine_that_fails_is_named_and_the_other_kept(monkeypatch):
+    row = {"step_seconds": 10.0, "generate_seconds": 5.0, "samples_per_second": 3.2, "score_seconds": 2.0,
+           "update_seconds": 3.0, "stage_seconds": 70.0}
+
+    def fake_run(target, kwargs):
+        if kwargs["engine"] == "vllm":
+            raise RuntimeError("benchmark setting failed (exit 1):\nTraceback ...\nValueError: head size 16 is not supported")
+        return row
+
+    monkeypatch.setattr(E, "run_isolated", fake_run)
+    served = build_config({"policy": {"generation": {"vllm": {"url": "http://gpu-box:8000"}}}}).model_dump(mode="json")
+    result = E.engines_comparison(served, "anchor", "rm", "out", log=lambda msg: None)
+    assert result == {"engines": {"hf": row}, "failed": {"vllm": "ValueError: head size 16 is not supported"}}
