@@ -183,6 +183,14 @@ def rank_sweep(reward_bench: dict, ranks: Sequence[int], log: Callable[[str], No
     return rows
 
 
+def shared_roles(policy_bench: Optional[dict]) -> Optional[Path]:
+    """The policy benchmark's work folder when it holds a trained anchor/ and reward_model/ to share, else None."""
+    work = Path(policy_bench["request"].get("work_dir") or "") if policy_bench else None
+    if work and all((work / name / "manifest.json").exists() for name in ("anchor", "reward_model")):
+        return work
+    return None
+
+
 def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callable[[str], None],
                    parts: Optional[Path] = None, resume: bool = False) -> dict:
     """Ours and TRL's, measured back to back in fresh processes on the benchmarks' LoRA settings."""
@@ -200,8 +208,8 @@ def trl_comparison(reward_bench: dict, policy_bench: Optional[dict], log: Callab
                          lambda: run_isolated(target, {"config": reward_cfg}))
         if result is not None:
             out["reward"][side] = result
-    work = Path(policy_bench["request"].get("work_dir") or "") if policy_bench else None
-    if work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists():
+    work = shared_roles(policy_bench)
+    if work:
         out["rloo"] = {"config": setting_config(policy_bench, "lora", "the policy benchmark"),
                        "anchor_dir": str(work / "anchor"), "reward_model_dir": str(work / "reward_model")}
         for side in ("perl", "trl"):
@@ -250,8 +258,8 @@ def engines_part(policy_bench: Optional[dict], log: Callable[[str], None], parts
     """RL with `generate` against a vLLM server on the policy benchmark's LoRA setting, anchor and reward model."""
     from bench.engines import engines_comparison
 
-    work = Path(policy_bench["request"].get("work_dir") or "") if policy_bench else None
-    if not (work and (work / "anchor" / "manifest.json").exists() and (work / "reward_model" / "manifest.json").exists()):
+    work = shared_roles(policy_bench)
+    if not work:
         return {"skipped": "the policy benchmark did not provide an anchor and reward model to share"}
     config = setting_config(policy_bench, "lora", "the policy benchmark")
     result = _cached(parts / "rollout_engines.json" if parts else None, resume,
@@ -263,7 +271,8 @@ def engines_part(policy_bench: Optional[dict], log: Callable[[str], None], parts
 # ---------------------------------------------------------------- the report
 def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "default",
                       overrides: Sequence[str] = (), ranks: Optional[Sequence[int]] = None,
-                      with_trl: bool = True, with_engines: bool = False, backbone: Optional[str] = None, reward_steps: Optional[int] = None,
+                      with_trl: bool = True, with_engines: bool = False, backbone: Optional[str] = None,
+                      reward_steps: Optional[int] = None,
                       reward_batch_size: Optional[int] = None, policy_steps: Optional[int] = None,
                       resume: bool | str = False, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run every benchmark (see the module docstring) and write the report into `out_dir`.
@@ -314,7 +323,8 @@ def efficiency_report(out_dir: str | Path, quick: bool = False, preset: str = "d
         "command": " ".join(part for part in ["perl-rlhf report efficiency", "--quick" if quick else "", f"--out {out_dir}",
                              f"--config {preset}" if preset != "default" else "",
                              *(f"--set {o}" for o in overrides), *(f"--rank {r}" for r in (ranks_arg or [])),
-                             "" if with_trl else "--no-trl", "--engines" if with_engines else "", f"--backbone {backbone}" if backbone else "",
+                             "" if with_trl else "--no-trl", "--engines" if with_engines else "",
+                             f"--backbone {backbone}" if backbone else "",
                              f"--reward-steps {reward_steps}" if reward_steps else "",
                              f"--reward-batch-size {reward_batch_size}" if reward_batch_size else "",
                              f"--policy-steps {policy_steps}" if policy_steps else "", "--resume" if resume else "",

@@ -2,6 +2,7 @@
 import pytest
 
 from bench.grpo_rewards import SETTINGS, _config, paired, summary
+from bench.trl_compare import trl_available
 
 
 def run(setting, seed, gold, anchor=0.5):
@@ -32,10 +33,12 @@ def test_each_setting_is_a_valid_config():
         None, "perl_core.policy.rewards:gold_rubric"]
 
 
-@pytest.mark.skipif(not __import__("bench.trl_compare", fromlist=["x"]).trl_available(), reason="needs the bench extra")
+@pytest.mark.skipif(not trl_available(), reason="needs the bench extra")
 def test_trl_grpo_gets_a_chat_model_the_rendered_turns_and_our_reward_model_reads_text(tmp_path, monkeypatch):
     """TRL's side of the GRPO comparison on a chat model: prompts as messages (TRL renders the template ours
     renders), the reward callable handed our prompt text and the answer's text, one batch trained."""
+    import datasets
+
     import perl_core.eval.policy
     from bench.trl_grpo import grpo_overrides, trl_grpo_workload
     from chat_backbones import build_chat_backbone
@@ -52,8 +55,6 @@ def test_trl_grpo_gets_a_chat_model_the_rendered_turns_and_our_reward_model_read
         f"data.data_dir={tmp_path / 'data'}", "data.synthetic.n_prompts=40", "policy.k=2", "policy.train.batch_size=2",
         "policy.train.max_steps=1", "policy.generation.max_new_tokens=4", "policy.lora.rank=2"])
     prepare_dataset(cfg)
-    import datasets
-
     seen, rows = [], []
     from_list = datasets.Dataset.from_list
     monkeypatch.setattr(datasets.Dataset, "from_list", lambda r: rows.extend(r) or from_list(r))
